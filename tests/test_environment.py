@@ -1,5 +1,5 @@
-"""pyproject.toml is the one list of dependencies; environment.yml, the Makefile and the asset
-registry in routelib.data.assets must agree with it."""
+"""pyproject.toml is the one list of dependencies; environment.yml and the Makefile must agree with
+it (the asset list is checked in test_data_assets.py)."""
 
 import re
 import tomllib
@@ -27,13 +27,6 @@ def test_environment_yml_installs_the_project_with_the_makefile_extras():
 
 def test_cpu_extra_pins_the_local_torch_wheel():
     assert "torch==2.13.0" in PYPROJECT["project"]["optional-dependencies"]["cpu"]
-
-
-def test_asset_packages_agree_with_the_library():
-    from routelib.data import assets
-
-    listed = PYPROJECT["tool"]["routelib"]["asset-packages"]
-    assert sorted(assets.pip_specs()) == sorted(listed)
 
 
 def test_ci_calls_the_readme_test_command():

