@@ -2,6 +2,7 @@
 passes on a notebook as committed, fails when a checked output is edited, and ignores what we
 declared volatile (unchecked cells, stderr, durations, addresses)."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -25,7 +26,8 @@ def _run_nbval(tmp_path: Path, edit=None) -> subprocess.CompletedProcess:
         edit(nb.cells)
     nbformat.write(nb, tmp_path / "fixture.ipynb")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path), *NBVAL_ARGS, "fixture.ipynb"]
-    return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    env = {**os.environ, "ROUTELIB_RUNS": str(tmp_path / "runs")}
+    return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240, env=env)
 
 
 def _set_stdout(cell, text):
@@ -37,11 +39,11 @@ def _set_stdout(cell, text):
 def test_fixture_passes_as_committed(tmp_path):
     res = _run_nbval(tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "4 passed" in res.stdout  # the four code cells
+    assert "6 passed" in res.stdout  # the six code cells
 
 
 def test_edited_checked_output_fails(tmp_path):
-    res = _run_nbval(tmp_path, lambda cells: _set_stdout(cells[2], "46\n"))
+    res = _run_nbval(tmp_path, lambda cells: _set_stdout(cells[3], "46\n"))
     assert res.returncode == 1, res.stdout + res.stderr
     assert "1 failed" in res.stdout
     assert "46" in res.stdout and "45" in res.stdout  # the report shows expected vs got
@@ -50,9 +52,9 @@ def test_edited_checked_output_fails(tmp_path):
 @pytest.mark.parametrize(
     "edit",
     [
-        pytest.param(lambda c: _set_stdout(c[3], "unchecked: anything at all\n"), id="unchecked-cell"),
-        pytest.param(lambda c: c[3].outputs.__setitem__(1, nbformat.v4.new_output("stream", name="stderr", text="other\n")), id="stderr"),
-        pytest.param(lambda c: _set_stdout(c[4], "elapsed 99.5 ms at 0xdeadbeef1234\n"), id="sanitized-duration-address"),
+        pytest.param(lambda c: _set_stdout(c[4], "unchecked: anything at all\n"), id="unchecked-cell"),
+        pytest.param(lambda c: c[4].outputs.__setitem__(1, nbformat.v4.new_output("stream", name="stderr", text="other\n")), id="stderr"),
+        pytest.param(lambda c: _set_stdout(c[5], "elapsed 99.5 ms at 0xdeadbeef1234\n"), id="sanitized-duration-address"),
     ],
 )
 def test_volatile_differences_pass(tmp_path, edit):
