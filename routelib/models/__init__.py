@@ -4,11 +4,16 @@
                                     padded (GShard) and grouped-GEMM (MegaBlocks) expert paths,
                                     the dense SwiGLU baseline, analytic FLOPs and parameter counts
 - :mod:`routelib.models.moe_naive`  the per-expert loop every fast MoE path is tested against
+- :mod:`routelib.models.lm`         Mixtral-architecture decoder LM (GQA, RoPE, RMSNorm) with MoE or
+                                    dense FFNs, KV-cache decoding, parameter counts and FLOPs
+- :mod:`routelib.models.export`     Hugging Face Mixtral checkpoints to and from routelib LMs
 
 Parameters follow Hugging Face transformers' Mixtral layout, so trained layers export by renaming
 (``MoEFFN.hf_state_dict``).
 """
 
+from routelib.models.export import export_hf, load_hf
+from routelib.models.lm import LM, LMConfig, LMOutput
 from routelib.models.moe import (
     DenseFFN,
     MoEConfig,
@@ -25,12 +30,17 @@ from routelib.models.moe_naive import naive_moe_experts
 
 __all__ = [
     "DenseFFN",
+    "LM",
+    "LMConfig",
+    "LMOutput",
     "MoEConfig",
     "MoEFFN",
     "RouterOutput",
     "dense_flops_per_token",
+    "export_hf",
     "grouped_matmul",
     "load_balancing_loss",
+    "load_hf",
     "moe_flops_per_token",
     "naive_moe_experts",
     "param_counts",
