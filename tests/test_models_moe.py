@@ -25,13 +25,7 @@ from routelib.models.moe import (
 FAST_IMPLS = ["padded", "grouped"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These matmuls are tiny: one intra-op thread is faster, and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 # (N tokens, H, I, E, k)
 SHAPES = [
