@@ -1,0 +1,108 @@
+"""routelib.moe_study (notebook 03's logic), routelib.plots and routelib.widgets on a tiny study."""
+
+import math
+
+import matplotlib
+import pandas as pd
+import pytest
+import torch
+
+matplotlib.use("Agg")
+
+from routelib import moe_study as study, plots, widgets  # noqa: E402
+from routelib.data import load_tokenizer  # noqa: E402
+from routelib.errors import ConfigError  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    cfg = study.MoEStudyConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=32,
+                               num_experts=4, top_k=2, seq_len=32, batch_size=4, steps=4, warmup_steps=1,
+                               ckpt_every=2, eval_windows=2, bench_tokens=64, bench_min_time_s=0.01,
+                               device="cpu", out_dir=str(tmp_path_factory.mktemp("study")))
+    eval_data = study.domain_eval_data(cfg)
+    model, result = study.train_arm("moe", cfg.moe_config(), cfg, study.training_batches(cfg))
+    return cfg, eval_data, model, result
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(capacity_factors="0.5,x"), "capacity_factors"),
+    (dict(capacity_factors="0,1"), "positive"),
+    (dict(moe_impl="fast"), "moe_impl"),
+    (dict(top_k=5, num_experts=4), "top_k"),
+])
+def test_bad_config_is_rejected(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        study.MoEStudyConfig(**kw)
+
+
+def test_dense_arms_match_active_and_total_parameters():
+    from routelib.models import LM
+
+    cfg = study.MoEStudyConfig(hidden_size=32, intermediate_size=32)
+    arms = {n: LM(c) for n, c in cfg.arm_configs().items()}
+    router = cfg.num_layers * cfg.hidden_size * cfg.num_experts  # the only parameters dense arms lack
+    assert arms["dense_active"].num_parameters() == arms["moe"].num_parameters(active=True) - router
+    assert arms["dense_total"].num_parameters() == arms["moe"].num_parameters() - router
+
+
+def test_train_arm_checkpoints_and_reuses_a_finished_run(tiny):
+    cfg, _, model, result = tiny
+    ckpts = sorted(p.name for p in (cfg.run_dir() / "checkpoints").glob("moe-*/step_*"))
+    assert ckpts == ["step_000002", "step_000004"] and result.step == 4
+    again, result2 = study.train_arm("moe", cfg.moe_config(), cfg, study.training_batches(cfg))
+    assert result2.step == 4 and result2.history == result.history  # loaded, not retrained
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_perplexity_routing_and_capacity(tiny):
+    cfg, eval_data, model, _ = tiny
+    ppl = study.perplexity_by_domain(model, eval_data)
+    assert set(ppl) == set(eval_data) | {"overall"} and all(1 < v < 2 * cfg.moe_config().vocab_size for v in ppl.values())
+    records = study.routing_records(model, eval_data)
+    sums = records.groupby(["domain", "layer"])["fraction"].sum()
+    assert len(sums) == len(eval_data) * cfg.num_layers and (sums - 1).abs().max() < 1e-6
+    sweep = study.capacity_sweep(model, eval_data, [0.25, 1.0, 8.0])
+    assert list(sweep["drop_rate"]) == sorted(sweep["drop_rate"], reverse=True)  # more seats, fewer drops
+    assert sweep["drop_rate"].iloc[0] > 0.3 and sweep["drop_rate"].iloc[-1] == 0  # 0.25 seats a quarter of the assignments
+    assert sweep["perplexity"].iloc[-1] == pytest.approx(ppl["overall"], rel=1e-5)
+    assert sweep["perplexity"].iloc[-2] == pytest.approx(ppl["overall"], rel=1e-5)  # factor 8: nothing dropped
+
+
+def test_load_balance_cv():
+    even = pd.DataFrame(dict(layer=0, expert=range(4), count=[5, 5, 5, 5], domain="a"))
+    collapsed = pd.DataFrame(dict(layer=0, expert=range(4), count=[20, 0, 0, 0], domain="a"))
+    assert study.load_balance(even)["cv"].iloc[0] == 0
+    assert study.load_balance(collapsed)["cv"].iloc[0] == pytest.approx(math.sqrt(3))
+
+
+def test_layer_benchmark_covers_every_implementation(tiny):
+    bench = study.moe_layer_benchmark(tiny[0])
+    assert list(bench["name"]) == ["moe_naive", "moe_padded", "moe_grouped", "dense_equal_total", "dense_equal_active"]
+    assert (bench["median_ms"] > 0).all()
+
+
+def test_export_reproduces_perplexity_through_transformers(tiny, tmp_path):
+    cfg, eval_data, model, result = tiny
+    card = study.export_subject(model, cfg, result, eval_data, tmp_path / "export", "test")
+    ours = study.perplexity_by_domain(model, eval_data)
+    assert card["validation_perplexity"]["overall"] == pytest.approx(ours["overall"], rel=1e-4)
+    assert (tmp_path / "export" / "README.md").read_text().count("|") > 10
+
+
+def test_dashboard_html_and_figures(tiny):
+    cfg, eval_data, model, result = tiny
+    tok = load_tokenizer(cfg.tokenizer)
+    routes = widgets.token_routes(model, tok, "def f(x):\n    return x + 1")
+    assert len(routes) == len(tok("def f(x):\n    return x + 1")["input_ids"])
+    assert all(len(r["experts"]) == cfg.num_layers and len(r["experts"][0]) == cfg.top_k for r in routes)
+    html = widgets.routes_html(routes, layer=1)
+    assert html.count("<span title=") == len(routes) and "return" in html
+    box = widgets.expert_dashboard(model, tok, {"a": "x = 1", "b": "Once upon a time"})
+    assert "x" in box.children[2].value
+    records = study.routing_records(model, eval_data)
+    assert len(plots.expert_heatmaps(records).axes) >= cfg.num_layers
+    assert plots.training_curves({"moe": result.history}).axes
+    assert plots.capacity_sweep(study.capacity_sweep(model, eval_data, [0.5, 1.0])).axes
