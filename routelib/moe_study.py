@@ -71,7 +71,7 @@ class MoEStudyConfig:
     # --- evaluation and measurement ---
     eval_windows: int = 32  # held-out windows per domain (validation split)
     bench_tokens: int = 2048  # tokens in the MoE-layer implementation benchmark
-    prefill_batch: int = 4  # sequences in the prefill-latency measurement
+    prefill_batch: int = 8  # sequences in the prefill-latency measurement
     decode_tokens: int = 16  # tokens generated in the decode-latency measurement (batch 1)
     bench_min_time_s: float = 0.2  # time each measured call for at least this long
     capacity_factors: str = "0.5,0.75,1.0,1.25,1.5,2.0"  # swept at inference (comma-separated)
@@ -255,19 +255,24 @@ def flops_formula(lm_cfg: LMConfig) -> str:
 
 
 @torch.no_grad()
-def latency(model: LM, cfg: MoEStudyConfig) -> dict[str, float]:
-    """Prefill latency (``prefill_batch`` x ``seq_len`` tokens, one forward) and decode latency per
-    token (batch 1, KV cache, greedy), each the median of repeats (``routelib.bench``)."""
-    device = next(model.parameters()).device
-    V = model.config.vocab_size
-    g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(2, V, (cfg.prefill_batch, cfg.seq_len), generator=g).to(device)
-    prefill = time_fn(lambda: model(prompt), min_time_s=cfg.bench_min_time_s, device=device)
-    one = prompt[:1, : cfg.seq_len // 2]
-    decode = time_fn(lambda: model.generate(one, max_new_tokens=cfg.decode_tokens), min_time_s=cfg.bench_min_time_s, device=device)
-    prefill_one = time_fn(lambda: model(one), min_time_s=cfg.bench_min_time_s, device=device)
-    per_token = max(decode.median_ms - prefill_one.median_ms, 0.0) / max(cfg.decode_tokens - 1, 1)
-    return {"prefill_ms": prefill.median_ms, "decode_ms_per_token": per_token}
+def latency(models: dict[str, LM], cfg: MoEStudyConfig, rounds: int = 3) -> dict[str, dict[str, float]]:
+    """Per arm: prefill latency (``prefill_batch`` x ``seq_len`` tokens, one forward) and decode
+    latency per token (batch 1, KV cache, greedy: the time of generating ``decode_tokens`` minus
+    the prompt's prefill, over the generated tokens). All arms are timed round-robin ``rounds``
+    times in one run (``routelib.bench.compare``), so drift hits every arm alike; medians."""
+    first = next(iter(models.values()))
+    device = next(first.parameters()).device
+    prompt = torch.randint(2, first.config.vocab_size, (cfg.prefill_batch, cfg.seq_len), generator=torch.Generator().manual_seed(0)).to(device)
+    one = prompt[:1, : cfg.seq_len // 2]  # (1, T/2)
+    fns = {}
+    for name, m in models.items():
+        fns[f"{name}/prefill"] = lambda m=m: m(prompt)
+        fns[f"{name}/prompt"] = lambda m=m: m(one)
+        fns[f"{name}/generate"] = lambda m=m: m.generate(one, max_new_tokens=cfg.decode_tokens)
+    t = compare(fns, rounds=rounds, min_time_s=cfg.bench_min_time_s / rounds, device=device).set_index("name")["median_ms"]
+    return {name: {"prefill_ms": t[f"{name}/prefill"],
+                   "decode_ms_per_token": max(t[f"{name}/generate"] - t[f"{name}/prompt"], 0.0) / max(cfg.decode_tokens - 1, 1)}
+            for name in models}
 
 
 def comparison_table(models: dict[str, LM], results: dict[str, TrainResult], ppl: dict[str, dict],
@@ -304,6 +309,12 @@ def moe_layer_benchmark(cfg: MoEStudyConfig, dtype: torch.dtype = torch.float32)
         return compare(fns, baseline="moe_naive", items=cfg.bench_tokens, min_time_s=cfg.bench_min_time_s, device=device)
 
 
+def _saving(ours: float, theirs: float) -> str:
+    """'20 %' for ours = 0.8 x theirs; '+3 % more' when ours costs more."""
+    pct = round(100 * (1 - ours / theirs))
+    return f"{pct} %" if pct >= 0 else f"{-pct} % more"
+
+
 def seed_claims(table: pd.DataFrame) -> pd.DataFrame:
     """The seed's headline claims beside this run's measurements (``table`` from
     :func:`comparison_table`, with all three arms)."""
@@ -314,8 +325,8 @@ def seed_claims(table: pd.DataFrame) -> pd.DataFrame:
         ("inference speed-up (single-token decode)", "2.3x",
          f"{tot.decode_ms_per_token / moe.decode_ms_per_token:.2f}x vs equal-total; {act.decode_ms_per_token / moe.decode_ms_per_token:.2f}x vs equal-active"),
         ("FLOPs reduction vs the dense model", "78 %",
-         f"{100 * (1 - moe.MFLOPs_per_token / tot.MFLOPs_per_token):.0f} % vs equal-total dense; "
-         f"{100 * (1 - moe.MFLOPs_per_token / act.MFLOPs_per_token):.0f} % vs equal-active"),
+         f"{_saving(moe.MFLOPs_per_token, tot.MFLOPs_per_token)} vs equal-total dense; "
+         f"{_saving(moe.MFLOPs_per_token, act.MFLOPs_per_token)} vs equal-active"),
         ("active vs total parameters", "12M active vs 100M dense",
          f"{moe.active_params_M:.2f}M active of {moe.total_params_M:.2f}M total (dense: {act.total_params_M:.2f}M / {tot.total_params_M:.2f}M)"),
         ("perplexity MoE vs dense", "12.3 vs 13.1",
