@@ -78,6 +78,12 @@ def test_load_balance_cv():
     assert study.load_balance(collapsed)["cv"].iloc[0] == pytest.approx(math.sqrt(3))
 
 
+def test_latency_of_every_arm(tiny):
+    cfg, _, model, _ = tiny
+    lat = study.latency({"a": model, "b": model}, cfg, rounds=2)
+    assert set(lat) == {"a", "b"} and all(v["prefill_ms"] > 0 and v["decode_ms_per_token"] >= 0 for v in lat.values())
+
+
 def test_layer_benchmark_covers_every_implementation(tiny):
     bench = study.moe_layer_benchmark(tiny[0])
     assert list(bench["name"]) == ["moe_naive", "moe_padded", "moe_grouped", "dense_equal_total", "dense_equal_active"]
