@@ -7,12 +7,25 @@
 - :mod:`routelib.models.lm`         Mixtral-architecture decoder LM (GQA, RoPE, RMSNorm) with MoE or
                                     dense FFNs, KV-cache decoding, parameter counts and FLOPs
 - :mod:`routelib.models.export`     Hugging Face Mixtral checkpoints to and from routelib LMs
+- :mod:`routelib.models.gdn`        Gated DeltaNet layer; the gated delta rule chunked in PyTorch, or
+                                    flash-linear-attention's kernel on CUDA
+- :mod:`routelib.models.gdn_naive`  the token-by-token gated delta rule the fast paths are tested against
+- :mod:`routelib.models.attention`  causal softmax attention (SDPA, RoPE) with the GDN layer's interface
 
 Parameters follow Hugging Face transformers' Mixtral layout, so trained layers export by renaming
 (``MoEFFN.hf_state_dict``).
 """
 
+from routelib.models.attention import AttentionConfig, SoftmaxAttention
 from routelib.models.export import export_hf, load_hf
+from routelib.models.gdn import (
+    GatedDeltaNet,
+    GDNCache,
+    GDNConfig,
+    gated_delta_rule,
+    gated_delta_rule_chunked,
+)
+from routelib.models.gdn_naive import gated_delta_rule_recurrent
 from routelib.models.lm import LM, LMConfig, LMOutput
 from routelib.models.moe import (
     DenseFFN,
@@ -29,15 +42,23 @@ from routelib.models.moe import (
 from routelib.models.moe_naive import naive_moe_experts
 
 __all__ = [
+    "AttentionConfig",
     "DenseFFN",
+    "GDNCache",
+    "GDNConfig",
+    "GatedDeltaNet",
     "LM",
     "LMConfig",
     "LMOutput",
     "MoEConfig",
     "MoEFFN",
     "RouterOutput",
+    "SoftmaxAttention",
     "dense_flops_per_token",
     "export_hf",
+    "gated_delta_rule",
+    "gated_delta_rule_chunked",
+    "gated_delta_rule_recurrent",
     "grouped_matmul",
     "load_balancing_loss",
     "load_hf",
