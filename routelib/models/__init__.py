@@ -10,6 +10,8 @@
 - :mod:`routelib.models.gdn`        Gated DeltaNet layer; the gated delta rule chunked in PyTorch, or
                                     flash-linear-attention's kernel on CUDA
 - :mod:`routelib.models.gdn_naive`  the token-by-token gated delta rule the fast paths are tested against
+- :mod:`routelib.models.pathways`   a pretrained LM's MLPs split into N neuron-group pathways, routed top-k
+                                    (sparse grouped-GEMM and dense-masked paths), GLBL and Switch losses
 - :mod:`routelib.models.attention`  causal softmax attention (SDPA, RoPE) with the GDN layer's interface
 
 Parameters follow Hugging Face transformers' Mixtral layout, so trained layers export by renaming
@@ -40,6 +42,15 @@ from routelib.models.moe import (
     router_z_loss,
 )
 from routelib.models.moe_naive import naive_moe_experts
+from routelib.models.pathways import (
+    PathwayMLP,
+    PathwayRouter,
+    RoutedLLM,
+    RoutedLLMOutput,
+    RoutingConfig,
+    glbl_loss,
+    switch_loss,
+)
 
 __all__ = [
     "AttentionConfig",
@@ -52,13 +63,19 @@ __all__ = [
     "LMOutput",
     "MoEConfig",
     "MoEFFN",
+    "PathwayMLP",
+    "PathwayRouter",
+    "RoutedLLM",
+    "RoutedLLMOutput",
     "RouterOutput",
+    "RoutingConfig",
     "SoftmaxAttention",
     "dense_flops_per_token",
     "export_hf",
     "gated_delta_rule",
     "gated_delta_rule_chunked",
     "gated_delta_rule_recurrent",
+    "glbl_loss",
     "grouped_matmul",
     "load_balancing_loss",
     "load_hf",
@@ -66,4 +83,5 @@ __all__ = [
     "naive_moe_experts",
     "param_counts",
     "router_z_loss",
+    "switch_loss",
 ]
