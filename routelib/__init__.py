@@ -5,6 +5,7 @@ to, why, and what it costs. The numbered notebooks in ``notebooks/`` tell the st
 holds everything that is more than a call:
 
 - :mod:`routelib.data`    offline corpora, tokenizers, benchmark prompts, pretrained models
+- :mod:`routelib.routing` expert-routing collection from any transformers MoE model; validated traces
 - :mod:`routelib.train`   the one training loop (AdamW, warm-up + cosine, checkpoints, resume, DDP)
 - :mod:`routelib.bench`   timing that is right on CPU and GPU
 - :mod:`routelib.config`  notebook parameters -> dataclass configs (unknown names rejected)

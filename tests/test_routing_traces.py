@@ -1,0 +1,180 @@
+"""routelib.routing.traces: schema round trip, and a clear TraceError for every kind of damage
+(truncated, altered, missing, mismatched layout, duplicated tokens, bad manifest); the shipped traces."""
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from routelib.paths import TRACES_DIR
+from routelib.routing import traces as T
+from routelib.routing.traces import TraceError, load_traces, trace_arrays
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SHIPPED = TRACES_DIR / "moe-subject"
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    """A small valid trace directory: 3 prompts x 6 new tokens from a tiny random Mixtral, 2 shards."""
+    from test_routing_collect import run, tiny_model
+
+    from routelib.data.tokenizer import load_tokenizer
+
+    out = tmp_path_factory.mktemp("traces") / "toy"
+    prompts = {"a": "def f(x):", "b": "Question: 2 + 2?\nAnswer:", "c": "Once upon a time"}
+    run(tiny_model("mixtral"), load_tokenizer("bpe8k"), out, prompts=prompts, max_new_tokens=6, batch_size=2)
+    return out
+
+
+@pytest.fixture
+def traces(clean, tmp_path):
+    out = tmp_path / "toy"
+    shutil.copytree(clean, out)
+    return out
+
+
+def first_shard(trace_dir):
+    return trace_dir / T.read_manifest(trace_dir)["shards"][0]["file"]
+
+
+def rewrite(trace_dir, table):
+    """Replace the first shard by ``table`` and fix its manifest entry (bytes, sha256): a file that is
+    intact but does not fit the manifest's layout."""
+    path = first_shard(trace_dir)
+    pq.write_table(table, path)
+    manifest = T.read_manifest(trace_dir)
+    manifest["shards"][0].update(bytes=path.stat().st_size, sha256=T.sha256_file(path))
+    T.write_manifest(trace_dir, manifest)
+
+
+def test_round_trip(traces):
+    df = load_traces(traces)
+    m = df.attrs["manifest"]
+    assert list(df.columns) == [*T.SCALAR_COLUMNS, "experts", "weights"]
+    assert len(df) == m["totals"]["rows"]
+    assert (df["phase"] == "generated").sum() == m["totals"]["generated_tokens"] == 3 * 6
+    assert df["problem_id"].unique().tolist() == ["a", "b", "c"]
+    a = trace_arrays(df)
+    assert a.experts.shape == a.weights.shape == (len(df), 3, 2) and a.probs is None
+    assert a.experts.dtype == np.int16 and a.weights.dtype == np.float32
+    np.testing.assert_allclose(a.weights.sum(-1), 1.0, atol=1e-5)  # Mixtral renormalises the top-2
+    schema = pq.read_schema(first_shard(traces))
+    assert schema.field("experts").type == pa.list_(pa.int16(), 6)
+    assert json.loads(schema.metadata[b"routelib.layout"]) == {"num_moe_layers": 3, "top_k": 2, "num_experts": 4}
+    only_b = load_traces(traces, datasets=["toy"], columns=["problem_id", "token_id"])
+    assert list(only_b.columns) == ["problem_id", "token_id"]
+
+
+def test_truncated_shard(traces):
+    path = first_shard(traces)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(TraceError, match=r"is truncated: \d+ bytes, the manifest says"):
+        load_traces(traces)
+    with pytest.raises(TraceError, match="not a readable Parquet file"):
+        load_traces(traces, validate=False)
+
+
+def test_altered_bytes(traces):
+    path = first_shard(traces)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(TraceError, match="was altered: sha256"):
+        load_traces(traces)
+
+
+def test_missing_shard(traces):
+    first_shard(traces).unlink()
+    with pytest.raises(TraceError, match="listed in the manifest but missing"):
+        load_traces(traces)
+
+
+def test_missing_column(traces):
+    table = pq.read_table(first_shard(traces))
+    rewrite(traces, table.drop_columns(["weights"]))
+    with pytest.raises(TraceError, match=r"lacks column\(s\) \['weights'\]"):
+        load_traces(traces)
+
+
+def test_mismatched_shapes(traces):
+    table = pq.read_table(first_shard(traces))
+    flat = table.column("experts").combine_chunks().flatten()
+    narrower = pa.FixedSizeListArray.from_arrays(flat.slice(0, table.num_rows * 4), 4)  # 2 layers, not 3
+    rewrite(traces, table.set_column(table.schema.get_field_index("experts"), "experts", narrower))
+    with pytest.raises(TraceError, match=r"'experts' has type fixed_size_list<int16>\[4\], expected [^ ]+\[6\]"):
+        load_traces(traces)
+
+
+def test_layout_of_another_model(traces):
+    manifest = T.read_manifest(traces)
+    manifest["layout"]["top_k"] = 1
+    T.write_manifest(traces, manifest)
+    with pytest.raises(TraceError, match="expected fixed_size_list"):
+        load_traces(traces)
+
+
+def test_expert_ids_out_of_range(traces):
+    table = pq.read_table(first_shard(traces))
+    experts = table.column("experts").combine_chunks()
+    values = experts.flatten().to_numpy().copy()
+    values[0] = 99
+    bad = pa.FixedSizeListArray.from_arrays(pa.array(values, pa.int16()), 6)
+    rewrite(traces, table.set_column(table.schema.get_field_index("experts"), "experts", bad))
+    with pytest.raises(TraceError, match=r"expert ids outside \[0, 4\)"):
+        load_traces(traces)
+
+
+def test_row_count_mismatch(traces):
+    manifest = T.read_manifest(traces)
+    manifest["shards"][0]["rows"] += 1
+    T.write_manifest(traces, manifest)
+    with pytest.raises(TraceError, match="rows, the manifest says"):
+        load_traces(traces)
+
+
+def test_duplicated_tokens(traces):
+    manifest = T.read_manifest(traces)
+    copy = dict(manifest["shards"][0], file="toy-copy.parquet")
+    shutil.copy(traces / manifest["shards"][0]["file"], traces / "toy-copy.parquet")
+    manifest["shards"].append(copy)
+    T.write_manifest(traces, manifest)
+    with pytest.raises(TraceError, match=r"token \(toy, a, position 0\) appears more than once"):
+        load_traces(traces)
+
+
+def test_bad_manifest(traces, tmp_path):
+    with pytest.raises(TraceError, match="not a routing-trace directory"):
+        load_traces(tmp_path / "nowhere")
+    text = (traces / "manifest.json").read_text()
+    (traces / "manifest.json").write_text(text[: len(text) // 2])
+    with pytest.raises(TraceError, match="not valid JSON"):
+        load_traces(traces)
+    (traces / "manifest.json").write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(TraceError, match="not a routelib routing-trace manifest"):
+        load_traces(traces)
+
+
+def test_atomic_write_leaves_no_temporary_file(tmp_path):
+    T.atomic_write_bytes(tmp_path / "x.json", b"{}")
+    T.atomic_write_bytes(tmp_path / "x.json", b"[]")
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"] and (tmp_path / "x.json").read_bytes() == b"[]"
+
+
+def test_shipped_traces_validate():
+    """The shipped traces: every shard's checksum and schema valid, HumanEval complete, at least as
+    many generated-token journeys as the seed (29,463 HumanEval, 14,820 GSM8K), at most 20 MB."""
+    df = load_traces(SHIPPED, columns=["dataset", "problem_id", "phase"])
+    m = df.attrs["manifest"]
+    counts = df[df["phase"] == "generated"].groupby("dataset").size()
+    assert counts["humaneval"] >= 29_000 and counts["gsm8k"] >= 14_800
+    assert df.loc[df["dataset"] == "humaneval", "problem_id"].nunique() == 164
+    assert m["model"]["name_or_path"] == "data/moe-subject"
+    assert m["command"].startswith("python -m routelib.routing.collect --model data/moe-subject")
+    size = sum(p.stat().st_size for p in SHIPPED.iterdir())
+    assert size <= 20e6 and m["totals"]["bytes"] <= size
