@@ -444,6 +444,7 @@ def train(model: nn.Module, batch_fn: BatchFn, cfg: TrainConfig, *, eval_data=No
     bar = tqdm(total=cfg.max_steps, initial=start, desc="train", dynamic_ncols=True,
                **({} if rank == 0 and cfg.progress else {"disable": True}))
     done, in_step, stop_agreed, window, n_window, tokens = start, False, False, None, 0, 0
+    finished = False  # set after the last step: only then do ranks meet at a barrier to tear down
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
     try:
         with _DeferSigint() as sigint:
@@ -505,6 +506,7 @@ def train(model: nn.Module, batch_fn: BatchFn, cfg: TrainConfig, *, eval_data=No
         state.step = done
         for cb in callbacks:
             cb("end", state)
+        finished = True
     except KeyboardInterrupt:
         if cfg.out_dir and not in_step and saved_step != done and (world == 1 or stop_agreed):
             last_ckpt = checkpoint(done)
@@ -516,5 +518,7 @@ def train(model: nn.Module, batch_fn: BatchFn, cfg: TrainConfig, *, eval_data=No
     finally:
         bar.close()
         if own_group:
+            if finished:  # every rank reaches this point: let all finish before gloo's pairs close
+                dist.barrier()
             dist.destroy_process_group()
     return TrainResult(history=history, step=done, checkpoint=last_ckpt, wall_s=time.perf_counter() - t_start)
