@@ -14,13 +14,13 @@ import argparse
 import ast
 import json
 import math
-import os
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from routelib import paths
+from routelib.io import atomic_write_bytes
 
 #: papermill's kernel; every committed notebook declares it (checked by tests/test_notebooks.py).
 KERNEL = "python3"
@@ -144,9 +144,7 @@ def report(name: str, metrics: Mapping[str, Any], digits: int = 4) -> dict[str, 
     rounded = _rounded(dict(metrics), digits)
     path = metrics_path(name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(rounded, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, json.dumps(rounded, indent=2, sort_keys=True).encode())
     for key, value in rounded.items():
         print(f"{key}: {value}")
     return rounded

@@ -53,6 +53,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm.auto import tqdm
 
 from routelib.errors import ConfigError
+from routelib.io import atomic_write_bytes, fsync_path
 
 BatchFn = Callable[[int, int, int], "tuple[torch.Tensor, torch.Tensor]"]  # (step, rank, world) -> (x, y)
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, dict[str, Any]]"]
@@ -218,25 +219,8 @@ def evaluate(model: nn.Module, eval_data, *, loss_fn: LossFn | None = None, max_
 
 # ---- checkpoints ---------------------------------------------------------------------------------
 
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # directories cannot be opened on some platforms
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync(path.parent)
+    atomic_write_bytes(path, text.encode(), tmp=path.with_name(f".{path.name}.tmp{os.getpid()}"))
 
 
 def _rng_state() -> dict:
@@ -283,8 +267,8 @@ def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, optimizer:
         state = {**state, "optimizer": {"param_groups": opt["param_groups"], "state": extra}}
         (tmp / "state.json").write_text(json.dumps(state, indent=1, default=str))
         for p in tmp.iterdir():
-            _fsync(p)
-        _fsync(tmp)
+            fsync_path(p)
+        fsync_path(tmp)
         if final.exists():  # the same step written again (resumed, then interrupted): swap it out
             old = out_dir / f".old_{final.name}_{os.getpid()}"
             os.replace(final, old)
@@ -293,7 +277,7 @@ def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, optimizer:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync(out_dir)
+    fsync_path(out_dir)
     _atomic_write_text(out_dir / "latest", final.name + "\n")
     return final
 

@@ -58,6 +58,7 @@ from typing import Any, Iterable, NamedTuple
 import numpy as np
 
 from routelib.errors import RoutelibError
+from routelib.io import atomic_write_bytes as _atomic_write_bytes, fsync_path
 
 FORMAT = "routelib-routing-traces"
 FORMAT_VERSION = 1
@@ -90,28 +91,13 @@ class TraceError(RoutelibError, ValueError):
 
 
 def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fsync_path(path, strict=False)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a crash leaves the old file or the new one, never a mix."""
     path = Path(path)
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    _atomic_write_bytes(path, data, tmp=path.with_name(path.name + TMP_SUFFIX), strict_dir_sync=False)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
