@@ -112,8 +112,7 @@ class MoEStudyConfig:
         return arms
 
     def run_dir(self) -> Path:
-        out = Path(self.out_dir)
-        return out if out.is_absolute() else paths.REPO_ROOT / out
+        return paths.in_repo(self.out_dir)
 
     def device_(self) -> torch.device:
         if self.device == "auto":

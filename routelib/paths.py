@@ -18,3 +18,10 @@ NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 RUNS_DIR = Path(os.environ.get("ROUTELIB_RUNS", REPO_ROOT / "runs"))
 #: Derived data that is cheap to rebuild (tokenised corpora); git-ignored.
 CACHE_DIR = Path(os.environ.get("ROUTELIB_CACHE", REPO_ROOT / ".cache"))
+
+
+def in_repo(path: str | os.PathLike) -> Path:
+    """``path`` as given when absolute, else relative to the repository root (notebook parameters
+    such as ``out_dir="runs/03_moe_speedup"`` mean the same from any working directory)."""
+    p = Path(path)
+    return p if p.is_absolute() else REPO_ROOT / p

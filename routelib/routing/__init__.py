@@ -7,6 +7,10 @@
                             resumable shards); ``python -m routelib.routing.collect``
 :mod:`.traces`              the trace format (Parquet shards + ``manifest.json``),
                             :func:`load_traces` (validated), :func:`trace_arrays` ((N, L, k) arrays)
+:mod:`.analysis`            layer-to-layer predictability (uncertainty coefficient, lookup vs
+                            prior accuracy), hop curves, paths, dataset usage tests (notebook 04)
+:mod:`.dashboard`           the token-journey dashboard (ipywidgets) and its HTML views
+:mod:`.study`               notebook 04's config and the live-collection agreement check
 ==========================  ==================================================================
 
 ``routelib.routing.collect`` is the module (and the command); the function is

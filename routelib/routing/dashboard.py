@@ -1,0 +1,116 @@
+"""The seed's routing dashboard (004, section 1) on recorded traces: pick a dataset, a problem and a
+token, and follow that token through every MoE layer with the gate's confidence.
+
+The views are plain functions returning HTML (tested without a browser); :func:`routing_dashboard`
+only wires ipywidgets controls to them.
+"""
+
+from __future__ import annotations
+
+import html
+
+import numpy as np
+import pandas as pd
+
+from routelib.routing.traces import TraceArrays, TraceError
+from routelib.widgets import PALETTE
+
+
+def journey(df: pd.DataFrame, arrays: TraceArrays, row: int) -> pd.DataFrame:
+    """One token's route: a row per MoE layer with its experts (slot order), their gate weights,
+    the top-1 expert's weight (``confidence``) and, when the full distribution was recorded, the
+    router entropy in bits. ``row`` is a positional index into ``df``/``arrays``."""
+    if not 0 <= row < len(df):
+        raise IndexError(f"row {row} is outside the {len(df)} traced tokens")
+    experts, weights = arrays.experts[row], arrays.weights[row]  # (L, k) each
+    table = pd.DataFrame({"layer": np.arange(len(experts)),
+                          "experts": [tuple(int(e) for e in es) for es in experts],
+                          "weights": [tuple(round(float(w), 3) for w in ws) for ws in weights],
+                          "confidence": weights[:, 0].astype(float)})
+    if arrays.probs is not None:
+        p = arrays.probs[row].astype(np.float64)  # (L, E)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            table["router_entropy_bits"] = np.where(p > 0, -p * np.log2(p), 0).sum(1)
+    return table
+
+
+def _token_span(text: str, style: str, title: str = "") -> str:
+    shown = html.escape(text).replace("\n", "↵<br>") or "&nbsp;"
+    return f'<span title="{html.escape(title)}" style="{style}">{shown}</span>'
+
+
+def journey_html(df: pd.DataFrame, arrays: TraceArrays, row: int, num_experts: int, context: int = 40) -> str:
+    """HTML for one token: its problem's text around it (prompt tokens grey, generated black, the
+    token boxed) and a layers x experts grid where the chosen experts are coloured with opacity =
+    gate weight, annotated with the weight."""
+    if not 0 <= row < len(df):
+        raise IndexError(f"row {row} is outside the {len(df)} traced tokens")
+    token = df.iloc[row]
+    same = (df["dataset"].to_numpy() == token["dataset"]) & (df["problem_id"].to_numpy() == token["problem_id"])
+    rows = np.flatnonzero(same)
+    lo, hi = max(rows[0], row - context), min(rows[-1], row + context)
+    spans = []
+    for r in range(lo, hi + 1):
+        t = df.iloc[r]
+        colour = "#999" if t["phase"] == "prompt" else "#000"
+        box = "outline:2px solid #d62728;" if r == row else ""
+        spans.append(_token_span(t["token_text"], f"color:{colour};{box}white-space:pre-wrap;font-family:monospace",
+                                 f"position {t['position']} ({t['phase']})"))
+    experts, weights = arrays.experts[row], arrays.weights[row]  # (L, k)
+    head = "".join(f"<th>e{e}</th>" for e in range(num_experts))
+    grid = []
+    for layer in range(len(experts)):
+        cells = []
+        for e in range(num_experts):
+            hit = np.flatnonzero(experts[layer] == e)
+            if hit.size:
+                w = float(weights[layer, hit[0]])
+                alpha = int(48 + 207 * min(max(w, 0.0), 1.0))
+                cells.append(f'<td style="background:{PALETTE[e % 10]}{alpha:02x};text-align:center">{w:.2f}</td>')
+            else:
+                cells.append("<td></td>")
+        grid.append(f"<tr><th>L{layer}</th>{''.join(cells)}</tr>")
+    title = (f"<b>{html.escape(str(token['dataset']))} · {html.escape(str(token['problem_id']))} · position "
+             f"{token['position']} ({token['phase']}) · token {html.escape(repr(token['token_text']))}</b>")
+    return (f"<div>{title}</div><div style='margin:4px 0'>{''.join(spans)}</div>"
+            f"<table style='border-collapse:collapse'><tr><th></th>{head}</tr>{''.join(grid)}</table>"
+            "<div style='color:#666'>cell = gate weight of a chosen expert (opacity follows it)</div>")
+
+
+def routing_dashboard(df: pd.DataFrame, arrays: TraceArrays, num_experts: int):
+    """ipywidgets: dataset -> problem -> token position; shows :func:`journey_html` for the pick."""
+    import ipywidgets as W
+
+    if len(df) == 0:
+        raise TraceError("the traces hold no tokens: nothing to show")
+    index = {key: np.asarray(rows) for key, rows in  # (dataset, problem_id) -> positional rows
+             df.reset_index(drop=True).groupby(["dataset", "problem_id"], sort=False).indices.items()}
+    datasets = list(dict.fromkeys(df["dataset"]))
+    pick_dataset = W.Dropdown(options=datasets, description="dataset")
+    pick_problem = W.Dropdown(description="problem")
+    pick_token = W.IntSlider(description="position", min=0, continuous_update=False)
+    view = W.HTML()
+
+    def rows() -> np.ndarray:
+        return index[(pick_dataset.value, pick_problem.value)]
+
+    def show(*_):
+        r = rows()
+        view.value = journey_html(df, arrays, int(r[min(pick_token.value, len(r) - 1)]), num_experts)
+
+    def on_dataset(*_):
+        problems = [p for d, p in index if d == pick_dataset.value]
+        pick_problem.options = problems
+        pick_problem.value = problems[0]
+
+    def on_problem(*_):
+        pick_token.max = len(rows()) - 1
+        pick_token.value = min(pick_token.value, pick_token.max)
+        show()
+
+    pick_dataset.observe(on_dataset, names="value")
+    pick_problem.observe(on_problem, names="value")
+    pick_token.observe(show, names="value")
+    on_dataset()
+    on_problem()
+    return W.VBox([W.HBox([pick_dataset, pick_problem]), pick_token, view])

@@ -1,0 +1,101 @@
+"""Notebook 04's parameters and its live-collection check.
+
+:class:`TraceStudyConfig` holds the parameters of ``notebooks/04_mixtral_routing_collection.ipynb``;
+:func:`live_collection` re-collects a few problems with a model and measures how far the fresh
+routing agrees with a trace directory's, token by token -- the check that the shipped traces are
+reproducible and that the collection path still works (it runs under nbval on every CI run).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from routelib import paths
+from routelib.errors import ConfigError
+from routelib.routing.traces import load_traces, read_manifest, trace_arrays
+
+
+@dataclass
+class TraceStudyConfig:
+    trace_dir: str = "routing_data_collected/moe-subject"  # traces to study (any folder in the documented format)
+    phase: str = "generated"  # which tokens to analyse: "generated" (the seed's journeys), "prompt" or "all"
+    sample_size: int | None = 50_000  # tokens sampled for the statistics (the seed's SAMPLE_SIZE); None = all
+    seed: int = 0  # seed of the token sample and of the permutation test
+    permutations: int = 2000  # label shuffles of the problem-level permutation test
+    top_paths: int = 10  # how many frequent paths / prefixes to list
+    live_model: str | None = "data/moe-subject"  # model for the live collection check (None skips it)
+    live_dataset: str = "humaneval"  # benchmark of the live collection
+    live_problems: int = 4  # problems collected live (the first ones of the benchmark)
+    live_new_tokens: int = 24  # tokens generated per live problem
+    out_dir: str = "runs/04_mixtral_routing_collection"  # where the live traces are written
+
+    def __post_init__(self):
+        if self.phase not in ("generated", "prompt", "all"):
+            raise ConfigError(f"phase must be 'generated', 'prompt' or 'all', got {self.phase!r}")
+        if self.sample_size is not None and self.sample_size < 1:
+            raise ConfigError(f"sample_size must be >= 1 or None (all tokens), got {self.sample_size}")
+        for name in ("permutations", "top_paths", "live_problems", "live_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def phase_mask(df: pd.DataFrame, phase: str) -> np.ndarray:
+    """(N,) bool: the rows of ``phase`` ("all" keeps every row)."""
+    if phase == "all":
+        return np.ones(len(df), bool)
+    return (df["phase"] == phase).to_numpy()
+
+
+def live_collection(cfg: TraceStudyConfig, reference_dir: str | Path | None = None) -> tuple[pd.DataFrame, dict]:
+    """Collect ``cfg.live_problems`` problems of ``cfg.live_dataset`` with ``cfg.live_model``, greedy,
+    ``cfg.live_new_tokens`` new tokens, with the generation settings recorded in the reference traces
+    (BOS, EOS stop), into ``<out_dir>/live``; then compare with the reference traces.
+
+    Returns (agreement, manifest): agreement has one row per problem -- tokens compared (the live
+    tokens whose position the reference also has), ``same_token`` (the same token id there: greedy
+    decoding reproduced), ``same_top1`` and ``same_set`` (identical top-1 expert / top-k set at every
+    layer) among tokens with the same id. Batch composition changes left padding and so the float
+    rounding of attention, which can flip a near-tie in the router: agreement near, not always at, 1."""
+    from routelib.routing.collect import benchmark_prompts, collect, load_model
+
+    if cfg.live_model is None:
+        raise ConfigError("live_model is None: no live collection to run")
+    reference_dir = paths.in_repo(cfg.trace_dir if reference_dir is None else str(reference_dir))
+    gen = read_manifest(reference_dir).get("datasets", {}).get(cfg.live_dataset, {}).get("generation", {})
+    bench = benchmark_prompts(cfg.live_dataset, limit=cfg.live_problems)
+    model, tokenizer = load_model(str(paths.in_repo(cfg.live_model)))
+    live_dir = paths.in_repo(cfg.out_dir) / "live"
+    manifest = collect(model, tokenizer, dict(zip(bench.problem_ids, bench.prompts)), live_dir,
+                       dataset=cfg.live_dataset, max_new_tokens=cfg.live_new_tokens,
+                       batch_size=cfg.live_problems, prepend_bos=bool(gen.get("prepend_bos", False)),
+                       stop_at_eos=bool(gen.get("stop_at_eos", True)), resume=False,
+                       prompt_source=bench.source, prompt_template=bench.template, progress=False)
+    live = load_traces(live_dir)
+    ref = load_traces(reference_dir, datasets=[cfg.live_dataset])
+    ref = ref[ref["problem_id"].isin(bench.problem_ids)]
+    return routing_agreement(live, ref), manifest
+
+
+def routing_agreement(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
+    """Token-by-token agreement of two trace frames over the (dataset, problem_id, position) both
+    hold (both from :func:`load_traces`, same layout); one row per problem, see :func:`live_collection`."""
+    keys = ["dataset", "problem_id", "position"]
+    ea, eb = trace_arrays(a).experts, trace_arrays(b).experts  # (N, L, k)
+    ia = pd.DataFrame({**{k: a[k].to_numpy() for k in keys}, "token_a": a["token_id"].to_numpy(), "ra": np.arange(len(a))})
+    ib = pd.DataFrame({**{k: b[k].to_numpy() for k in keys}, "token_b": b["token_id"].to_numpy(), "rb": np.arange(len(b))})
+    both = ia.merge(ib, on=keys)
+    same_token = (both["token_a"] == both["token_b"]).to_numpy()
+    xa, xb = ea[both["ra"].to_numpy()], eb[both["rb"].to_numpy()]  # (M, L, k)
+    both["same_token"] = same_token
+    both["same_top1"] = (xa[:, :, 0] == xb[:, :, 0]).all(1) & same_token
+    both["same_set"] = (np.sort(xa, -1) == np.sort(xb, -1)).all((1, 2)) & same_token
+    out = both.groupby(["dataset", "problem_id"], sort=False).agg(
+        tokens=("position", "size"), same_token=("same_token", "mean"),
+        same_top1=("same_top1", "sum"), same_set=("same_set", "sum"), matched=("same_token", "sum"))
+    out["same_top1"] = out["same_top1"] / out["matched"].clip(lower=1)
+    out["same_set"] = out["same_set"] / out["matched"].clip(lower=1)
+    return out.drop(columns="matched").reset_index()

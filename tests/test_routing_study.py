@@ -1,0 +1,86 @@
+"""Notebook 04's config, live collection check and dashboard views."""
+
+import numpy as np
+import pytest
+
+from routelib.errors import ConfigError
+from routelib.routing import load_traces, trace_arrays
+from routelib.routing.dashboard import journey, journey_html, routing_dashboard
+from routelib.routing.study import TraceStudyConfig, live_collection, phase_mask, routing_agreement
+
+SHIPPED = "routing_data_collected/moe-subject"
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    from routelib import paths
+
+    df = load_traces(paths.in_repo(SHIPPED), datasets=["gsm8k"])
+    return df, trace_arrays(df)
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ConfigError, match="phase"):
+        TraceStudyConfig(phase="decode")
+    with pytest.raises(ConfigError, match="sample_size"):
+        TraceStudyConfig(sample_size=0)
+    with pytest.raises(ConfigError, match="live_problems"):
+        TraceStudyConfig(live_problems=0)
+    with pytest.raises(ConfigError, match="live_model is None"):
+        live_collection(TraceStudyConfig(live_model=None))
+
+
+def test_phase_mask(shipped):
+    df, _ = shipped
+    gen, prompt, everything = (phase_mask(df, p) for p in ("generated", "prompt", "all"))
+    assert (gen ^ prompt).all() and everything.all() and gen.sum() == 18791
+
+
+def test_routing_agreement_sees_a_changed_expert_and_a_changed_token(shipped):
+    df, _ = shipped
+    a = df[df["problem_id"].isin(["gsm8k/test/0", "gsm8k/test/1"])].reset_index(drop=True)
+    a.attrs = df.attrs
+    same = routing_agreement(a, a)
+    assert (same[["same_token", "same_top1", "same_set"]] == 1).all().all()
+    b = a.copy()
+    b.attrs = a.attrs
+    first = np.flatnonzero(b["problem_id"] == "gsm8k/test/0")
+    ex = b.at[first[3], "experts"].copy()
+    ex[0], ex[1] = ex[1], ex[0]  # swap layer 0's slots: same set, other top-1
+    b.at[first[3], "experts"] = ex
+    b.at[first[4], "token_id"] = b.at[first[4], "token_id"] + 1
+    diff = routing_agreement(a, b).set_index("problem_id")
+    n = len(first)
+    assert diff.loc["gsm8k/test/0", "same_token"] == pytest.approx((n - 1) / n)
+    assert diff.loc["gsm8k/test/0", "same_top1"] == pytest.approx((n - 2) / (n - 1))
+    assert diff.loc["gsm8k/test/0", "same_set"] == 1
+    assert diff.loc["gsm8k/test/1", "same_top1"] == 1
+
+
+def test_live_collection_reproduces_the_shipped_traces(tmp_path):
+    agreement, manifest = live_collection(TraceStudyConfig(live_problems=1, live_new_tokens=3, out_dir=str(tmp_path)))
+    assert manifest["totals"]["generated_tokens"] == 3
+    assert agreement["tokens"].iloc[0] == manifest["totals"]["rows"]
+    assert (agreement[["same_token", "same_top1", "same_set"]] == 1).all().all()
+
+
+def test_journey_and_its_html(shipped):
+    df, arrays = shipped
+    table = journey(df, arrays, 7)
+    assert len(table) == 6 and table["experts"].iloc[0] == tuple(int(e) for e in arrays.experts[7, 0])
+    assert np.allclose(table["confidence"], arrays.weights[7, :, 0])
+    html = journey_html(df, arrays, 7, 8)
+    assert "gsm8k/test/0" in html and "position 7" in html and html.count("<tr>") == 7
+    with pytest.raises(IndexError, match="outside"):
+        journey(df, arrays, len(df))
+
+
+def test_dashboard_follows_dataset_problem_and_token(shipped):
+    df, arrays = shipped
+    box = routing_dashboard(df, arrays, 8)
+    (pick_dataset, pick_problem), pick_token, view = box.children[0].children, box.children[1], box.children[2]
+    assert pick_dataset.options == ("gsm8k",) and pick_problem.value == "gsm8k/test/0"
+    pick_problem.value = "gsm8k/test/2"
+    assert pick_token.max == (df["problem_id"] == "gsm8k/test/2").sum() - 1
+    pick_token.value = 11
+    assert "gsm8k/test/2 · position 11" in view.value
