@@ -50,10 +50,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, load_model, save_file, save_model
-from tqdm.auto import tqdm
 
 from routelib.errors import ConfigError
 from routelib.io import atomic_write_bytes, fsync_path
+from routelib.progress import progress_bar
 
 BatchFn = Callable[[int, int, int], "tuple[torch.Tensor, torch.Tensor]"]  # (step, rank, world) -> (x, y)
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, dict[str, Any]]"]
@@ -425,8 +425,8 @@ def train(model: nn.Module, batch_fn: BatchFn, cfg: TrainConfig, *, eval_data=No
                 "model_class": type(raw).__qualname__, "model_config": _model_config(raw)}
         return str(save_checkpoint(cfg.out_dir, done, raw, optimizer, body))
 
-    bar = tqdm(total=cfg.max_steps, initial=start, desc="train", dynamic_ncols=True,
-               **({} if rank == 0 and cfg.progress else {"disable": True}))
+    bar = progress_bar(rank == 0 and cfg.progress, total=cfg.max_steps, initial=start, desc="train",
+                       dynamic_ncols=True)
     done, in_step, stop_agreed, window, n_window, tokens = start, False, False, None, 0, 0
     finished = False  # set after the last step: only then do ranks meet at a barrier to tear down
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731

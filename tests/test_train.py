@@ -137,10 +137,13 @@ def test_custom_loss_fn_overrides_the_default():
     assert all(r["loss"] == pytest.approx(2 * r["half"]) for r in res.history)
 
 
-def test_progress_bar_is_quiet_under_tqdm_disable(capfd):
-    assert os.environ.get("TQDM_DISABLE") == "1"  # tests/conftest.py sets it before tqdm is imported
+def test_progress_bar_is_quiet_under_tqdm_disable(capfd, monkeypatch):
+    monkeypatch.setenv("TQDM_DISABLE", "1")  # read when the bar is made, whenever tqdm was imported
     run(cfg(max_steps=3, progress=True))
     assert capfd.readouterr().err == ""
+    monkeypatch.setenv("TQDM_DISABLE", "0")
+    run(cfg(max_steps=3, progress=True))
+    assert "train" in capfd.readouterr().err  # the bar is there when not disabled
 
 
 # ---- checkpoints and resume ----------------------------------------------------------------------

@@ -85,6 +85,7 @@ import torch
 from torch import nn
 
 from routelib.errors import ConfigError, RoutelibError
+from routelib.progress import progress_bar
 from routelib.routing import traces as T
 
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -676,8 +677,6 @@ def collect(model, tokenizer, prompts: Sequence[str] | Mapping[str, str], out_di
     on_shard: called with each new shard's manifest entry after it is safely on disk.
     generation_kwargs: extra ``GenerationConfig`` fields (e.g. temperature when not greedy).
     """
-    from tqdm.auto import tqdm
-
     if max_new_tokens < 1 or batch_size < 1:
         raise ConfigError(f"need max_new_tokens >= 1 and batch_size >= 1, got {max_new_tokens}, {batch_size}")
     if not re.fullmatch(r"[A-Za-z0-9_.]+", dataset):
@@ -713,8 +712,8 @@ def collect(model, tokenizer, prompts: Sequence[str] | Mapping[str, str], out_di
     pending = [i for i in range(len(ids)) if i not in done]
     texts_of = _TokenTexts(tokenizer)
     device = _input_device(model)
-    bar = tqdm(total=len(ids), initial=len(ids) - len(pending), desc=f"routing {dataset}", unit="problem",
-               dynamic_ncols=True, **({} if progress else {"disable": True}))  # TQDM_DISABLE=1 works too
+    bar = progress_bar(progress, total=len(ids), initial=len(ids) - len(pending), desc=f"routing {dataset}",
+                       unit="problem", dynamic_ncols=True)  # TQDM_DISABLE=1 hides it too
     generated_total, t0 = 0, time.perf_counter()
     was_training = model.training
     model.eval()
