@@ -315,6 +315,16 @@ def test_layer_skip_mask_is_running_the_written_tokens_alone():
         assert rel(cache.state[i:i + 1], c.state) < TOL and rel(cache.conv[i:i + 1], c.conv) < TOL
 
 
+@pytest.mark.parametrize("mode", ["skip", "passthrough"])
+def test_layer_runs_under_bf16_autocast_with_a_mask(mode):
+    lay = layer(mask_mode=mode)
+    x, m = xs(), mask()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lay(x, write_mask=m)
+    assert y.shape == x.shape and torch.isfinite(y.float()).all()
+    assert rel(y.float(), lay(x, write_mask=m)) < 0.05  # bf16 rounding only
+
+
 def test_layer_passthrough_mask_leaves_state_unchanged():
     """Masked tokens do not update the state: the final state = the rule over the written tokens only."""
     lay = layer(mask_mode="passthrough")

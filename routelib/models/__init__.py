@@ -13,6 +13,8 @@
 - :mod:`routelib.models.pathways`   a pretrained LM's MLPs split into N neuron-group pathways, routed top-k
                                     (sparse grouped-GEMM and dense-masked paths), GLBL and Switch losses
 - :mod:`routelib.models.attention`  causal softmax attention (SDPA, RoPE) with the GDN layer's interface
+- :mod:`routelib.models.hybrid`     4-layer GDN/softmax hybrids: static [GDN, GDN, GDN, softmax] and per-token
+                                    routed (parallel router, Gumbel straight-through, balance loss)
 
 Parameters follow Hugging Face transformers' Mixtral layout, so trained layers export by renaming
 (``MoEFFN.hf_state_dict``).
@@ -28,6 +30,7 @@ from routelib.models.gdn import (
     gated_delta_rule_chunked,
 )
 from routelib.models.gdn_naive import gated_delta_rule_recurrent
+from routelib.models.hybrid import HybridConfig, HybridLM, RoutedMixer
 from routelib.models.lm import LM, LMConfig, LMOutput
 from routelib.models.moe import (
     DenseFFN,
@@ -58,6 +61,8 @@ __all__ = [
     "GDNCache",
     "GDNConfig",
     "GatedDeltaNet",
+    "HybridConfig",
+    "HybridLM",
     "LM",
     "LMConfig",
     "LMOutput",
@@ -67,6 +72,7 @@ __all__ = [
     "PathwayRouter",
     "RoutedLLM",
     "RoutedLLMOutput",
+    "RoutedMixer",
     "RouterOutput",
     "RoutingConfig",
     "SoftmaxAttention",

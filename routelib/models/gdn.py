@@ -398,7 +398,7 @@ class GatedDeltaNet(nn.Module):
         idx = order[:, :tc, None].expand(-1, -1, hid)  # (B, T', hidden)
         valid = torch.arange(tc, device=x.device) < counts[:, None]  # (B, T') a real written token
         yc, new = self._core(x.gather(1, idx), valid, cache, use_cache, lengths=counts)  # (B, T', hidden)
-        y = x.new_zeros(b, t, hid).scatter(1, idx, yc.masked_fill(~valid[..., None], 0.0))  # (B, T, hidden)
+        y = yc.new_zeros(b, t, hid).scatter(1, idx, yc.masked_fill(~valid[..., None], 0.0))  # (B, T, hidden), yc's dtype (autocast)
         return (y, new) if use_cache else y
 
 
