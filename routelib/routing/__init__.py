@@ -11,6 +11,13 @@
                             prior accuracy), hop curves, paths, dataset usage tests (notebook 04)
 :mod:`.dashboard`           the token-journey dashboard (ipywidgets) and its HTML views
 :mod:`.study`               notebook 04's config and the live-collection agreement check
+:mod:`.predictors`          next-layer expert predictors (prior, lookup, n-gram, MLP, hidden-state
+                            router/probe), metrics, leak-free splits, :func:`evaluate`;
+                            ``python -m routelib.routing.predictors <trace_dir>`` (notebook 05)
+:mod:`.prefetch`            their cost: latency against one MoE layer, expert-cache hit rates
+:mod:`.weights`             router and expert weights of any supported MoE (notebook 06)
+:mod:`.geometry`            router similarity, subspaces, co-activation, saturation over training
+:mod:`.router_study`        notebook 06's config and pipeline
 ==========================  ==================================================================
 
 ``routelib.routing.collect`` is the module (and the command); the function is
@@ -34,7 +41,13 @@ _EXPORTS = {
     "benchmark_prompts": "collect", "load_model": "collect", "NoMoELayersError": "collect",
     "RoutingRecorder": "collect", "topk_from_logits": "collect",
     "load_traces": "traces", "trace_arrays": "traces", "read_manifest": "traces", "TraceArrays": "traces",
-    "TraceError": "traces",
+    "TraceError": "traces", "split_router_output": "collect",
+    **{name: "predictors" for name in (
+        "load_routing", "RoutingData", "EvalConfig", "evaluate", "summarize", "seed_table", "metric_table",
+        "make_splits", "make_predictor", "PREDICTORS", "routing_metrics", "chance_metrics", "attach_hidden_states",
+        "MLPPredictor", "PredictorError", "HiddenStatesUnavailable")},
+    **{name: "prefetch" for name in ("prefetch_curves", "predictor_latency", "moe_layer_latency", "latency_table")},
+    **{name: "weights" for name in ("moe_weights", "MoEWeights", "MoELayer", "UnsupportedMoEError", "hf_from_checkpoint")},
 }
 __all__ = list(_EXPORTS)
 

@@ -195,6 +195,19 @@ def topk_from_logits(logits: torch.Tensor, top_k: int, renormalize: bool = True)
     return weights, ids
 
 
+def split_router_output(output) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(logits, weights, ids) from one router output: a tensor of logits, or a tuple holding the
+    logits (float, last dim E), the top-k weights (float, same shape as the ids) and the ids (int)."""
+    if isinstance(output, torch.Tensor):
+        return output, None, None
+    tensors = [t for t in output if isinstance(t, torch.Tensor)]
+    ids = next((t for t in tensors if not t.is_floating_point()), None)
+    floats = [t for t in tensors if t.is_floating_point()]
+    weights = next((t for t in floats if ids is not None and t.shape == ids.shape), None)
+    logits = next((t for t in floats if t is not weights), None)
+    return logits, weights, ids
+
+
 class RoutingRecorder:
     """Forward hooks on a model's routers that keep every router output of a generate call.
 
@@ -234,25 +247,12 @@ class RoutingRecorder:
         for store in self._outputs:
             store.clear()
 
-    @staticmethod
-    def _split(output) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """(logits, weights, ids) from one router output: a tensor of logits, or a tuple holding the
-        logits (float, last dim E), the top-k weights (float, same shape as the ids) and the ids (int)."""
-        if isinstance(output, torch.Tensor):
-            return output, None, None
-        tensors = [t for t in output if isinstance(t, torch.Tensor)]
-        ids = next((t for t in tensors if not t.is_floating_point()), None)
-        floats = [t for t in tensors if t.is_floating_point()]
-        weights = next((t for t in floats if ids is not None and t.shape == ids.shape), None)
-        logits = next((t for t in floats if t is not weights), None)
-        return logits, weights, ids
-
     def gather(self, batch_size: int, seq_len: int):
         """(experts (B, T, L, k) int64, weights (B, T, L, k) float32, probs (B, T, L, E) float32 | None),
         on the CPU, from the router outputs recorded since :meth:`reset`; T must be ``seq_len``."""
         experts, weights, probs = [], [], []
         for layer, store in enumerate(self._outputs):
-            parts = [self._split(o) for o in store]
+            parts = [split_router_output(o) for o in store]
             rows = sum((p[2] if p[2] is not None else p[0]).shape[0] for p in parts) if parts else 0
             if rows != batch_size * seq_len:
                 raise RoutelibError(

@@ -1,0 +1,1177 @@
+"""Next-layer expert prediction: predictors, metrics, leak-free splits, and one evaluation (notebook 05).
+
+The task. A token has been routed through MoE layers ``0..l``; rank the E experts of layer ``l + h``
+(the *hop* h >= 1) before that layer runs, so that their weights can be fetched in time
+(expert offloading: Eliseev & Mazur 2023, "Fast Inference of Mixture-of-Experts Language Models
+with Offloading"; Pre-gated MoE, Hwang et al., ISCA 2024; Fate, Fang et al. 2025). The seed
+(``004``, section 3) reports on Mixtral-8x7B: random 12.5 %, lookup tables 42 %, an MLP 55.6 %
+top-1 / 73.2 % top-2 -- measured on a random split over single layer transitions, so transitions of
+one token journey sat on both sides. Here every number comes from splits that cannot leak.
+
+Every predictor returns *scores* ``(N, E)`` for layer ``l + h`` (higher = more likely); the metrics
+read only the ranking. Ties are broken towards the lower expert id (a stable sort of ``-scores``).
+
+Metrics (:func:`routing_metrics`), per token, then averaged over the test tokens of one source layer;
+"averaged over layers" is the unweighted mean over source layers (each layer sees the same tokens):
+
+==============  ==================================================================================
+``top1``        top-1 accuracy: the predicted top-1 expert is the true top-1 (highest gate weight)
+``top2_hit``    the true top-1 expert is among the predicted top-2
+``set_recall``  ``|predicted top-k ∩ true top-k| / k`` (k = the model's experts per token)
+``exact_set``   the predicted top-k *set* equals the true top-k set (order ignored)
+==============  ==================================================================================
+
+Chance (a uniformly random ranking, :func:`chance_metrics`): top1 = 1/E, top2_hit = 2/E,
+set_recall = k/E, exact_set = 1/C(E, k) -- for E = 8, k = 2: 12.5 %, 25 %, 25 %, 3.57 %.
+
+Predictors (:data:`PREDICTORS`, :func:`make_predictor`); "history" means what is known when layer
+l's router has run:
+
+=================  =================================================================================
+``random``         uniform random scores (seeded): the empirical chance level
+``prior``          the training frequency of each expert at layer l+h (mean gate weight), per layer
+``same``           the experts of layer l again (ties below them broken by the prior)
+``lookup``         a table: the set of experts at layer l -> mean gate vector at layer l+h
+``ngram``          the sets at layers l-n+1..l as the key, backing off to shorter keys, then the prior
+                   (each level smoothed towards the next shorter one, Dirichlet weight ``alpha``)
+``mlp``            an MLP over the routing history (multi-hot experts + gate weights of layers 0..l,
+                   source layer and hop one-hot, optionally a token-id embedding), soft cross-entropy
+                   against the gate weights of layer l+h; trained with :func:`routelib.train.train`
+``hidden_router``  zero-shot, needs the model: layer l+h's own router applied to the hidden state
+                   layer l's router reads (the "speculative expert loading" of Eliseev & Mazur; Fate's
+                   observation: adjacent layers' gate inputs are close)
+``hidden_probe``   a linear probe per (l, h) on that same hidden state, initialised from the router
+                   of layer l+h and trained (Pre-gated MoE trains such a "pre-gate")
+=================  =================================================================================
+
+The hidden state: for each MoE layer l, the input of its router (for Mixtral the residual stream after
+layer l's attention, normalised by ``post_attention_layernorm``). It exists at the moment layer l's
+routing is decided -- the same moment the routing-history predictors have their whole input -- so a
+prediction for layer l+1 can overlap layer l's expert computation and layer l+1's attention.
+:func:`attach_hidden_states` recomputes it with one forward pass per problem over the traced
+tokens (positions 0..n-1) and checks that the routers then choose exactly the traced experts.
+If the model that routed the traces cannot be loaded, :class:`HiddenStatesUnavailable` says so.
+
+Splits (:func:`make_splits`), deterministic in the seed: ``problem`` (whole problems to one side,
+stratified by dataset), ``dataset`` (train on all other datasets, test on one; both directions for
+two), and ``token`` (a random split over tokens -- leaks repeated journeys and neighbouring tokens of
+one problem; reported only to show how much it inflates the numbers).
+
+    python -m routelib.routing.predictors routing_data_collected/moe-subject --split problem --hops 1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from routelib import paths
+from routelib.errors import ConfigError, RoutelibError
+from routelib.io import atomic_write_bytes
+from routelib.routing.traces import load_traces, trace_arrays
+
+METRICS = ("top1", "top2_hit", "set_recall", "exact_set")
+SPLITS = ("problem", "dataset", "token")
+SUBSETS = ("all", "prompt", "generated", "unique")
+#: The seed's table (004, section 3; Mixtral-8x7B, random split over layer transitions): claims to test.
+SEED_CLAIMS = {"random": {"top1": 0.125}, "lookup": {"top1": 0.42}, "mlp": {"top1": 0.556, "top2_hit": 0.732}}
+
+
+class PredictorError(RoutelibError, ValueError):
+    """A bad request to a predictor or an evaluation: a hop beyond the last layer, an empty split,
+    an unknown predictor name, a predictor used before fit."""
+
+
+class HiddenStatesUnavailable(PredictorError):
+    """The hidden-state predictors need the model that routed the traces, and it cannot be used."""
+
+
+def _resolve(path: str | os.PathLike) -> Path:
+    """A path as given if it exists there (absolute, or relative to the working directory), else
+    relative to the repository root."""
+    return Path(path) if Path(path).exists() else paths.in_repo(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# the data
+
+
+@dataclass
+class HiddenStates:
+    """What each MoE layer's router read, recomputed from the model (see :func:`attach_hidden_states`)."""
+
+    x: np.ndarray  # (N, L, H) float16: the input of the router of MoE layer l, per token
+    routers: list  # the router modules, MoE-layer order (they score a hidden state: zero-shot)
+    model_name: str  # name or path of the model
+    agreement: float  # fraction of (token, layer) whose recomputed top-k set equals the traced one
+    model: nn.Module | None = field(default=None, repr=False)  # the model itself (its MoE blocks are timed)
+
+    def take(self, rows: np.ndarray) -> "HiddenStates":
+        return dataclasses.replace(self, x=self.x[rows])
+
+
+@dataclass
+class RoutingData:
+    """Routing traces as arrays, one row per token (rows of a trace directory, in its order)."""
+
+    experts: np.ndarray  # (N, L, k) int64: top-k expert ids per MoE layer, highest gate weight first
+    weights: np.ndarray  # (N, L, k) float32: their gate weights
+    token_id: np.ndarray  # (N,) int64: the token
+    problem: np.ndarray  # (N,) int64: index into ``problems`` (one sequence each)
+    position: np.ndarray  # (N,) int64: 0-based position in the sequence
+    generated: np.ndarray  # (N,) bool: phase "generated" (else "prompt")
+    problems: list  # (dataset, problem_id) of each problem index
+    num_experts: int  # E
+    vocab_size: int  # token ids are < vocab_size
+    manifest: dict = field(repr=False)  # the trace manifest
+    hidden: HiddenStates | None = field(default=None, repr=False)  # router inputs, once attached
+
+    @property
+    def num_layers(self) -> int:
+        return self.experts.shape[1]
+
+    @property
+    def top_k(self) -> int:
+        return self.experts.shape[2]
+
+    def __len__(self) -> int:
+        return self.experts.shape[0]
+
+    @property
+    def dataset(self) -> np.ndarray:
+        """(N,) the dataset name of every row."""
+        names = np.array([d for d, _ in self.problems], dtype=object)
+        return names[self.problem] if len(self.problems) else np.array([], dtype=object)
+
+    def take(self, rows: np.ndarray) -> "RoutingData":
+        """The rows ``rows`` (indices or a boolean mask), hidden states included."""
+        rows = np.flatnonzero(rows) if np.asarray(rows).dtype == bool else np.asarray(rows, dtype=np.int64)
+        return dataclasses.replace(
+            self, experts=self.experts[rows], weights=self.weights[rows], token_id=self.token_id[rows],
+            problem=self.problem[rows], position=self.position[rows], generated=self.generated[rows],
+            hidden=self.hidden.take(rows) if self.hidden is not None else None)
+
+    @classmethod
+    def from_frame(cls, df: pd.DataFrame, manifest: dict | None = None) -> "RoutingData":
+        """From a :func:`load_traces` DataFrame (``df.attrs["manifest"]`` or ``manifest`` gives the layout)."""
+        manifest = manifest if manifest is not None else df.attrs.get("manifest")
+        arrays = trace_arrays(df, manifest)
+        keys = pd.MultiIndex.from_arrays([df["dataset"].to_numpy(), df["problem_id"].to_numpy()])
+        codes, uniques = pd.factorize(keys, sort=False)
+        vocab = manifest.get("tokenizer", {}).get("vocab_size") or (int(df["token_id"].max()) + 1 if len(df) else 1)
+        return cls(experts=arrays.experts.astype(np.int64), weights=arrays.weights.astype(np.float32),
+                   token_id=df["token_id"].to_numpy(np.int64), problem=np.asarray(codes, np.int64),
+                   position=df["position"].to_numpy(np.int64), generated=(df["phase"] == "generated").to_numpy(),
+                   problems=[tuple(u) for u in uniques], num_experts=int(manifest["layout"]["num_experts"]),
+                   vocab_size=int(vocab), manifest=manifest)
+
+
+def load_routing(trace_dir: str | os.PathLike, datasets: Sequence[str] | None = None) -> RoutingData:
+    """Read (and validate) a trace directory into :class:`RoutingData`."""
+    columns = ["dataset", "problem_id", "position", "phase", "token_id", "experts", "weights"]
+    return RoutingData.from_frame(load_traces(_resolve(trace_dir), datasets=datasets, columns=columns))
+
+
+def repetition_table(data: RoutingData) -> pd.DataFrame:
+    """How repetitive the traces are, per dataset and phase: tokens, distinct token ids, distinct
+    journeys (token id + expert sets of every layer) and the share of tokens repeating an earlier
+    journey of the same group (a model looping on its own output drives it towards 1)."""
+    journey = journeys(data)
+    rows = []
+    for dataset in sorted(set(data.dataset)):
+        for phase, flag in (("prompt", False), ("generated", True)):
+            mask = (data.dataset == dataset) & (data.generated == flag)
+            if mask.any():
+                distinct = len(np.unique(journey[mask]))
+                rows.append({"dataset": dataset, "phase": phase, "tokens": int(mask.sum()),
+                             "distinct_tokens": len(np.unique(data.token_id[mask])), "distinct_journeys": distinct,
+                             "repeated_share": 1 - distinct / mask.sum()})
+    return pd.DataFrame(rows)
+
+
+def gate_vectors(experts: np.ndarray, weights: np.ndarray, num_experts: int) -> np.ndarray:
+    """(N, k) expert ids and gate weights -> (N, E) gate vectors, renormalised to sum to 1 (models
+    that do not renormalise their top-k, e.g. Qwen2-MoE, give vectors summing to less)."""
+    out = np.zeros((experts.shape[0], num_experts), np.float32)  # (N, E)
+    np.put_along_axis(out, experts, weights, axis=1)
+    total = out.sum(1, keepdims=True)
+    return out / np.where(total > 0, total, 1.0)
+
+
+def sequences(data: RoutingData) -> list[np.ndarray]:
+    """Row indices of each problem's tokens in position order, one array per problem present."""
+    order = np.lexsort((data.position, data.problem))
+    starts = np.flatnonzero(np.r_[True, np.diff(data.problem[order]) != 0])
+    return np.split(order, starts[1:]) if len(order) else []
+
+
+def check_pair(num_layers: int, layer: int, hop: int) -> None:
+    """PredictorError unless layer l + hop h is a MoE layer of traces with ``num_layers`` of them."""
+    if not isinstance(hop, (int, np.integer)) or hop < 1:
+        raise PredictorError(f"hop must be an integer >= 1 (predict layer l+h from layer l), got {hop!r}")
+    if not 0 <= layer < num_layers:
+        raise PredictorError(f"source layer {layer} is not a MoE layer: the traces have {num_layers} "
+                             f"(0..{num_layers - 1})")
+    if layer + hop >= num_layers:
+        raise PredictorError(f"hop {hop} from layer {layer} targets layer {layer + hop}, beyond the last MoE layer "
+                             f"{num_layers - 1} of these traces")
+
+
+def layer_pairs(num_layers: int, hops: Sequence[int]) -> list[tuple[int, int]]:
+    """Every (source layer l, hop h) with l + h < L, hop by hop."""
+    hops = list(hops)
+    if not hops:
+        raise PredictorError("no hops given")
+    for h in hops:
+        check_pair(num_layers, 0, h)
+    return [(layer, h) for h in hops for layer in range(num_layers - h)]
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics
+
+
+def rank_experts(scores: np.ndarray, m: int | None = None) -> np.ndarray:
+    """(N, E) scores -> (N, m) expert ids, best first; ties go to the lower expert id."""
+    order = np.argsort(-np.asarray(scores, np.float64), axis=1, kind="stable")  # (N, E)
+    return order if m is None else order[:, :m]
+
+
+def routing_metrics_per_token(scores: np.ndarray, experts: np.ndarray) -> dict[str, np.ndarray]:
+    """The four metrics (module docstring) per token: scores (N, E), true experts (N, k), slot 0 the
+    top-1. Returns {metric: (N,) float}."""
+    scores, experts = np.asarray(scores), np.asarray(experts)
+    if scores.ndim != 2 or experts.ndim != 2 or scores.shape[0] != experts.shape[0]:
+        raise PredictorError(f"scores (N, E) and experts (N, k) expected, got {scores.shape} and {experts.shape}")
+    num_experts, k = scores.shape[1], experts.shape[1]
+    if num_experts < 2 or k > num_experts:
+        raise PredictorError(f"need E >= 2 experts and k <= E, got E={num_experts}, k={k}")
+    ranked = rank_experts(scores, max(k, 2))  # (N, max(k, 2))
+    hits = (ranked[:, :k, None] == experts[:, None, :]).any(2)  # (N, k): predicted slot j is a true expert
+    return {"top1": (ranked[:, 0] == experts[:, 0]).astype(float),
+            "top2_hit": (ranked[:, :2] == experts[:, :1]).any(1).astype(float),
+            "set_recall": hits.mean(1),
+            "exact_set": hits.all(1).astype(float)}
+
+
+def routing_metrics(scores: np.ndarray, experts: np.ndarray) -> dict[str, float]:
+    """The four metrics averaged over tokens (NaN for no tokens)."""
+    per = routing_metrics_per_token(scores, experts)
+    return {name: float(v.mean()) if v.size else float("nan") for name, v in per.items()}
+
+
+def chance_metrics(num_experts: int, top_k: int) -> dict[str, float]:
+    """Expected metrics of a uniformly random ranking of E experts against a true top-k set."""
+    if num_experts < 2 or not 1 <= top_k <= num_experts:
+        raise PredictorError(f"need E >= 2 and 1 <= k <= E, got E={num_experts}, k={top_k}")
+    return {"top1": 1 / num_experts, "top2_hit": 2 / num_experts, "set_recall": top_k / num_experts,
+            "exact_set": 1 / math.comb(num_experts, top_k)}
+
+
+# ----------------------------------------------------------------------------------------------
+# splits
+
+
+@dataclass(frozen=True)
+class Split:
+    kind: str  # "problem", "dataset" or "token"
+    train_label: str  # datasets on the training side, "+"-joined
+    test_label: str  # datasets on the test side
+    train: np.ndarray = field(repr=False)  # row indices
+    test: np.ndarray = field(repr=False)  # row indices
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}: {self.train_label} -> {self.test_label}"
+
+
+def check_no_leak(data: RoutingData, split: Split) -> None:
+    """PredictorError if a problem (problem/dataset splits) has rows on both sides, or a side is empty."""
+    if len(split.train) == 0 or len(split.test) == 0:
+        side = "training" if len(split.train) == 0 else "test"
+        raise PredictorError(f"split {split.label!r}: the {side} side is empty ({len(data)} rows, "
+                             f"{len(data.problems)} problems)")
+    if split.kind != "token":
+        both = np.intersect1d(data.problem[split.train], data.problem[split.test])
+        if both.size:
+            raise PredictorError(f"split {split.label!r} leaks: problem {data.problems[both[0]]} is on both sides")
+
+
+def make_splits(data: RoutingData, kind: str, seed: int = 0, test_fraction: float = 0.25) -> list[Split]:
+    """The train/test splits of one kind (module docstring), deterministic in ``seed``."""
+    if kind not in SPLITS:
+        raise PredictorError(f"unknown split {kind!r}; choose one of {SPLITS}")
+    if not 0 < test_fraction < 1:
+        raise PredictorError(f"test_fraction must lie in (0, 1), got {test_fraction}")
+    rng = np.random.default_rng(seed)
+    datasets = data.dataset
+    present = np.unique(data.problem)  # problems with rows here (a taken subset keeps the full list)
+    names = sorted(set(data.problems[p][0] for p in present))
+    joined = "+".join(names)
+    if kind == "token":
+        perm = rng.permutation(len(data))
+        n_test = int(round(test_fraction * len(data)))
+        splits = [Split(kind, joined, joined, np.sort(perm[n_test:]), np.sort(perm[:n_test]))]
+    elif kind == "problem":
+        test_problems = []
+        for name in names:
+            ids = np.array([p for p in present if data.problems[p][0] == name])
+            n_test = int(round(test_fraction * len(ids)))
+            test_problems.append(rng.permutation(ids)[:n_test])
+        is_test = np.isin(data.problem, np.concatenate(test_problems))
+        splits = [Split(kind, joined, joined, np.flatnonzero(~is_test), np.flatnonzero(is_test))]
+    else:
+        if len(names) < 2:
+            raise PredictorError(f"a dataset split needs two datasets or more; the traces hold {names}")
+        splits = [Split(kind, "+".join(n for n in names if n != held), held,
+                        np.flatnonzero(datasets != held), np.flatnonzero(datasets == held)) for held in names]
+    for split in splits:
+        check_no_leak(data, split)
+    return splits
+
+
+def row_keys(cols: np.ndarray) -> np.ndarray:
+    """(N, C) integers -> (N,) opaque byte-string keys, equal exactly when the rows are equal; they
+    sort, so ``np.unique`` and ``np.searchsorted`` work on them."""
+    cols = np.ascontiguousarray(cols, dtype=np.int64)
+    return cols.view(np.dtype((np.void, cols.itemsize * cols.shape[1]))).ravel()
+
+
+def journeys(data: RoutingData) -> np.ndarray:
+    """(N,) keys of each token's whole journey: its id and the expert set of every layer."""
+    return row_keys(np.concatenate([data.token_id[:, None], np.sort(data.experts, 2).reshape(len(data), -1)], 1))
+
+
+def journey_overlap(data: RoutingData, split: Split) -> float:
+    """Share of the test tokens whose whole journey (token id + every layer's expert set) also occurs
+    among the training tokens: how much a split lets a predictor score by memory."""
+    return float(np.isin(journeys(data)[split.test], journeys(data)[split.train]).mean())
+
+
+def subset_masks(data: RoutingData, subsets: Sequence[str]) -> dict[str, np.ndarray]:
+    """Boolean masks over ``data``'s rows: ``all``, ``prompt``/``generated`` tokens, and ``unique``:
+    the first occurrence of each journey (token id + the experts of every layer), so that a loop the
+    model repeats counts once."""
+    masks = {}
+    for name in subsets:
+        if name == "all":
+            masks[name] = np.ones(len(data), bool)
+        elif name == "prompt":
+            masks[name] = ~data.generated
+        elif name == "generated":
+            masks[name] = data.generated.copy()
+        elif name == "unique":
+            _, first = np.unique(journeys(data), return_index=True)
+            masks[name] = np.zeros(len(data), bool)
+            masks[name][first] = True
+        else:
+            raise PredictorError(f"unknown subset {name!r}; choose from {SUBSETS}")
+    return masks
+
+
+# ----------------------------------------------------------------------------------------------
+# predictors
+
+
+class Predictor:
+    """Base class: ``fit(train, pairs)`` then ``predict_scores(data, layer, hop) -> (N, E)``."""
+
+    name = "predictor"
+
+    def fit(self, train: RoutingData, pairs: Sequence[tuple[int, int]]) -> "Predictor":
+        """Learn from ``train`` what predicting each (source layer, hop) of ``pairs`` needs."""
+        if len(train) == 0:
+            raise PredictorError(f"{self.name}: cannot fit on an empty training set")
+        for layer, hop in pairs:
+            check_pair(train.num_layers, layer, hop)
+        self.layout = (train.num_layers, train.top_k, train.num_experts)
+        self._fit(train, list(pairs))
+        return self
+
+    def _fit(self, train: RoutingData, pairs: list[tuple[int, int]]) -> None:
+        pass
+
+    def predict_scores(self, data: RoutingData, layer: int, hop: int = 1) -> np.ndarray:
+        """Scores (N, E) for the experts of layer ``layer + hop`` from what is known at ``layer``."""
+        if not hasattr(self, "layout"):
+            raise PredictorError(f"{self.name}: call fit(...) before predict_scores(...)")
+        if (data.num_layers, data.top_k, data.num_experts) != self.layout:
+            raise PredictorError(f"{self.name}: fitted on traces with (L, k, E) = {self.layout}, got "
+                                 f"{(data.num_layers, data.top_k, data.num_experts)}")
+        check_pair(data.num_layers, layer, hop)
+        return self._predict(data, layer, hop)
+
+    def _predict(self, data: RoutingData, layer: int, hop: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+class RandomPredictor(Predictor):
+    """Uniform random scores, seeded per (layer, hop): the empirical chance level."""
+
+    name = "random"
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+
+    def _predict(self, data, layer, hop):
+        return np.random.default_rng([self.seed, layer, hop]).random((len(data), data.num_experts))
+
+
+class PriorPredictor(Predictor):
+    """The training frequency of each expert at the target layer: its mean gate weight (renormalised
+    gate vectors), the same for every token."""
+
+    name = "prior"
+
+    def _fit(self, train, pairs):
+        self.prior = np.stack([gate_vectors(train.experts[:, t], train.weights[:, t], train.num_experts).mean(0)
+                               for t in range(train.num_layers)])  # (L, E)
+
+    def _predict(self, data, layer, hop):
+        return np.broadcast_to(self.prior[layer + hop], (len(data), data.num_experts)).copy()
+
+
+class SameExpertPredictor(PriorPredictor):
+    """The experts of layer l, by gate weight, predicted again for layer l+h; the other experts
+    are ranked below them by the target layer's prior."""
+
+    name = "same"
+
+    def _predict(self, data, layer, hop):
+        scores = 0.5 * super()._predict(data, layer, hop)  # (N, E) in [0, 0.5]
+        np.put_along_axis(scores, data.experts[:, layer], 1.0 + data.weights[:, layer], axis=1)  # > 1
+        return scores
+
+
+def _set_keys(experts: np.ndarray, layers: Sequence[int]) -> np.ndarray:
+    """(N,) opaque keys: the sorted expert set of each of ``layers``, one byte string per row."""
+    return row_keys(np.sort(experts[:, list(layers)], axis=2).reshape(len(experts), -1))
+
+
+@dataclass
+class _Table:
+    keys: np.ndarray  # (U,) sorted unique keys
+    sums: np.ndarray  # (U, E) summed target gate vectors
+    counts: np.ndarray  # (U,) training rows per key
+
+    @classmethod
+    def build(cls, keys: np.ndarray, targets: np.ndarray) -> "_Table":
+        uniq, inv = np.unique(keys, return_inverse=True)
+        inv = inv.ravel()
+        sums = np.stack([np.bincount(inv, weights=targets[:, e], minlength=len(uniq))
+                         for e in range(targets.shape[1])], 1)  # (U, E)
+        return cls(uniq, sums, np.bincount(inv, minlength=len(uniq)))
+
+    def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(index into the table, found) per key."""
+        pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        return pos, self.keys[pos] == keys
+
+
+class NGramPredictor(PriorPredictor):
+    """Lookup tables on the expert sets of the last ``n`` layers (l-n+1..l) with back-off: the
+    longest key seen at least ``min_count`` times in training decides; each level's estimate is
+    ``(sum of target gate vectors + alpha * shorter-level estimate) / (count + alpha)``, the
+    shortest level backing off to the target layer's prior (interpolated smoothing in the manner of
+    Katz back-off / Dirichlet priors). n = 1 is the 1-hop lookup table on layer l's top-k set."""
+
+    name = "ngram"
+
+    def __init__(self, n: int = 3, min_count: int = 1, alpha: float = 1.0):
+        if n < 1 or min_count < 1 or alpha < 0:
+            raise PredictorError(f"ngram needs n >= 1, min_count >= 1, alpha >= 0; got {n}, {min_count}, {alpha}")
+        self.n, self.min_count, self.alpha = n, min_count, alpha
+
+    def _fit(self, train, pairs):
+        super()._fit(train, pairs)
+        self.tables: dict[tuple[int, int], list[_Table]] = {}
+        for layer, hop in pairs:
+            target = gate_vectors(train.experts[:, layer + hop], train.weights[:, layer + hop], train.num_experts)
+            self.tables[(layer, hop)] = [_Table.build(_set_keys(train.experts, range(layer - m + 1, layer + 1)), target)
+                                         for m in range(1, min(self.n, layer + 1) + 1)]
+
+    def _predict(self, data, layer, hop):
+        tables = self.tables.get((layer, hop))
+        if tables is None:
+            raise PredictorError(f"{self.name}: not fitted for layer {layer}, hop {hop}; fitted pairs "
+                                 f"{sorted(self.tables)}")
+        scores = super()._predict(data, layer, hop)  # (N, E): the prior, the last resort
+        for m, table in enumerate(tables, start=1):
+            idx, found = table.lookup(_set_keys(data.experts, range(layer - m + 1, layer + 1)))
+            found &= table.counts[idx] >= self.min_count
+            i = idx[found]
+            scores[found] = (table.sums[i] + self.alpha * scores[found]) / (table.counts[i, None] + self.alpha)
+        return scores
+
+
+class LookupPredictor(NGramPredictor):
+    """The 1-hop lookup table: layer l's expert set -> mean gate vector at layer l+h (then the prior)."""
+
+    name = "lookup"
+
+    def __init__(self, min_count: int = 1, alpha: float = 1.0):
+        super().__init__(n=1, min_count=min_count, alpha=alpha)
+
+
+# ---- the MLP over the routing history ------------------------------------------------------------
+
+
+@dataclass
+class MLPConfig:
+    hidden_size: int = 128  # width of the hidden layers
+    num_layers: int = 2  # hidden layers (Linear -> GELU -> dropout)
+    token_dim: int = 16  # width of a token-id embedding added to the input; 0 = no token input
+    dropout: float = 0.0  # dropout after each hidden layer (training only)
+    steps: int = 1000  # optimizer steps (routelib.train, AdamW, warm-up + cosine)
+    batch_size: int = 512  # (token, source layer, hop) examples per step, drawn with replacement
+    lr: float = 1e-2  # peak learning rate
+    weight_decay: float = 0.01  # AdamW weight decay on matrices
+    seed: int = 0  # initialisation and batch order
+    device: str = "cpu"  # "cpu", "cuda" or "auto"
+
+    def __post_init__(self):
+        if min(self.hidden_size, self.num_layers, self.steps, self.batch_size) < 1 or self.token_dim < 0 \
+                or not 0 <= self.dropout < 1 or self.lr <= 0:
+            raise ConfigError(f"MLPConfig: sizes and steps must be >= 1, token_dim >= 0, dropout in [0, 1), lr > 0; "
+                              f"got {self}")
+
+
+class RoutingHistoryMLP(nn.Module):
+    """logits (B, E) for layer l+h from the routing of layers 0..l (later layers are masked inside
+    ``forward``, so no caller can leak them), the source layer, the hop and optionally the token."""
+
+    def __init__(self, num_layers: int, num_experts: int, vocab_size: int, cfg: MLPConfig):
+        super().__init__()
+        self.num_layers, self.num_experts = num_layers, num_experts
+        self.embed = nn.Embedding(vocab_size, cfg.token_dim) if cfg.token_dim else None
+        width = num_layers * 2 * num_experts + num_layers + max(num_layers - 1, 1) + cfg.token_dim
+        blocks: list[nn.Module] = []
+        for _ in range(cfg.num_layers):
+            blocks += [nn.Linear(width, cfg.hidden_size), nn.GELU(), nn.Dropout(cfg.dropout)]
+            width = cfg.hidden_size
+        self.body = nn.Sequential(*blocks)
+        self.head = nn.Linear(width, num_experts)
+
+    def forward(self, history: torch.Tensor, source: torch.Tensor, hop: torch.Tensor,
+                token: torch.Tensor) -> torch.Tensor:
+        # history (B, L, 2E): multi-hot experts and gate weights per layer; source, hop, token (B,)
+        num_layers = self.num_layers
+        visible = torch.arange(num_layers, device=history.device) <= source[:, None]  # (B, L): layers 0..l
+        parts = [(history * visible[..., None]).flatten(1),  # (B, L*2E)
+                 F.one_hot(source, num_layers).float(),  # (B, L)
+                 F.one_hot(hop - 1, max(num_layers - 1, 1)).float()]  # (B, L-1)
+        if self.embed is not None:
+            parts.append(self.embed(token.clamp(0, self.embed.num_embeddings - 1)))  # (B, D)
+        return self.head(self.body(torch.cat(parts, 1)))  # (B, E)
+
+
+def history_features(data: RoutingData) -> torch.Tensor:
+    """(N, L, 2E) float32: per layer the multi-hot of the top-k experts, then their gate weights."""
+    num = len(data)
+    onehot = np.zeros((num, data.num_layers, data.num_experts), np.float32)
+    np.put_along_axis(onehot, data.experts, 1.0, axis=2)
+    gates = np.zeros_like(onehot)
+    np.put_along_axis(gates, data.experts, data.weights, axis=2)
+    return torch.from_numpy(np.concatenate([onehot, gates], 2))
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against a target distribution (..., E), averaged over the leading dims."""
+    return -(target * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+
+
+def _fingerprint(*parts: Any) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        text = None if isinstance(part, np.ndarray) else json.dumps(part, sort_keys=True, default=str)
+        h.update(part.tobytes() if text is None else text.encode())
+    return h.hexdigest()[:12]
+
+
+def _device(name: str) -> torch.device:
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+
+
+def _train_module(net: nn.Module, batch_fn, loss_fn, *, steps: int, lr: float, weight_decay: float, seed: int,
+                  device: str, out_dir: Path | None):
+    """Train with routelib.train (progress bar, Ctrl-C checkpoint, resume from ``out_dir``)."""
+    from routelib.train import TrainConfig, train
+
+    tcfg = TrainConfig(max_steps=steps, lr=lr, warmup_steps=min(100, steps // 10), weight_decay=weight_decay,
+                       log_every=max(1, steps // 50), out_dir=str(out_dir) if out_dir else None, seed=seed,
+                       device="auto" if device == "auto" else device)
+    return train(net, batch_fn, tcfg, loss_fn=loss_fn, resume=out_dir is not None)
+
+
+class MLPPredictor(Predictor):
+    """An MLP over the routing history (:class:`RoutingHistoryMLP`), one network for every (source
+    layer, hop) asked for, trained on soft targets (the target layer's gate weights). With
+    ``out_dir`` the run is checkpointed and resumable (``out_dir/checkpoints-<fingerprint>``) and the
+    trained network is saved as ``out_dir/mlp.safetensors`` + ``out_dir/mlp.json`` (config, layout,
+    pairs, training fingerprint and loss history); :meth:`load` reads it back."""
+
+    name = "mlp"
+
+    def __init__(self, cfg: MLPConfig | None = None, out_dir: str | os.PathLike | None = None):
+        self.cfg = cfg or MLPConfig()
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.history: list[dict] = []
+
+    def _fit(self, train, pairs):
+        cfg = self.cfg
+        num_layers, num_experts = train.num_layers, train.num_experts
+        self.vocab_size = train.vocab_size
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.seed)
+            self.net = RoutingHistoryMLP(num_layers, num_experts, train.vocab_size, cfg)
+        history = history_features(train)  # (N, L, 2E)
+        targets = torch.from_numpy(np.stack([gate_vectors(train.experts[:, t], train.weights[:, t], num_experts)
+                                             for t in range(num_layers)], 1))  # (N, L, E)
+        tokens = torch.from_numpy(train.token_id)
+        pair_t = torch.tensor(pairs, dtype=torch.long)  # (P, 2)
+        self.pairs = [tuple(p) for p in pairs]
+        self.fingerprint = _fingerprint(dataclasses.asdict(cfg), self.layout, self.pairs, train.vocab_size,
+                                        train.experts, train.weights, train.token_id)
+
+        def batch_fn(step: int, rank: int, world: int):
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            rows = torch.randint(0, len(train), (cfg.batch_size,), generator=g)  # (B,)
+            which = pair_t[torch.randint(0, len(pair_t), (cfg.batch_size,), generator=g)]  # (B, 2)
+            x = torch.cat([history[rows].flatten(1), which.float(), tokens[rows, None].float()], 1)  # (B, L*2E+3)
+            return x, targets[rows, which[:, 0] + which[:, 1]]  # (B, E)
+
+        def loss_fn(net, x, y):
+            loss = soft_cross_entropy(self._forward(net, x), y)
+            return loss, {"ce": loss.detach()}
+
+        ckpt = self.out_dir / f"checkpoints-{self.fingerprint}" if self.out_dir else None
+        result = _train_module(self.net, batch_fn, loss_fn, steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                               seed=cfg.seed, device=cfg.device, out_dir=ckpt)
+        self.history = result.history
+        self.net.eval()
+        if self.out_dir is not None:
+            self.save(self.out_dir)
+
+    def _forward(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Unpack (B, L*2E + 3) [history, source, hop, token] and run the network."""
+        num_layers, _, num_experts = self.layout
+        width = num_layers * 2 * num_experts
+        history = x[:, :width].reshape(len(x), num_layers, 2 * num_experts)  # (B, L, 2E)
+        source, hop, token = x[:, width:].long().unbind(1)  # (B,) each; token ids < 2**24 are exact in fp32
+        return net(history, source, hop, token)
+
+    @torch.no_grad()
+    def _predict(self, data, layer, hop):
+        if (layer, hop) not in self.pairs:
+            raise PredictorError(f"mlp: trained for (layer, hop) pairs {self.pairs}, not ({layer}, {hop})")
+        device = next(self.net.parameters()).device
+        where = torch.tensor([[layer, hop]], dtype=torch.float32).expand(len(data), 2)  # (N, 2)
+        x = torch.cat([history_features(data).flatten(1), where, torch.from_numpy(data.token_id)[:, None].float()],
+                      1)  # (N, L*2E+3)
+        out = [torch.softmax(self._forward(self.net, part.to(device)), -1).cpu() for part in x.split(65536)]  # (n, E)
+        return torch.cat(out).numpy() if out else np.zeros((0, data.num_experts))
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        """Write ``mlp.safetensors`` and ``mlp.json`` into ``out_dir``; returns the weights' path."""
+        from safetensors.torch import save_model
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_model(self.net, str(out_dir / "mlp.safetensors"))
+        meta = {"predictor": "routelib.routing.predictors.MLPPredictor", "config": dataclasses.asdict(self.cfg),
+                "layout": dict(zip(("num_layers", "top_k", "num_experts"), self.layout)), "vocab_size": self.vocab_size,
+                "pairs": self.pairs, "fingerprint": self.fingerprint,
+                "final_loss": self.history[-1]["loss"] if self.history else None, "history": self.history}
+        atomic_write_bytes(out_dir / "mlp.json", json.dumps(meta, indent=1).encode())
+        return out_dir / "mlp.safetensors"
+
+    @classmethod
+    def load(cls, out_dir: str | os.PathLike) -> "MLPPredictor":
+        """A fitted MLPPredictor from a folder written by :meth:`save`."""
+        from safetensors.torch import load_model
+
+        out_dir = Path(out_dir)
+        if not (out_dir / "mlp.json").is_file():
+            raise PredictorError(f"{out_dir} holds no mlp.json: not a saved MLPPredictor")
+        meta = json.loads((out_dir / "mlp.json").read_text())
+        self = cls(MLPConfig(**meta["config"]))
+        lay = meta["layout"]
+        self.layout = (lay["num_layers"], lay["top_k"], lay["num_experts"])
+        self.vocab_size, self.fingerprint, self.history = meta["vocab_size"], meta["fingerprint"], meta["history"]
+        self.pairs = [tuple(p) for p in meta["pairs"]]
+        self.net = RoutingHistoryMLP(lay["num_layers"], lay["num_experts"], self.vocab_size, self.cfg)
+        load_model(self.net, str(out_dir / "mlp.safetensors"))
+        self.net.eval()
+        return self
+
+
+# ---- predictors fed with the model's hidden state ------------------------------------------------
+
+
+def _load_model(model, manifest: dict, device: str | None = None):
+    """The model object: given, or loaded from a path/name (default: the manifest's model); with a
+    ``device`` other than "cpu", loaded with ``device_map="auto"`` (spread over the GPUs)."""
+    if isinstance(model, nn.Module):
+        return model
+    from routelib.routing.collect import load_model
+
+    name = model or manifest.get("model", {}).get("name_or_path")
+    if not name:
+        raise HiddenStatesUnavailable("the trace manifest names no model; pass model=<path> for the hidden-state "
+                                      "predictors")
+    local = _resolve(name)
+    try:
+        device_map = "auto" if device not in (None, "cpu") and torch.cuda.is_available() else None
+        return load_model(str(local) if local.exists() else str(name), device_map=device_map)[0]
+    except (OSError, ValueError, ImportError, RoutelibError) as err:
+        raise HiddenStatesUnavailable(
+            f"the hidden-state predictors need the model that routed these traces, {name!r}, and it cannot be "
+            f"loaded here ({type(err).__name__}: {str(err)[:200]}). Pass model=<local path> (CLI: --model), or "
+            f"leave hidden_router/hidden_probe out of the predictors.") from None
+
+
+def _router_logits(router: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Logits (n, E) of one router module on hidden states (n, H), whatever tuple it returns."""
+    from routelib.routing.collect import split_router_output
+
+    logits, _, _ = split_router_output(router(x))
+    if logits is None:
+        raise HiddenStatesUnavailable(f"router {type(router).__name__} returns no logits; it cannot score a "
+                                      f"hidden state")
+    return logits.reshape(x.shape[0], -1).float()
+
+
+@torch.no_grad()
+def attach_hidden_states(data: RoutingData, model=None, *, batch_tokens: int = 8192, device: str | None = None,
+                         progress: bool = True) -> HiddenStates:
+    """Recompute what every MoE router read for every traced token and attach it as ``data.hidden``.
+
+    One forward pass per problem over its token ids (positions 0..n-1; sequences batched by length,
+    right-padded, padding masked), with forward hooks on the routers (found as the collection finds
+    them). model: a loaded model, a path or hub name, or None for the manifest's ``name_or_path``.
+    Raises :class:`HiddenStatesUnavailable` when the model cannot be loaded or its router weights
+    differ from the manifest's ``router_weights_sha256``; ``agreement`` (the fraction of (token,
+    layer) pairs whose recomputed top-k set equals the traced one) must then be ~1.
+    """
+    from routelib.progress import progress_bar
+    from routelib.routing.collect import find_routers, model_info, split_router_output
+
+    model = _load_model(model, data.manifest, device)
+    routers = find_routers(model)
+    if len(routers.modules) != data.num_layers:
+        raise HiddenStatesUnavailable(f"the model has {len(routers.modules)} MoE routers, the traces {data.num_layers} "
+                                      f"MoE layers: not the model that routed them")
+    want = data.manifest.get("model", {}).get("router_weights_sha256")
+    if want and model_info(model, routers)["router_weights_sha256"] != want:
+        raise HiddenStatesUnavailable("the model's router weights differ from the ones that routed these traces "
+                                      "(manifest router_weights_sha256): another checkpoint")
+    if device is not None and not hasattr(model, "hf_device_map"):
+        model.to(_device(device))
+    dev = next(model.parameters()).device
+    seqs = sequences(data)
+    for rows in seqs:
+        if not np.array_equal(data.position[rows], np.arange(len(rows))):
+            raise PredictorError(f"problem {data.problems[data.problem[rows[0]]]}: positions are not 0..n-1; hidden "
+                                 f"states need whole sequences (attach them before splitting by token)")
+    hidden_size = None
+    x_all: np.ndarray | None = None
+    ids_all = np.zeros_like(data.experts)
+    captured: list[list] = [[] for _ in routers.modules]
+    hooks = [m.register_forward_hook(lambda mod, args, out, i=i: captured[i].append((args[0], out)))
+             for i, m in enumerate(routers.modules)]
+    base = getattr(model, "base_model", model)
+    seqs.sort(key=len)
+    batches, cur = [], []
+    for rows in seqs:
+        if cur and (len(cur) + 1) * len(rows) > batch_tokens:
+            batches.append(cur)
+            cur = []
+        cur.append(rows)
+    batches += [cur] if cur else []
+    bar = progress_bar(progress, total=len(seqs), desc="hidden states")
+    try:
+        for batch in batches:
+            length = max(len(r) for r in batch)
+            ids = torch.zeros(len(batch), length, dtype=torch.long)  # (B, T), right-padded
+            mask = torch.zeros(len(batch), length, dtype=torch.long)  # (B, T)
+            for j, rows in enumerate(batch):
+                ids[j, :len(rows)] = torch.from_numpy(data.token_id[rows])
+                mask[j, :len(rows)] = 1
+            for store in captured:
+                store.clear()
+            base(input_ids=ids.to(dev), attention_mask=mask.to(dev))
+            keep = mask.flatten().bool().to(dev)  # (B*T,)
+            target = np.concatenate(batch)
+            for layer, store in enumerate(captured):
+                (inp, out), = store
+                x = inp.reshape(-1, inp.shape[-1])[keep]  # (n, H)
+                if x_all is None:
+                    hidden_size = x.shape[-1]
+                    x_all = np.zeros((len(data), data.num_layers, hidden_size), np.float16)
+                x_all[target, layer] = x.float().cpu().numpy()
+                logits, _, chosen = split_router_output(out)
+                if chosen is None:
+                    chosen = torch.topk(logits.float(), data.top_k, dim=-1).indices
+                ids_all[target, layer] = chosen.reshape(-1, chosen.shape[-1])[keep][:, :data.top_k].cpu().numpy()
+            bar.update(len(batch))
+    finally:
+        for h in hooks:
+            h.remove()
+        bar.close()
+    if x_all is None:
+        raise PredictorError("attach_hidden_states: the traces hold no tokens")
+    agreement = float((np.sort(ids_all, 2) == np.sort(data.experts, 2)).all(2).mean())
+    name = str(getattr(model, "name_or_path", "") or data.manifest.get("model", {}).get("name_or_path"))
+    data.hidden = HiddenStates(x_all, list(routers.modules), name, agreement, model)
+    return data.hidden
+
+
+def _need_hidden(data: RoutingData, who: str) -> HiddenStates:
+    if data.hidden is None:
+        raise HiddenStatesUnavailable(f"{who} needs the hidden states of the model that routed the traces: call "
+                                      f"attach_hidden_states(data) on the full traces before splitting")
+    return data.hidden
+
+
+class HiddenRouterPredictor(Predictor):
+    """Zero-shot: softmax of layer l+h's router applied to the hidden state layer l's router read
+    (Fate, Fang et al. 2025, feeds the current gate input to the next gate). Needs no training."""
+
+    name = "hidden_router"
+
+    def _fit(self, train, pairs):
+        _need_hidden(train, self.name)
+
+    @torch.no_grad()
+    def _predict(self, data, layer, hop):
+        hidden = _need_hidden(data, self.name)
+        router = hidden.routers[layer + hop]
+        param = next(router.parameters())
+        x = torch.from_numpy(hidden.x[:, layer]).to(param.device, param.dtype)  # (N, H)
+        return torch.softmax(_router_logits(router, x), -1).cpu().numpy()  # (N, E)
+
+
+@dataclass
+class ProbeConfig:
+    steps: int = 200  # optimizer steps (routelib.train)
+    batch_size: int = 512  # tokens per step; every (layer, hop) probe sees each of them
+    lr: float = 3e-3  # peak learning rate
+    init_from_router: bool = True  # start each probe at the target layer's router weights (zero-shot)
+    seed: int = 0  # batch order
+    device: str = "cpu"  # "cpu", "cuda" or "auto"
+
+
+class LinearProbes(nn.Module):
+    """One linear map H -> E per (source layer, hop) pair, applied together."""
+
+    def __init__(self, num_pairs: int, hidden_size: int, num_experts: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_pairs, num_experts, hidden_size))  # (P, E, H)
+        self.bias = nn.Parameter(torch.zeros(num_pairs, num_experts))  # (P, E)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x (B, P, H): the hidden state of each pair's source layer
+        return torch.einsum("bph,peh->bpe", x, self.weight) + self.bias  # (B, P, E)
+
+
+class HiddenProbePredictor(Predictor):
+    """A trained linear probe per (l, h) on the hidden state layer l's router reads, predicting the
+    gate vector of layer l+h (soft cross-entropy), initialised from layer l+h's router: the
+    "pre-gate" of Pre-gated MoE (Hwang et al., ISCA 2024), here fitted after the fact on a frozen model."""
+
+    name = "hidden_probe"
+
+    def __init__(self, cfg: ProbeConfig | None = None):
+        self.cfg = cfg or ProbeConfig()
+
+    def _fit(self, train, pairs):
+        cfg = self.cfg
+        hidden = _need_hidden(train, self.name)
+        self.pairs = [tuple(p) for p in pairs]
+        sources = torch.tensor([layer for layer, _ in pairs])  # (P,)
+        targets_l = torch.tensor([layer + hop for layer, hop in pairs])  # (P,)
+        self.net = LinearProbes(len(pairs), hidden.x.shape[2], train.num_experts)
+        if cfg.init_from_router:
+            for p, t in enumerate(targets_l.tolist()):
+                weight = next((w for w in hidden.routers[t].parameters()
+                               if tuple(w.shape) == (train.num_experts, hidden.x.shape[2])), None)
+                if weight is not None:
+                    self.net.weight.data[p] = weight.detach().float().cpu()
+        x = torch.from_numpy(hidden.x)  # (N, L, H) float16
+        gates = torch.from_numpy(np.stack([gate_vectors(train.experts[:, t], train.weights[:, t], train.num_experts)
+                                           for t in range(train.num_layers)], 1))  # (N, L, E)
+
+        def batch_fn(step: int, rank: int, world: int):
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            rows = torch.randint(0, len(train), (cfg.batch_size,), generator=g)  # (B,)
+            return x[rows], gates[rows][:, targets_l]  # (B, L, H) float16, (B, P, E)
+
+        def loss_fn(net, xb, yb):
+            loss = soft_cross_entropy(net(xb[:, sources.to(xb.device)].float()), yb)  # (B, P, H) -> (B, P, E)
+            return loss, {"ce": loss.detach()}
+
+        result = _train_module(self.net, batch_fn, loss_fn, steps=cfg.steps, lr=cfg.lr, weight_decay=0.0,
+                               seed=cfg.seed, device=cfg.device, out_dir=None)
+        self.history = result.history
+        self.net.eval()
+
+    @torch.no_grad()
+    def _predict(self, data, layer, hop):
+        if (layer, hop) not in self.pairs:
+            raise PredictorError(f"hidden_probe: trained for (layer, hop) pairs {self.pairs}, not ({layer}, {hop})")
+        p = self.pairs.index((layer, hop))
+        weight, bias = self.net.weight[p], self.net.bias[p]  # (E, H), (E,)
+        x = torch.from_numpy(_need_hidden(data, self.name).x[:, layer]).to(weight.device, weight.dtype)  # (N, H)
+        return torch.softmax(x @ weight.T + bias, -1).cpu().numpy()  # (N, E)
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation
+
+
+#: Every predictor name, in table order; those after "mlp" need the model's hidden states.
+PREDICTORS = ("random", "prior", "same", "lookup", "ngram", "mlp", "hidden_router", "hidden_probe")
+HIDDEN_PREDICTORS = ("hidden_router", "hidden_probe")
+
+
+def _names(text: str, allowed: Sequence[str], what: str) -> list[str]:
+    names = [s.strip() for s in str(text).split(",") if s.strip()]
+    unknown = [n for n in names if n not in allowed]
+    if unknown or not names:
+        raise PredictorError(f"unknown {what} {unknown or text!r}; choose from {', '.join(allowed)}")
+    return names
+
+
+@dataclass
+class EvalConfig:
+    trace_dir: str = "routing_data_collected/moe-subject"  # trace folder (absolute, or relative to the repo root)
+    split: str = "problem"  # comma list of split kinds: problem | dataset | token
+    hops: str = "1"  # comma list of hops h >= 1: predict layer l+h from layer l
+    predictors: str = "random,prior,same,lookup,ngram,mlp"  # comma list from PREDICTORS (hidden_* need the model)
+    subsets: str = "all"  # comma list of test subsets reported: all | prompt | generated | unique
+    test_fraction: float = 0.25  # share of problems (or tokens) held out per dataset
+    seed: int = 0  # split, random predictor, MLP and probe
+    ngram_n: int = 3  # layers in the longest n-gram key
+    ngram_min_count: int = 1  # training rows a key needs before it is trusted
+    ngram_alpha: float = 1.0  # smoothing towards the shorter key's estimate
+    mlp_hidden: int = 128  # MLP width
+    mlp_layers: int = 2  # MLP hidden layers
+    mlp_token_dim: int = 16  # token-id embedding width (0: the MLP sees routing only)
+    mlp_dropout: float = 0.0  # MLP dropout
+    mlp_steps: int = 1000  # MLP optimizer steps
+    mlp_batch: int = 512  # MLP examples per step
+    mlp_lr: float = 1e-2  # MLP peak learning rate
+    probe_steps: int = 200  # linear-probe optimizer steps
+    probe_batch: int = 512  # linear-probe tokens per step
+    probe_lr: float = 3e-3  # linear-probe peak learning rate
+    model: str | None = None  # model for hidden_* predictors; None: the manifest's name_or_path
+    hidden_batch_tokens: int = 8192  # padded tokens per forward pass when recomputing hidden states
+    latency_batch: int = 256  # tokens per call in the batched latency measurement (notebook 05)
+    bench_min_time_s: float = 0.1  # time each latency measurement for at least this long (notebook 05)
+    out_dir: str | None = None  # trained MLPs are saved here (relative to the repo root); None: not saved
+    device: str = "cpu"  # where the MLP and probes train: cpu | cuda | auto
+    threads: int = 0  # torch CPU threads (0: torch's default; 1 suits these tiny matmuls on a busy machine)
+
+    def __post_init__(self):
+        for check in (self.split_kinds, self.hop_list, self.predictor_names, self.subset_names):
+            check()  # each raises on a bad list
+        if not 0 < self.test_fraction < 1:
+            raise ConfigError(f"test_fraction must lie in (0, 1), got {self.test_fraction}")
+
+    def split_kinds(self) -> list[str]:
+        return _names(self.split, SPLITS, "split")
+
+    def hop_list(self) -> list[int]:
+        try:
+            hops = [int(h) for h in str(self.hops).split(",") if h.strip()]
+        except ValueError:
+            raise ConfigError(f"hops={self.hops!r}: expected integers like '1,2,3'") from None
+        if not hops or min(hops) < 1:
+            raise PredictorError(f"hops={self.hops!r}: need integers >= 1")
+        return hops
+
+    def predictor_names(self) -> list[str]:
+        return _names(self.predictors, PREDICTORS, "predictor")
+
+    def subset_names(self) -> list[str]:
+        return _names(self.subsets, SUBSETS, "subset")
+
+    def mlp_config(self) -> MLPConfig:
+        return MLPConfig(hidden_size=self.mlp_hidden, num_layers=self.mlp_layers, token_dim=self.mlp_token_dim,
+                         dropout=self.mlp_dropout, steps=self.mlp_steps, batch_size=self.mlp_batch, lr=self.mlp_lr,
+                         seed=self.seed, device=self.device)
+
+    def probe_config(self) -> ProbeConfig:
+        return ProbeConfig(steps=self.probe_steps, batch_size=self.probe_batch, lr=self.probe_lr, seed=self.seed,
+                           device=self.device)
+
+    def run_dir(self) -> Path | None:
+        return None if self.out_dir is None else _resolve(self.out_dir)
+
+
+def make_predictor(name: str, cfg: EvalConfig | None = None, out_dir: str | os.PathLike | None = None) -> Predictor:
+    """A fresh predictor by name (:data:`PREDICTORS`), configured from ``cfg``."""
+    cfg = cfg or EvalConfig()
+    makers = {
+        "random": lambda: RandomPredictor(cfg.seed),
+        "prior": PriorPredictor,
+        "same": SameExpertPredictor,
+        "lookup": lambda: LookupPredictor(cfg.ngram_min_count, cfg.ngram_alpha),
+        "ngram": lambda: NGramPredictor(cfg.ngram_n, cfg.ngram_min_count, cfg.ngram_alpha),
+        "mlp": lambda: MLPPredictor(cfg.mlp_config(), out_dir),
+        "hidden_router": HiddenRouterPredictor,
+        "hidden_probe": lambda: HiddenProbePredictor(cfg.probe_config()),
+    }
+    if name not in makers:
+        raise PredictorError(f"unknown predictor {name!r}; choose from {', '.join(PREDICTORS)}")
+    return makers[name]()
+
+
+@dataclass
+class SplitResult:
+    split: Split  # which rows trained and tested
+    metrics: pd.DataFrame  # one row per (subset, predictor, hop, source layer)
+    predictors: dict  # name -> the fitted Predictor
+    test: RoutingData  # the test rows
+
+
+def mlp_dir(cfg: EvalConfig, split: Split) -> Path | None:
+    """Where :func:`run_split` saves the MLP of ``split`` (None without ``cfg.out_dir``)."""
+    run_dir = cfg.run_dir()
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", split.label).strip("-").lower()  # "problem-gsm8k-humaneval-..."
+    return None if run_dir is None else run_dir / f"mlp-{slug}"
+
+
+def run_split(data: RoutingData, split: Split, cfg: EvalConfig | None = None) -> SplitResult:
+    """Fit every predictor of ``cfg`` on the split's training rows and score its test rows for every
+    (source layer, hop); the analytic chance level is added as the predictor ``chance``."""
+    cfg = cfg or EvalConfig()
+    pairs = layer_pairs(data.num_layers, cfg.hop_list())
+    train, test = data.take(split.train), data.take(split.test)
+    masks = subset_masks(test, cfg.subset_names())
+    chance = chance_metrics(data.num_experts, data.top_k)
+    rows, fitted = [], {}
+    for name in cfg.predictor_names():
+        fitted[name] = predictor = make_predictor(name, cfg, mlp_dir(cfg, split) if name == "mlp" else None)
+        predictor.fit(train, pairs)
+        for layer, hop in pairs:
+            per = routing_metrics_per_token(predictor.predict_scores(test, layer, hop), test.experts[:, layer + hop])
+            for subset, mask in masks.items():
+                rows.append({"predictor": name, "subset": subset, "hop": hop, "layer": layer, "n": int(mask.sum()),
+                             **{m: float(per[m][mask].mean()) if mask.any() else float("nan") for m in METRICS}})
+    for layer, hop in pairs:
+        rows += [{"predictor": "chance", "subset": s, "hop": hop, "layer": layer, "n": int(m.sum()), **chance}
+                 for s, m in masks.items()]
+    df = pd.DataFrame(rows)
+    df.insert(0, "split", split.kind)
+    df.insert(1, "train", split.train_label)
+    df.insert(2, "test", split.test_label)
+    df.insert(df.columns.get_loc("layer") + 1, "target_layer", df["layer"] + df["hop"])
+    return SplitResult(split, df, fitted, test)
+
+
+def evaluate(source: str | os.PathLike | RoutingData | None = None, cfg: EvalConfig | None = None,
+             **overrides) -> pd.DataFrame:
+    """Fit and score every predictor on every split of ``cfg`` (fields may be overridden by keyword).
+
+    source: a trace directory, loaded :class:`RoutingData` (hidden states attached or not), or None
+    for ``cfg.trace_dir``. Hidden states are recomputed (once) when a hidden_* predictor is asked for.
+    Returns the per-layer table: split, train, test, predictor, subset, hop, layer, target_layer, n
+    and the four metrics; :func:`summarize` averages it over layers (the comparison table).
+    """
+    cfg = dataclasses.replace(cfg or EvalConfig(), **overrides)
+    data = source if isinstance(source, RoutingData) else load_routing(source if source is not None else cfg.trace_dir)
+    if len(data) == 0:
+        raise PredictorError("the traces hold no tokens")
+    if data.hidden is None and set(cfg.predictor_names()) & set(HIDDEN_PREDICTORS):
+        attach_hidden_states(data, cfg.model, batch_tokens=cfg.hidden_batch_tokens, device=cfg.device)
+    frames = [run_split(data, split, cfg).metrics
+              for kind in cfg.split_kinds() for split in make_splits(data, kind, cfg.seed, cfg.test_fraction)]
+    return pd.concat(frames, ignore_index=True)
+
+
+def summarize(per_layer: pd.DataFrame) -> pd.DataFrame:
+    """The comparison table: metrics averaged over source layers (unweighted; every layer scores the
+    same tokens) per split, direction, subset, hop and predictor, predictors in table order."""
+    keys = ["split", "train", "test", "subset", "hop", "predictor"]
+    order = {name: i for i, name in enumerate(("chance", *PREDICTORS))}
+    out = per_layer.groupby(keys, sort=False).agg(n=("n", "first"), layers=("layer", "nunique"),
+                                                  **{m: (m, "mean") for m in METRICS}).reset_index()
+    out["_order"] = out["predictor"].map(order)
+    return out.sort_values(["split", "train", "test", "subset", "hop", "_order"], kind="stable") \
+        .drop(columns="_order").reset_index(drop=True)
+
+
+def metric_table(summary: pd.DataFrame, columns: str, metric: str = "top1", **where) -> pd.DataFrame:
+    """One metric of :func:`summarize`'s table as predictor (rows, table order) x ``columns``, over the
+    rows whose columns equal ``where`` (e.g. ``hop=1, subset="all"``). ``columns="direction"``
+    gives one column per split and direction ("dataset: humaneval -> gsm8k")."""
+    rows = summary.assign(direction=summary["split"] + ": " + summary["train"] + " -> " + summary["test"])
+    for key, value in where.items():
+        rows = rows[rows[key] == value]
+    if rows.empty:
+        raise PredictorError(f"no rows with {where} in the summary")
+    order = [p for p in ("chance", *PREDICTORS) if p in set(rows["predictor"])]
+    return rows.pivot_table(index="predictor", columns=columns, values=metric, sort=False).reindex(order)
+
+
+def seed_table(summary: pd.DataFrame, split: str = "problem", hop: int = 1, subset: str = "all") -> pd.DataFrame:
+    """The seed's table (method, top-1, top-2, improvement over random) with our numbers beside its
+    claims, for one split (the first direction), hop and subset. Top-2 is ``top2_hit``."""
+    rows = summary[(summary["split"] == split) & (summary["hop"] == hop) & (summary["subset"] == subset)]
+    if rows.empty:
+        raise PredictorError(f"no rows for split {split!r}, hop {hop}, subset {subset!r} in the summary")
+    rows = rows[rows["test"] == rows["test"].iloc[0]].set_index("predictor")
+    chance = rows.loc["chance", "top1"] if "chance" in rows.index else float("nan")
+    table = pd.DataFrame({"top1": rows["top1"], "top2_hit": rows["top2_hit"], "x_random": rows["top1"] / chance})
+    claims = pd.DataFrame(SEED_CLAIMS).T.rename(columns=lambda c: f"seed_{c}")
+    claims["seed_x_random"] = claims["seed_top1"] / SEED_CLAIMS["random"]["top1"]
+    claims = claims.rename(index={"random": "chance"})
+    return table.join(claims, how="left")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m routelib.routing.predictors <trace_dir> [--split problem,dataset,token] [--hops 1,2]
+    [--predictors ...] [--<EvalConfig field> value ...]``: print the comparison table."""
+    parser = argparse.ArgumentParser(prog="python -m routelib.routing.predictors", description=main.__doc__)
+    parser.add_argument("trace_dir", help="a routing-trace folder (manifest.json + Parquet shards)")
+    parser.add_argument("--per_layer", action="store_true", help="print the per-layer table as well")
+    for f in dataclasses.fields(EvalConfig):
+        if f.name != "trace_dir":
+            kind = type(f.default) if f.default is not None else str
+            parser.add_argument(f"--{f.name}", type=kind, default=None, help=f"(default: {f.default})")
+    args = parser.parse_args(argv)
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig)
+                 if f.name != "trace_dir" and getattr(args, f.name) is not None}
+    try:
+        cfg = EvalConfig(trace_dir=args.trace_dir, **overrides)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        per_layer = evaluate(cfg.trace_dir, cfg)
+    except RoutelibError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.precision", 4):
+        if args.per_layer:
+            print(per_layer.to_string(index=False))
+        print(summarize(per_layer).to_string(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
