@@ -1,114 +1,23 @@
-"""routelib.routing.predictors: metrics against hand-worked examples and chance formulas; every
-predictor on synthetic traces with a known answer (deterministic transitions -> 100 %, independent
-layers -> chance); splits that cannot leak; the MLP's masking, save/load and resume; the hidden-state
-predictors on a tiny Mixtral; evaluate, the CLI and its errors."""
+"""routelib.routing.predictors: every predictor on synthetic traces with a known answer
+(deterministic transitions -> 100 %, independent layers -> chance); the MLP's masking, save/load and
+resume; the hidden-state probe on a tiny Mixtral; evaluate, the tables, the CLI and its errors.
+The synthetic traces and the hidden states are tested in test_routing_data.py, the metrics in
+test_routing_expert_metrics.py, the splits in test_routing_splits.py."""
 
 import json
 import math
 
 import numpy as np
 import pytest
-import torch
 
 from routelib.routing import predictors as P
-from routelib.routing import traces as T
 from routelib.routing.predictors import HiddenStatesUnavailable, PredictorError
 
+# module fixtures and helpers, shared (test_routing_prefetch imports deterministic and make_data from here)
+from test_routing_data import (EXPERTS, K, LAYERS, deterministic, make_data, problem_list,  # noqa: F401
+                               synthetic_arrays, tiny_traces, write_traces)
+
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-LAYERS, EXPERTS, K = 4, 8, 2
-
-
-# ---- synthetic traces ------------------------------------------------------------------------------
-
-
-def random_sets(rng, n, num_experts=EXPERTS, k=K):
-    """(n, k) distinct expert ids per row, uniformly random."""
-    return np.argsort(rng.random((n, num_experts)), axis=1)[:, :k]
-
-
-def synthetic_arrays(kind, n, seed=0, num_layers=LAYERS, num_experts=EXPERTS, k=K):
-    """experts and weights (n, L, k) with a known structure:
-    deterministic: the set of layer l+1 = (the set of layer l + l + 1) mod E, the lower id first;
-    same: every layer repeats layer 0; xor: layer 2 depends on layers 0 and 1 together, on neither
-    alone; independent: every layer uniformly random, gate weights random."""
-    rng = np.random.default_rng(seed)
-    experts = np.zeros((n, num_layers, k), np.int64)
-    experts[:, 0] = random_sets(rng, n, num_experts, k)
-    for layer in range(1, num_layers):
-        if kind == "deterministic":  # the next set, lower id in slot 0: a function of the previous set
-            experts[:, layer] = np.sort((experts[:, layer - 1] + layer) % num_experts, axis=1)
-        elif kind == "same":
-            experts[:, layer] = experts[:, 0]
-        elif kind == "independent":
-            experts[:, layer] = random_sets(rng, n, num_experts, k)
-        elif kind == "xor":  # layer 1 random in {0,1}x{2,3}; layer 2 = {4,5} if parities agree else {6,7}
-            experts[:, layer] = random_sets(rng, n, num_experts, k) if layer != 2 else 0
-    if kind == "xor":
-        bits0, bits1 = rng.integers(0, 2, n), rng.integers(0, 2, n)
-        experts[:, 0] = np.stack([bits0, 2 + bits0], 1)  # layer-0 sets {0,2} or {1,3}
-        experts[:, 1] = np.stack([bits1, 2 + bits1], 1)
-        experts[:, 2] = np.where((bits0 == bits1)[:, None], [4, 5], [6, 7])
-    if kind == "independent":
-        weights = np.sort(rng.dirichlet(np.ones(k), (n, num_layers)), axis=2)[..., ::-1]
-    else:
-        weights = np.broadcast_to(np.linspace(0.6, 0.4, k) / np.linspace(0.6, 0.4, k).sum(), (n, num_layers, k))
-    return experts, np.ascontiguousarray(weights, dtype=np.float32)
-
-
-def write_traces(out, experts, weights, problems, num_experts=EXPERTS, token_ids=None, model="no/such-model"):
-    """A valid trace folder: ``problems`` is a list of (dataset, problem_id, length) covering the rows
-    in order; one shard per dataset; first half of each problem "prompt", the rest "generated"."""
-    out.mkdir(parents=True, exist_ok=True)
-    rows = sum(length for _, _, length in problems)
-    assert rows == len(experts)
-    token_ids = np.arange(rows) % 50 if token_ids is None else token_ids
-    num_layers, k = experts.shape[1:]
-    shards, datasets, start = [], {}, 0
-    for name in dict.fromkeys(d for d, _, _ in problems):
-        cols = {c: [] for c in T.SCALAR_COLUMNS}
-        index, first = 0, start
-        for d, pid, length in problems:
-            if d != name:
-                continue
-            cols["dataset"] += [d] * length
-            cols["problem_id"] += [pid] * length
-            cols["problem_index"] += [index] * length
-            cols["position"] += list(range(length))
-            cols["phase"] += ["prompt"] * (length // 2) + ["generated"] * (length - length // 2)
-            index += 1
-        n = len(cols["dataset"])
-        cols["token_id"] = [int(t) for t in token_ids[first:first + n]]
-        cols["token_text"] = [str(t) for t in cols["token_id"]]
-        table = T.shard_table(cols, experts[first:first + n], weights[first:first + n], None, num_experts)
-        fname = T.shard_name(name, 0)
-        shards.append({"file": fname, "dataset": name, "rows": n, **T.shard_counts(table),
-                       **T.write_shard(out / fname, table)})
-        datasets[name] = {"num_problems": index}
-        start += n
-    manifest = {"format": T.FORMAT, "format_version": T.FORMAT_VERSION, "model": {"name_or_path": model},
-                "tokenizer": {"vocab_size": 50},
-                "layout": {"num_moe_layers": num_layers, "moe_layers": list(range(num_layers)), "top_k": k,
-                           "num_experts": num_experts, "full_distribution": False},
-                "datasets": datasets, "shards": shards}
-    T.write_manifest(out, manifest)
-    return out
-
-
-def problem_list(per_dataset, length, datasets=("code", "math")):
-    return [(d, f"{d}/{i}", length) for d in datasets for i in range(per_dataset)]
-
-
-def make_data(tmp_path, kind, per_dataset=10, length=40, seed=0, **kw):
-    problems = problem_list(per_dataset, length)
-    experts, weights = synthetic_arrays(kind, sum(p[2] for p in problems), seed, **kw)
-    out = write_traces(tmp_path / kind, experts, weights, problems, num_experts=kw.get("num_experts", EXPERTS))
-    return P.load_routing(out)
-
-
-@pytest.fixture(scope="module")
-def deterministic(tmp_path_factory):
-    return make_data(tmp_path_factory.mktemp("det"), "deterministic")
 
 
 @pytest.fixture(scope="module")
@@ -127,48 +36,6 @@ FAST_MLP = P.MLPConfig(hidden_size=64, steps=300, batch_size=256, lr=1e-2, token
 def fitted(name, train, pairs):
     predictor = P.MLPPredictor(FAST_MLP) if name == "mlp" else P.make_predictor(name)
     return predictor.fit(train, pairs)
-
-
-# ---- metrics ---------------------------------------------------------------------------------------
-
-
-def test_chance_metrics_formulas():
-    assert P.chance_metrics(8, 2) == pytest.approx({"top1": 0.125, "top2_hit": 0.25, "set_recall": 0.25,
-                                                    "exact_set": 1 / 28})
-    assert P.chance_metrics(4, 1) == pytest.approx({"top1": 0.25, "top2_hit": 0.5, "set_recall": 0.25,
-                                                    "exact_set": 0.25})
-    with pytest.raises(PredictorError, match="need E >= 2"):
-        P.chance_metrics(1, 1)
-
-
-def test_metrics_on_a_worked_example():
-    experts = np.array([[2, 5], [1, 0], [3, 4], [6, 7]])  # true top-1 first
-    scores = np.array([
-        [0, 0, 9, 0, 0, 8, 0, 0],  # ranks 2, 5: all right
-        [5, 9, 0, 0, 0, 0, 0, 0],  # ranks 1, 0: top-1 right, same set
-        [0, 0, 0, 1, 9, 0, 0, 0],  # ranks 4, 3, then ties -> 0: top-1 wrong, top-2 hit, set right
-        [0, 0, 0, 0, 0, 0, 0, 0],  # all tied: ranks 0, 1 (lower id wins): nothing
-    ], float)
-    per = P.routing_metrics_per_token(scores, experts)
-    np.testing.assert_array_equal(per["top1"], [1, 1, 0, 0])
-    np.testing.assert_array_equal(per["top2_hit"], [1, 1, 1, 0])
-    np.testing.assert_array_equal(per["set_recall"], [1, 1, 1, 0])
-    np.testing.assert_array_equal(per["exact_set"], [1, 1, 1, 0])
-    scores[3, 7] = 1  # predicted {7, 0}: one of two right, true top-1 (6) missed
-    per = P.routing_metrics_per_token(scores, experts)
-    assert per["set_recall"][3] == 0.5 and per["exact_set"][3] == 0 and per["top2_hit"][3] == 0
-    assert P.routing_metrics(scores, experts)["set_recall"] == pytest.approx(3.5 / 4)
-    np.testing.assert_array_equal(P.rank_experts(np.zeros((1, 4)), 4), [[0, 1, 2, 3]])
-
-
-def test_metrics_reject_bad_shapes():
-    with pytest.raises(PredictorError, match=r"scores \(N, E\) and experts \(N, k\)"):
-        P.routing_metrics(np.zeros((3, 8)), np.zeros((2, 2), int))
-
-
-def test_gate_vectors_renormalise():
-    g = P.gate_vectors(np.array([[3, 1]]), np.array([[0.3, 0.1]], np.float32), 4)
-    np.testing.assert_allclose(g, [[0, 0.25, 0, 0.75]])
 
 
 # ---- predictors with a known answer ----------------------------------------------------------------
@@ -297,65 +164,6 @@ def test_mlp_training_is_deterministic(deterministic):
     np.testing.assert_array_equal(a, b)
 
 
-# ---- splits ----------------------------------------------------------------------------------------
-
-
-def test_problem_split_is_grouped_stratified_and_seeded(deterministic):
-    data = deterministic
-    (split,) = P.make_splits(data, "problem", seed=3, test_fraction=0.3)
-    train_p, test_p = set(data.problem[split.train]), set(data.problem[split.test])
-    assert not train_p & test_p and train_p | test_p == set(range(len(data.problems)))
-    assert len(split.train) + len(split.test) == len(data)
-    for name in ("code", "math"):  # 3 of 10 problems of each dataset held out
-        assert sum(data.problems[p][0] == name for p in test_p) == 3
-    (same,) = P.make_splits(data, "problem", seed=3, test_fraction=0.3)
-    np.testing.assert_array_equal(same.test, split.test)
-    (other,) = P.make_splits(data, "problem", seed=4, test_fraction=0.3)
-    assert not np.array_equal(other.test, split.test)
-
-
-def test_dataset_split_goes_both_ways(deterministic):
-    splits = P.make_splits(deterministic, "dataset")
-    assert [(s.train_label, s.test_label) for s in splits] == [("math", "code"), ("code", "math")]
-    for s in splits:
-        assert set(deterministic.dataset[s.test]) == {s.test_label}
-        assert set(deterministic.dataset[s.train]) == {s.train_label}
-
-
-def test_token_split_mixes_problems(deterministic):
-    (split,) = P.make_splits(deterministic, "token", seed=0, test_fraction=0.25)
-    assert len(split.test) == round(0.25 * len(deterministic))
-    assert np.intersect1d(deterministic.problem[split.train], deterministic.problem[split.test]).size > 0
-    assert np.intersect1d(split.train, split.test).size == 0
-
-
-def test_leaks_and_empty_sides_are_refused(deterministic):
-    rows = np.arange(len(deterministic))
-    with pytest.raises(PredictorError, match="leaks: problem"):
-        P.check_no_leak(deterministic, P.Split("problem", "a", "b", rows[::2], rows[1::2]))
-    with pytest.raises(PredictorError, match="the test side is empty"):
-        P.make_splits(deterministic, "problem", test_fraction=0.01)  # round(0.1) = 0 problems per dataset
-    with pytest.raises(PredictorError, match="unknown split 'random'"):
-        P.make_splits(deterministic, "random")
-    one = deterministic.take(deterministic.dataset == "code")
-    with pytest.raises(PredictorError, match="needs two datasets"):
-        P.make_splits(one, "dataset")
-
-
-def test_subsets(deterministic, tmp_path):
-    masks = P.subset_masks(deterministic, ["all", "prompt", "generated", "unique"])
-    assert masks["all"].all() and not (masks["prompt"] & masks["generated"]).any()
-    assert (masks["prompt"] | masks["generated"]).all()
-    problems = problem_list(1, 6)  # two problems of 6 tokens
-    experts = np.tile(synthetic_arrays("deterministic", 3)[0], (4, 1, 1))  # 3 journeys, 4 times each
-    out = write_traces(tmp_path / "rep", experts, np.full(experts.shape, 0.5, np.float32), problems,
-                       token_ids=np.zeros(12, int))
-    unique = P.subset_masks(P.load_routing(out), ["unique"])["unique"]
-    np.testing.assert_array_equal(np.flatnonzero(unique), [0, 1, 2])
-    with pytest.raises(PredictorError, match="unknown subset"):
-        P.subset_masks(deterministic, ["decode"])
-
-
 # ---- errors ----------------------------------------------------------------------------------------
 
 
@@ -395,40 +203,6 @@ def test_hidden_predictors_need_a_loadable_model(deterministic):
 # ---- the hidden-state predictors on a real (tiny) model ----------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_traces(tmp_path_factory):
-    from test_routing_collect import run, tiny_model
-
-    from routelib.data.tokenizer import load_tokenizer
-
-    model = tiny_model("mixtral")
-    prompts = {f"p{i}": text for i, text in enumerate(
-        ["def add(a, b):", "Question: 2 + 2?\nAnswer:", "Once upon a time", "import os\nimport sys", "x = [1, 2, 3]",
-         "The capital of France is", "for i in range(10):", "class A:\n    pass"])}
-    out = tmp_path_factory.mktemp("tiny") / "traces"
-    run(model, load_tokenizer("bpe8k"), out, prompts=prompts, max_new_tokens=10, batch_size=4)
-    return model, out
-
-
-def test_hidden_states_reproduce_the_traced_routing(tiny_traces):
-    model, out = tiny_traces
-    data = P.load_routing(out)
-    hidden = P.attach_hidden_states(data, model, batch_tokens=64, progress=False)  # several padded batches
-    assert hidden.agreement == 1.0 and hidden.x.shape == (len(data), 3, 32) and hidden.x.dtype == np.float16
-    routers = [layer.mlp.gate for layer in model.model.layers]
-    zero_shot = P.HiddenRouterPredictor().fit(data, [(0, 1), (0, 2), (1, 1)])
-    for layer, hop in [(0, 1), (0, 2), (1, 1)]:
-        with torch.no_grad():
-            logits = routers[layer + hop](torch.from_numpy(hidden.x[:, layer]).float())[0]
-        np.testing.assert_allclose(zero_shot.predict_scores(data, layer, hop), torch.softmax(logits, -1).numpy(),
-                                   rtol=1e-5, atol=1e-6)
-    # each router applied to its own layer's input gives back the traced top-k: the input is the right one
-    for layer in range(3):
-        with torch.no_grad():
-            ids = routers[layer](torch.from_numpy(hidden.x[:, layer]).float())[2].numpy()
-        assert (np.sort(ids, 1) == np.sort(data.experts[:, layer], 1)).mean() > 0.99
-
-
 def test_hidden_probe_starts_at_the_router_and_learns(tiny_traces):
     model, out = tiny_traces
     data = P.load_routing(out)
@@ -442,18 +216,6 @@ def test_hidden_probe_starts_at_the_router_and_learns(tiny_traces):
         truth = data.experts[:, layer + hop]
         trained = P.routing_metrics(probe.predict_scores(data, layer, hop), truth)["set_recall"]
         assert trained >= P.routing_metrics(zero_shot.predict_scores(data, layer, hop), truth)["set_recall"]
-
-
-def test_hidden_states_refuse_another_model(tiny_traces):
-    from test_routing_collect import tiny_model
-
-    _, out = tiny_traces
-    with pytest.raises(HiddenStatesUnavailable, match="router weights differ"):
-        P.attach_hidden_states(P.load_routing(out), tiny_model("mixtral", seed=1), progress=False)
-    token_split = P.load_routing(out)
-    token_split = token_split.take(np.arange(1, len(token_split)))  # position 0 of the first problem missing
-    with pytest.raises(PredictorError, match="positions are not 0..n-1"):
-        P.attach_hidden_states(token_split, tiny_traces[0], progress=False)
 
 
 # ---- evaluate and the CLI --------------------------------------------------------------------------
@@ -505,24 +267,6 @@ def test_cli_prints_the_table(tmp_path, capsys):
     assert "unknown predictor ['gru']" in capsys.readouterr().err
     assert P.main([str(tmp_path / "nothing")]) == 2
     assert "manifest.json not found" in capsys.readouterr().err
-
-
-def test_repetition_and_overlap_diagnostics(tmp_path):
-    problems = problem_list(2, 6)  # 4 problems of 6 tokens, 2 per dataset
-    base = synthetic_arrays("deterministic", 6)[0]
-    experts = np.concatenate([base, base, base[::-1], base])  # problem 2 reverses problem 0
-    tokens = np.tile(np.arange(6), 4)
-    tokens[6] = 9  # problem 1 differs from problem 0 in its first token only
-    out = write_traces(tmp_path / "rep", experts, np.full(experts.shape, 0.5, np.float32), problems,
-                       token_ids=tokens)
-    data = P.load_routing(out)
-    table = P.repetition_table(data).set_index(["dataset", "phase"])
-    assert table.loc[("code", "prompt"), "tokens"] == 6 and table.loc[("code", "prompt"), "distinct_journeys"] == 4
-    assert table.loc[("code", "prompt"), "repeated_share"] == pytest.approx(2 / 6)
-    train = np.flatnonzero(data.problem == 0)
-    for test_problem, expected in [(1, 5 / 6), (3, 1.0), (2, 0.0)]:  # reversed journeys pair other token ids
-        split = P.Split("problem", "a", "b", train, np.flatnonzero(data.problem == test_problem))
-        assert P.journey_overlap(data, split) == pytest.approx(expected), test_problem
 
 
 def test_metric_table(deterministic):

@@ -11,8 +11,11 @@
                             prior accuracy), hop curves, paths, dataset usage tests (notebook 04)
 :mod:`.dashboard`           the token-journey dashboard (ipywidgets) and its HTML views
 :mod:`.study`               notebook 04's config and the live-collection agreement check
+:mod:`.routing_data`        traces as prediction data (journeys, gate vectors, hidden states)
+:mod:`.expert_metrics`      top-1, top-2 hit, set recall, exact set; chance values
+:mod:`.splits`              leak-free splits: by problem, across datasets (and by token, to compare)
 :mod:`.predictors`          next-layer expert predictors (prior, lookup, n-gram, MLP, hidden-state
-                            router/probe), metrics, leak-free splits, :func:`evaluate`;
+                            router/probe), :func:`evaluate`;
                             ``python -m routelib.routing.predictors <trace_dir>`` (notebook 05)
 :mod:`.prefetch`            their cost: latency against one MoE layer, expert-cache hit rates
 :mod:`.weights`             router and expert weights of any supported MoE (notebook 06)

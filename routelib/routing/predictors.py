@@ -1,4 +1,4 @@
-"""Next-layer expert prediction: predictors, metrics, leak-free splits, and one evaluation (notebook 05).
+"""Next-layer expert prediction: the predictors and one evaluation over leak-free splits (notebook 05).
 
 The task. A token has been routed through MoE layers ``0..l``; rank the E experts of layer ``l + h``
 (the *hop* h >= 1) before that layer runs, so that their weights can be fetched in time
@@ -8,21 +8,18 @@ with Offloading"; Pre-gated MoE, Hwang et al., ISCA 2024; Fate, Fang et al. 2025
 top-1 / 73.2 % top-2 -- measured on a random split over single layer transitions, so transitions of
 one token journey sat on both sides. Here every number comes from splits that cannot leak.
 
+The parts, one module each (their names are importable from here too):
+
+=======================  ===========================================================================
+:mod:`.routing_data`     :class:`RoutingData`, :func:`load_routing`, (layer, hop) pairs, journeys,
+                         :func:`attach_hidden_states` (what each router read), :class:`PredictorError`
+:mod:`.expert_metrics`   ``top1``, ``top2_hit``, ``set_recall``, ``exact_set`` and their chance levels
+:mod:`.splits`           :func:`make_splits` (problem, dataset, token), leak checks, test subsets
+this module              the predictors, :class:`EvalConfig`, :func:`evaluate`, the tables, the CLI
+=======================  ===========================================================================
+
 Every predictor returns *scores* ``(N, E)`` for layer ``l + h`` (higher = more likely); the metrics
-read only the ranking. Ties are broken towards the lower expert id (a stable sort of ``-scores``).
-
-Metrics (:func:`routing_metrics`), per token, then averaged over the test tokens of one source layer;
-"averaged over layers" is the unweighted mean over source layers (each layer sees the same tokens):
-
-==============  ==================================================================================
-``top1``        top-1 accuracy: the predicted top-1 expert is the true top-1 (highest gate weight)
-``top2_hit``    the true top-1 expert is among the predicted top-2
-``set_recall``  ``|predicted top-k ∩ true top-k| / k`` (k = the model's experts per token)
-``exact_set``   the predicted top-k *set* equals the true top-k set (order ignored)
-==============  ==================================================================================
-
-Chance (a uniformly random ranking, :func:`chance_metrics`): top1 = 1/E, top2_hit = 2/E,
-set_recall = k/E, exact_set = 1/C(E, k) -- for E = 8, k = 2: 12.5 %, 25 %, 25 %, 3.57 %.
+read only the ranking.
 
 Predictors (:data:`PREDICTORS`, :func:`make_predictor`); "history" means what is known when layer
 l's router has run:
@@ -44,18 +41,9 @@ l's router has run:
                    of layer l+h and trained (Pre-gated MoE trains such a "pre-gate")
 =================  =================================================================================
 
-The hidden state: for each MoE layer l, the input of its router (for Mixtral the residual stream after
-layer l's attention, normalised by ``post_attention_layernorm``). It exists at the moment layer l's
-routing is decided -- the same moment the routing-history predictors have their whole input -- so a
-prediction for layer l+1 can overlap layer l's expert computation and layer l+1's attention.
-:func:`attach_hidden_states` recomputes it with one forward pass per problem over the traced
-tokens (positions 0..n-1) and checks that the routers then choose exactly the traced experts.
-If the model that routed the traces cannot be loaded, :class:`HiddenStatesUnavailable` says so.
-
-Splits (:func:`make_splits`), deterministic in the seed: ``problem`` (whole problems to one side,
-stratified by dataset), ``dataset`` (train on all other datasets, test on one; both directions for
-two), and ``token`` (a random split over tokens -- leaks repeated journeys and neighbouring tokens of
-one problem; reported only to show how much it inflates the numbers).
+:func:`evaluate` fits every predictor of an :class:`EvalConfig` on every split and scores it per
+(source layer, hop) and test subset; :func:`summarize` averages over layers, :func:`metric_table` and
+:func:`seed_table` lay the result out beside the seed's claims.
 
     python -m routelib.routing.predictors routing_data_collected/moe-subject --split problem --hops 1,2
 """
@@ -66,11 +54,10 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -80,308 +67,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from routelib import paths
 from routelib.errors import ConfigError, RoutelibError
 from routelib.io import atomic_write_bytes
-from routelib.routing.traces import load_traces, trace_arrays
+from routelib.routing.expert_metrics import METRICS, chance_metrics, routing_metrics_per_token
+from routelib.routing.routing_data import (HiddenStatesUnavailable, PredictorError, RoutingData, _need_hidden,
+                                           _resolve, attach_hidden_states, check_pair, gate_vectors, layer_pairs,
+                                           load_routing, row_keys)
+from routelib.routing.splits import SPLITS, SUBSETS, Split, make_splits, subset_masks
 
-METRICS = ("top1", "top2_hit", "set_recall", "exact_set")
-SPLITS = ("problem", "dataset", "token")
-SUBSETS = ("all", "prompt", "generated", "unique")
+# re-exported: callers (notebook 05, prefetch, tests) import these from here
+from routelib.routing.expert_metrics import rank_experts, routing_metrics  # noqa: F401
+from routelib.routing.routing_data import HiddenStates, journeys, repetition_table, sequences  # noqa: F401
+from routelib.routing.splits import check_no_leak, journey_overlap  # noqa: F401
+
 #: The seed's table (004, section 3; Mixtral-8x7B, random split over layer transitions): claims to test.
 SEED_CLAIMS = {"random": {"top1": 0.125}, "lookup": {"top1": 0.42}, "mlp": {"top1": 0.556, "top2_hit": 0.732}}
-
-
-class PredictorError(RoutelibError, ValueError):
-    """A bad request to a predictor or an evaluation: a hop beyond the last layer, an empty split,
-    an unknown predictor name, a predictor used before fit."""
-
-
-class HiddenStatesUnavailable(PredictorError):
-    """The hidden-state predictors need the model that routed the traces, and it cannot be used."""
-
-
-def _resolve(path: str | os.PathLike) -> Path:
-    """A path as given if it exists there (absolute, or relative to the working directory), else
-    relative to the repository root."""
-    return Path(path) if Path(path).exists() else paths.in_repo(path)
-
-
-# ----------------------------------------------------------------------------------------------
-# the data
-
-
-@dataclass
-class HiddenStates:
-    """What each MoE layer's router read, recomputed from the model (see :func:`attach_hidden_states`)."""
-
-    x: np.ndarray  # (N, L, H) float16: the input of the router of MoE layer l, per token
-    routers: list  # the router modules, MoE-layer order (they score a hidden state: zero-shot)
-    model_name: str  # name or path of the model
-    agreement: float  # fraction of (token, layer) whose recomputed top-k set equals the traced one
-    model: nn.Module | None = field(default=None, repr=False)  # the model itself (its MoE blocks are timed)
-
-    def take(self, rows: np.ndarray) -> "HiddenStates":
-        return dataclasses.replace(self, x=self.x[rows])
-
-
-@dataclass
-class RoutingData:
-    """Routing traces as arrays, one row per token (rows of a trace directory, in its order)."""
-
-    experts: np.ndarray  # (N, L, k) int64: top-k expert ids per MoE layer, highest gate weight first
-    weights: np.ndarray  # (N, L, k) float32: their gate weights
-    token_id: np.ndarray  # (N,) int64: the token
-    problem: np.ndarray  # (N,) int64: index into ``problems`` (one sequence each)
-    position: np.ndarray  # (N,) int64: 0-based position in the sequence
-    generated: np.ndarray  # (N,) bool: phase "generated" (else "prompt")
-    problems: list  # (dataset, problem_id) of each problem index
-    num_experts: int  # E
-    vocab_size: int  # token ids are < vocab_size
-    manifest: dict = field(repr=False)  # the trace manifest
-    hidden: HiddenStates | None = field(default=None, repr=False)  # router inputs, once attached
-
-    @property
-    def num_layers(self) -> int:
-        return self.experts.shape[1]
-
-    @property
-    def top_k(self) -> int:
-        return self.experts.shape[2]
-
-    def __len__(self) -> int:
-        return self.experts.shape[0]
-
-    @property
-    def dataset(self) -> np.ndarray:
-        """(N,) the dataset name of every row."""
-        names = np.array([d for d, _ in self.problems], dtype=object)
-        return names[self.problem] if len(self.problems) else np.array([], dtype=object)
-
-    def take(self, rows: np.ndarray) -> "RoutingData":
-        """The rows ``rows`` (indices or a boolean mask), hidden states included."""
-        rows = np.flatnonzero(rows) if np.asarray(rows).dtype == bool else np.asarray(rows, dtype=np.int64)
-        return dataclasses.replace(
-            self, experts=self.experts[rows], weights=self.weights[rows], token_id=self.token_id[rows],
-            problem=self.problem[rows], position=self.position[rows], generated=self.generated[rows],
-            hidden=self.hidden.take(rows) if self.hidden is not None else None)
-
-    @classmethod
-    def from_frame(cls, df: pd.DataFrame, manifest: dict | None = None) -> "RoutingData":
-        """From a :func:`load_traces` DataFrame (``df.attrs["manifest"]`` or ``manifest`` gives the layout)."""
-        manifest = manifest if manifest is not None else df.attrs.get("manifest")
-        arrays = trace_arrays(df, manifest)
-        keys = pd.MultiIndex.from_arrays([df["dataset"].to_numpy(), df["problem_id"].to_numpy()])
-        codes, uniques = pd.factorize(keys, sort=False)
-        vocab = manifest.get("tokenizer", {}).get("vocab_size") or (int(df["token_id"].max()) + 1 if len(df) else 1)
-        return cls(experts=arrays.experts.astype(np.int64), weights=arrays.weights.astype(np.float32),
-                   token_id=df["token_id"].to_numpy(np.int64), problem=np.asarray(codes, np.int64),
-                   position=df["position"].to_numpy(np.int64), generated=(df["phase"] == "generated").to_numpy(),
-                   problems=[tuple(u) for u in uniques], num_experts=int(manifest["layout"]["num_experts"]),
-                   vocab_size=int(vocab), manifest=manifest)
-
-
-def load_routing(trace_dir: str | os.PathLike, datasets: Sequence[str] | None = None) -> RoutingData:
-    """Read (and validate) a trace directory into :class:`RoutingData`."""
-    columns = ["dataset", "problem_id", "position", "phase", "token_id", "experts", "weights"]
-    return RoutingData.from_frame(load_traces(_resolve(trace_dir), datasets=datasets, columns=columns))
-
-
-def repetition_table(data: RoutingData) -> pd.DataFrame:
-    """How repetitive the traces are, per dataset and phase: tokens, distinct token ids, distinct
-    journeys (token id + expert sets of every layer) and the share of tokens repeating an earlier
-    journey of the same group (a model looping on its own output drives it towards 1)."""
-    journey = journeys(data)
-    rows = []
-    for dataset in sorted(set(data.dataset)):
-        for phase, flag in (("prompt", False), ("generated", True)):
-            mask = (data.dataset == dataset) & (data.generated == flag)
-            if mask.any():
-                distinct = len(np.unique(journey[mask]))
-                rows.append({"dataset": dataset, "phase": phase, "tokens": int(mask.sum()),
-                             "distinct_tokens": len(np.unique(data.token_id[mask])), "distinct_journeys": distinct,
-                             "repeated_share": 1 - distinct / mask.sum()})
-    return pd.DataFrame(rows)
-
-
-def gate_vectors(experts: np.ndarray, weights: np.ndarray, num_experts: int) -> np.ndarray:
-    """(N, k) expert ids and gate weights -> (N, E) gate vectors, renormalised to sum to 1 (models
-    that do not renormalise their top-k, e.g. Qwen2-MoE, give vectors summing to less)."""
-    out = np.zeros((experts.shape[0], num_experts), np.float32)  # (N, E)
-    np.put_along_axis(out, experts, weights, axis=1)
-    total = out.sum(1, keepdims=True)
-    return out / np.where(total > 0, total, 1.0)
-
-
-def sequences(data: RoutingData) -> list[np.ndarray]:
-    """Row indices of each problem's tokens in position order, one array per problem present."""
-    order = np.lexsort((data.position, data.problem))
-    starts = np.flatnonzero(np.r_[True, np.diff(data.problem[order]) != 0])
-    return np.split(order, starts[1:]) if len(order) else []
-
-
-def check_pair(num_layers: int, layer: int, hop: int) -> None:
-    """PredictorError unless layer l + hop h is a MoE layer of traces with ``num_layers`` of them."""
-    if not isinstance(hop, (int, np.integer)) or hop < 1:
-        raise PredictorError(f"hop must be an integer >= 1 (predict layer l+h from layer l), got {hop!r}")
-    if not 0 <= layer < num_layers:
-        raise PredictorError(f"source layer {layer} is not a MoE layer: the traces have {num_layers} "
-                             f"(0..{num_layers - 1})")
-    if layer + hop >= num_layers:
-        raise PredictorError(f"hop {hop} from layer {layer} targets layer {layer + hop}, beyond the last MoE layer "
-                             f"{num_layers - 1} of these traces")
-
-
-def layer_pairs(num_layers: int, hops: Sequence[int]) -> list[tuple[int, int]]:
-    """Every (source layer l, hop h) with l + h < L, hop by hop."""
-    hops = list(hops)
-    if not hops:
-        raise PredictorError("no hops given")
-    for h in hops:
-        check_pair(num_layers, 0, h)
-    return [(layer, h) for h in hops for layer in range(num_layers - h)]
-
-
-# ----------------------------------------------------------------------------------------------
-# metrics
-
-
-def rank_experts(scores: np.ndarray, m: int | None = None) -> np.ndarray:
-    """(N, E) scores -> (N, m) expert ids, best first; ties go to the lower expert id."""
-    order = np.argsort(-np.asarray(scores, np.float64), axis=1, kind="stable")  # (N, E)
-    return order if m is None else order[:, :m]
-
-
-def routing_metrics_per_token(scores: np.ndarray, experts: np.ndarray) -> dict[str, np.ndarray]:
-    """The four metrics (module docstring) per token: scores (N, E), true experts (N, k), slot 0 the
-    top-1. Returns {metric: (N,) float}."""
-    scores, experts = np.asarray(scores), np.asarray(experts)
-    if scores.ndim != 2 or experts.ndim != 2 or scores.shape[0] != experts.shape[0]:
-        raise PredictorError(f"scores (N, E) and experts (N, k) expected, got {scores.shape} and {experts.shape}")
-    num_experts, k = scores.shape[1], experts.shape[1]
-    if num_experts < 2 or k > num_experts:
-        raise PredictorError(f"need E >= 2 experts and k <= E, got E={num_experts}, k={k}")
-    ranked = rank_experts(scores, max(k, 2))  # (N, max(k, 2))
-    hits = (ranked[:, :k, None] == experts[:, None, :]).any(2)  # (N, k): predicted slot j is a true expert
-    return {"top1": (ranked[:, 0] == experts[:, 0]).astype(float),
-            "top2_hit": (ranked[:, :2] == experts[:, :1]).any(1).astype(float),
-            "set_recall": hits.mean(1),
-            "exact_set": hits.all(1).astype(float)}
-
-
-def routing_metrics(scores: np.ndarray, experts: np.ndarray) -> dict[str, float]:
-    """The four metrics averaged over tokens (NaN for no tokens)."""
-    per = routing_metrics_per_token(scores, experts)
-    return {name: float(v.mean()) if v.size else float("nan") for name, v in per.items()}
-
-
-def chance_metrics(num_experts: int, top_k: int) -> dict[str, float]:
-    """Expected metrics of a uniformly random ranking of E experts against a true top-k set."""
-    if num_experts < 2 or not 1 <= top_k <= num_experts:
-        raise PredictorError(f"need E >= 2 and 1 <= k <= E, got E={num_experts}, k={top_k}")
-    return {"top1": 1 / num_experts, "top2_hit": 2 / num_experts, "set_recall": top_k / num_experts,
-            "exact_set": 1 / math.comb(num_experts, top_k)}
-
-
-# ----------------------------------------------------------------------------------------------
-# splits
-
-
-@dataclass(frozen=True)
-class Split:
-    kind: str  # "problem", "dataset" or "token"
-    train_label: str  # datasets on the training side, "+"-joined
-    test_label: str  # datasets on the test side
-    train: np.ndarray = field(repr=False)  # row indices
-    test: np.ndarray = field(repr=False)  # row indices
-
-    @property
-    def label(self) -> str:
-        return f"{self.kind}: {self.train_label} -> {self.test_label}"
-
-
-def check_no_leak(data: RoutingData, split: Split) -> None:
-    """PredictorError if a problem (problem/dataset splits) has rows on both sides, or a side is empty."""
-    if len(split.train) == 0 or len(split.test) == 0:
-        side = "training" if len(split.train) == 0 else "test"
-        raise PredictorError(f"split {split.label!r}: the {side} side is empty ({len(data)} rows, "
-                             f"{len(data.problems)} problems)")
-    if split.kind != "token":
-        both = np.intersect1d(data.problem[split.train], data.problem[split.test])
-        if both.size:
-            raise PredictorError(f"split {split.label!r} leaks: problem {data.problems[both[0]]} is on both sides")
-
-
-def make_splits(data: RoutingData, kind: str, seed: int = 0, test_fraction: float = 0.25) -> list[Split]:
-    """The train/test splits of one kind (module docstring), deterministic in ``seed``."""
-    if kind not in SPLITS:
-        raise PredictorError(f"unknown split {kind!r}; choose one of {SPLITS}")
-    if not 0 < test_fraction < 1:
-        raise PredictorError(f"test_fraction must lie in (0, 1), got {test_fraction}")
-    rng = np.random.default_rng(seed)
-    datasets = data.dataset
-    present = np.unique(data.problem)  # problems with rows here (a taken subset keeps the full list)
-    names = sorted(set(data.problems[p][0] for p in present))
-    joined = "+".join(names)
-    if kind == "token":
-        perm = rng.permutation(len(data))
-        n_test = int(round(test_fraction * len(data)))
-        splits = [Split(kind, joined, joined, np.sort(perm[n_test:]), np.sort(perm[:n_test]))]
-    elif kind == "problem":
-        test_problems = []
-        for name in names:
-            ids = np.array([p for p in present if data.problems[p][0] == name])
-            n_test = int(round(test_fraction * len(ids)))
-            test_problems.append(rng.permutation(ids)[:n_test])
-        is_test = np.isin(data.problem, np.concatenate(test_problems))
-        splits = [Split(kind, joined, joined, np.flatnonzero(~is_test), np.flatnonzero(is_test))]
-    else:
-        if len(names) < 2:
-            raise PredictorError(f"a dataset split needs two datasets or more; the traces hold {names}")
-        splits = [Split(kind, "+".join(n for n in names if n != held), held,
-                        np.flatnonzero(datasets != held), np.flatnonzero(datasets == held)) for held in names]
-    for split in splits:
-        check_no_leak(data, split)
-    return splits
-
-
-def row_keys(cols: np.ndarray) -> np.ndarray:
-    """(N, C) integers -> (N,) opaque byte-string keys, equal exactly when the rows are equal; they
-    sort, so ``np.unique`` and ``np.searchsorted`` work on them."""
-    cols = np.ascontiguousarray(cols, dtype=np.int64)
-    return cols.view(np.dtype((np.void, cols.itemsize * cols.shape[1]))).ravel()
-
-
-def journeys(data: RoutingData) -> np.ndarray:
-    """(N,) keys of each token's whole journey: its id and the expert set of every layer."""
-    return row_keys(np.concatenate([data.token_id[:, None], np.sort(data.experts, 2).reshape(len(data), -1)], 1))
-
-
-def journey_overlap(data: RoutingData, split: Split) -> float:
-    """Share of the test tokens whose whole journey (token id + every layer's expert set) also occurs
-    among the training tokens: how much a split lets a predictor score by memory."""
-    return float(np.isin(journeys(data)[split.test], journeys(data)[split.train]).mean())
-
-
-def subset_masks(data: RoutingData, subsets: Sequence[str]) -> dict[str, np.ndarray]:
-    """Boolean masks over ``data``'s rows: ``all``, ``prompt``/``generated`` tokens, and ``unique``:
-    the first occurrence of each journey (token id + the experts of every layer), so that a loop the
-    model repeats counts once."""
-    masks = {}
-    for name in subsets:
-        if name == "all":
-            masks[name] = np.ones(len(data), bool)
-        elif name == "prompt":
-            masks[name] = ~data.generated
-        elif name == "generated":
-            masks[name] = data.generated.copy()
-        elif name == "unique":
-            _, first = np.unique(journeys(data), return_index=True)
-            masks[name] = np.zeros(len(data), bool)
-            masks[name][first] = True
-        else:
-            raise PredictorError(f"unknown subset {name!r}; choose from {SUBSETS}")
-    return masks
 
 
 # ----------------------------------------------------------------------------------------------
@@ -603,10 +303,6 @@ def _fingerprint(*parts: Any) -> str:
     return h.hexdigest()[:12]
 
 
-def _device(name: str) -> torch.device:
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
-
-
 def _train_module(net: nn.Module, batch_fn, loss_fn, *, steps: int, lr: float, weight_decay: float, seed: int,
                   device: str, out_dir: Path | None):
     """Train with routelib.train (progress bar, Ctrl-C checkpoint, resume from ``out_dir``)."""
@@ -723,28 +419,6 @@ class MLPPredictor(Predictor):
 # ---- predictors fed with the model's hidden state ------------------------------------------------
 
 
-def _load_model(model, manifest: dict, device: str | None = None):
-    """The model object: given, or loaded from a path/name (default: the manifest's model); with a
-    ``device`` other than "cpu", loaded with ``device_map="auto"`` (spread over the GPUs)."""
-    if isinstance(model, nn.Module):
-        return model
-    from routelib.routing.collect import load_model
-
-    name = model or manifest.get("model", {}).get("name_or_path")
-    if not name:
-        raise HiddenStatesUnavailable("the trace manifest names no model; pass model=<path> for the hidden-state "
-                                      "predictors")
-    local = _resolve(name)
-    try:
-        device_map = "auto" if device not in (None, "cpu") and torch.cuda.is_available() else None
-        return load_model(str(local) if local.exists() else str(name), device_map=device_map)[0]
-    except (OSError, ValueError, ImportError, RoutelibError) as err:
-        raise HiddenStatesUnavailable(
-            f"the hidden-state predictors need the model that routed these traces, {name!r}, and it cannot be "
-            f"loaded here ({type(err).__name__}: {str(err)[:200]}). Pass model=<local path> (CLI: --model), or "
-            f"leave hidden_router/hidden_probe out of the predictors.") from None
-
-
 def _router_logits(router: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Logits (n, E) of one router module on hidden states (n, H), whatever tuple it returns."""
     from routelib.routing.collect import split_router_output
@@ -754,99 +428,6 @@ def _router_logits(router: nn.Module, x: torch.Tensor) -> torch.Tensor:
         raise HiddenStatesUnavailable(f"router {type(router).__name__} returns no logits; it cannot score a "
                                       f"hidden state")
     return logits.reshape(x.shape[0], -1).float()
-
-
-@torch.no_grad()
-def attach_hidden_states(data: RoutingData, model=None, *, batch_tokens: int = 8192, device: str | None = None,
-                         progress: bool = True) -> HiddenStates:
-    """Recompute what every MoE router read for every traced token and attach it as ``data.hidden``.
-
-    One forward pass per problem over its token ids (positions 0..n-1; sequences batched by length,
-    right-padded, padding masked), with forward hooks on the routers (found as the collection finds
-    them). model: a loaded model, a path or hub name, or None for the manifest's ``name_or_path``.
-    Raises :class:`HiddenStatesUnavailable` when the model cannot be loaded or its router weights
-    differ from the manifest's ``router_weights_sha256``; ``agreement`` (the fraction of (token,
-    layer) pairs whose recomputed top-k set equals the traced one) must then be ~1.
-    """
-    from routelib.progress import progress_bar
-    from routelib.routing.collect import find_routers, model_info, split_router_output
-
-    model = _load_model(model, data.manifest, device)
-    routers = find_routers(model)
-    if len(routers.modules) != data.num_layers:
-        raise HiddenStatesUnavailable(f"the model has {len(routers.modules)} MoE routers, the traces {data.num_layers} "
-                                      f"MoE layers: not the model that routed them")
-    want = data.manifest.get("model", {}).get("router_weights_sha256")
-    if want and model_info(model, routers)["router_weights_sha256"] != want:
-        raise HiddenStatesUnavailable("the model's router weights differ from the ones that routed these traces "
-                                      "(manifest router_weights_sha256): another checkpoint")
-    if device is not None and not hasattr(model, "hf_device_map"):
-        model.to(_device(device))
-    dev = next(model.parameters()).device
-    seqs = sequences(data)
-    for rows in seqs:
-        if not np.array_equal(data.position[rows], np.arange(len(rows))):
-            raise PredictorError(f"problem {data.problems[data.problem[rows[0]]]}: positions are not 0..n-1; hidden "
-                                 f"states need whole sequences (attach them before splitting by token)")
-    hidden_size = None
-    x_all: np.ndarray | None = None
-    ids_all = np.zeros_like(data.experts)
-    captured: list[list] = [[] for _ in routers.modules]
-    hooks = [m.register_forward_hook(lambda mod, args, out, i=i: captured[i].append((args[0], out)))
-             for i, m in enumerate(routers.modules)]
-    base = getattr(model, "base_model", model)
-    seqs.sort(key=len)
-    batches, cur = [], []
-    for rows in seqs:
-        if cur and (len(cur) + 1) * len(rows) > batch_tokens:
-            batches.append(cur)
-            cur = []
-        cur.append(rows)
-    batches += [cur] if cur else []
-    bar = progress_bar(progress, total=len(seqs), desc="hidden states")
-    try:
-        for batch in batches:
-            length = max(len(r) for r in batch)
-            ids = torch.zeros(len(batch), length, dtype=torch.long)  # (B, T), right-padded
-            mask = torch.zeros(len(batch), length, dtype=torch.long)  # (B, T)
-            for j, rows in enumerate(batch):
-                ids[j, :len(rows)] = torch.from_numpy(data.token_id[rows])
-                mask[j, :len(rows)] = 1
-            for store in captured:
-                store.clear()
-            base(input_ids=ids.to(dev), attention_mask=mask.to(dev))
-            keep = mask.flatten().bool().to(dev)  # (B*T,)
-            target = np.concatenate(batch)
-            for layer, store in enumerate(captured):
-                (inp, out), = store
-                x = inp.reshape(-1, inp.shape[-1])[keep]  # (n, H)
-                if x_all is None:
-                    hidden_size = x.shape[-1]
-                    x_all = np.zeros((len(data), data.num_layers, hidden_size), np.float16)
-                x_all[target, layer] = x.float().cpu().numpy()
-                logits, _, chosen = split_router_output(out)
-                if chosen is None:
-                    chosen = torch.topk(logits.float(), data.top_k, dim=-1).indices
-                ids_all[target, layer] = chosen.reshape(-1, chosen.shape[-1])[keep][:, :data.top_k].cpu().numpy()
-            bar.update(len(batch))
-    finally:
-        for h in hooks:
-            h.remove()
-        bar.close()
-    if x_all is None:
-        raise PredictorError("attach_hidden_states: the traces hold no tokens")
-    agreement = float((np.sort(ids_all, 2) == np.sort(data.experts, 2)).all(2).mean())
-    name = str(getattr(model, "name_or_path", "") or data.manifest.get("model", {}).get("name_or_path"))
-    data.hidden = HiddenStates(x_all, list(routers.modules), name, agreement, model)
-    return data.hidden
-
-
-def _need_hidden(data: RoutingData, who: str) -> HiddenStates:
-    if data.hidden is None:
-        raise HiddenStatesUnavailable(f"{who} needs the hidden states of the model that routed the traces: call "
-                                      f"attach_hidden_states(data) on the full traces before splitting")
-    return data.hidden
-
 
 class HiddenRouterPredictor(Predictor):
     """Zero-shot: softmax of layer l+h's router applied to the hidden state layer l's router read
