@@ -74,6 +74,8 @@ class TrainConfig:
     log_every: int = 10  # append a history record (window means) every this many steps
     ckpt_every: int = 0  # checkpoint every this many steps (0: only at the end); needs out_dir
     out_dir: str | None = None  # checkpoint folder; None writes no checkpoints
+    save_frozen: bool = True  # False: checkpoints keep trainable parameters + buffers only (frozen ones,
+    #   e.g. a pretrained base's, are restored from the model the run starts from, not stored again)
     seed: int = 0  # seeds torch / numpy / random at the start (rank r uses seed + r)
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda" or "cuda:N"
     dtype: str = "auto"  # "auto" or "bf16": bf16 autocast on CUDA; "fp32": none. CPU runs fp32
@@ -244,9 +246,37 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([unb64(s) for s in state["cuda"]])
 
 
+def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that require grad and every buffer, by state-dict name (shared tensors once)."""
+    keep = {id(p) for p in model.parameters() if p.requires_grad} | {id(b) for b in model.buffers()}
+    out, seen = {}, set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in keep and id(t) not in seen:
+            out[name] = t.detach().cpu().contiguous()
+            seen.add(id(t))
+    return out
+
+
+def _load_trainable(model: nn.Module, path: Path) -> None:
+    """Load a ``save_frozen=False`` checkpoint: every state-dict entry it lacks must be a frozen
+    parameter (or share storage with one it has), else the model is not the one that was trained."""
+    saved = load_file(str(path))
+    state = model.state_dict(keep_vars=True)
+    loaded = {id(state[n]) for n in saved if n in state}
+    unknown = sorted(set(saved) - set(state))
+    missing = [n for n, t in state.items() if n not in saved and id(t) not in loaded
+               and not (isinstance(t, nn.Parameter) and not t.requires_grad)]
+    if unknown or missing:
+        raise ConfigError(f"{path}: a trainable-only checkpoint that does not fit this model "
+                          f"(unknown {unknown[:3]}, trainable but absent {missing[:3]}); freeze the same parameters "
+                          f"as the run that wrote it")
+    model.load_state_dict(saved, strict=False)
+
+
 def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict) -> Path:
-    """Write ``out_dir/step_{step:06d}/`` atomically (temp folder + fsync + rename), then ``latest``."""
+                    state: dict, save_frozen: bool = True) -> Path:
+    """Write ``out_dir/step_{step:06d}/`` atomically (temp folder + fsync + rename), then ``latest``.
+    ``save_frozen=False`` stores only trainable parameters and buffers (``state["weights"]`` says so)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / f"step_{step:06d}"
@@ -254,7 +284,11 @@ def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, optimizer:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        save_model(model, str(tmp / "model.safetensors"))
+        if save_frozen:
+            save_model(model, str(tmp / "model.safetensors"))
+        else:
+            save_file(_trainable_state(model), str(tmp / "model.safetensors"))
+            state = {**state, "weights": "trainable+buffers"}
         opt = optimizer.state_dict()
         tensors, extra = {}, {}
         for i, entry in opt["state"].items():
@@ -301,8 +335,11 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         if found is None:
             raise FileNotFoundError(f"no complete checkpoint in {path}")
         path = found
-    load_model(model, str(path / "model.safetensors"))
     state = json.loads((path / "state.json").read_text())
+    if state.get("weights") == "trainable+buffers":
+        _load_trainable(model, path / "model.safetensors")
+    else:
+        load_model(model, str(path / "model.safetensors"))
     if optimizer is not None:
         meta = state["optimizer"]
         entries = {int(i): dict(v) for i, v in meta["state"].items()}
@@ -393,6 +430,8 @@ def train(model: nn.Module, batch_fn: BatchFn, cfg: TrainConfig, *, eval_data=No
     t_start = time.perf_counter()
     rank, world, device, own_group = _setup(cfg)
     raw = model.to(device)
+    was_training = raw.training
+    raw.train()  # dropout, router noise and running statistics behave as in training; restored at the end
     for seed_fn in (torch.manual_seed, random.seed, np.random.seed):
         seed_fn(cfg.seed + rank)
     optimizer = make_optimizer(raw, cfg)
@@ -423,7 +462,7 @@ def train(model: nn.Module, batch_fn: BatchFn, cfg: TrainConfig, *, eval_data=No
             return last_ckpt
         body = {"config": asdict(cfg), "step": done, "history": history, "rng": rng, "world_size": world,
                 "model_class": type(raw).__qualname__, "model_config": _model_config(raw)}
-        return str(save_checkpoint(cfg.out_dir, done, raw, optimizer, body))
+        return str(save_checkpoint(cfg.out_dir, done, raw, optimizer, body, save_frozen=cfg.save_frozen))
 
     bar = progress_bar(rank == 0 and cfg.progress, total=cfg.max_steps, initial=start, desc="train",
                        dynamic_ncols=True)
@@ -501,6 +540,7 @@ def train(model: nn.Module, batch_fn: BatchFn, cfg: TrainConfig, *, eval_data=No
         raise
     finally:
         bar.close()
+        raw.train(was_training)
         if own_group:
             if finished:  # every rank reaches this point: let all finish before gloo's pairs close
                 dist.barrier()

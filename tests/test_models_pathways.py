@@ -402,3 +402,13 @@ def test_trains_with_routelib_train_and_checkpoints(tmp_path):
     load_checkpoint(tmp_path, fresh)
     torch.testing.assert_close(fresh.pathway_mlps()[0].freq.ema, ema)
     torch.testing.assert_close(fresh.routers()[0].proj.weight, routed.routers()[0].proj.weight)
+
+
+def test_wrapping_keeps_the_model_in_its_mode():
+    import transformers as tf
+
+    for training in (False, True):
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16))
+        model.train(training)
+        routed = RoutedLLM(model, RoutingConfig(num_pathways=4, top_k_pathways=2))
+        assert routed.training == training and all(m.training == training for m in routed.modules())

@@ -158,6 +158,45 @@ def test_resume_after_stop_matches_unbroken_run_exactly(tmp_path, reference):
     assert resumed.losses == reference.losses  # bitwise, steps 8..12 included
 
 
+def test_trains_in_training_mode_and_restores_the_callers_mode():
+    seen = []
+    model = W.make_model().eval()
+    model.register_forward_pre_hook(lambda m, args: seen.append(m.training) and None)
+    train(model, W.make_batch_fn(), cfg(max_steps=2, warmup_steps=1))
+    assert seen == [True, True] and not model.training
+
+
+def frozen_model():
+    """The test model with its embedding frozen (a "pretrained base") and a buffer that training moves."""
+    model = W.make_model()
+    model.emb.weight.requires_grad_(False)
+    model.register_buffer("seen", torch.zeros(()))
+
+    def count(module, args):  # a pre-hook's return value would replace the input: return None
+        if module.training:
+            module.seen.add_(1)
+
+    model.register_forward_pre_hook(count)
+    return model
+
+
+def test_trainable_only_checkpoints_resume_exactly_and_refuse_another_freezing(tmp_path):
+    from safetensors.torch import load_file
+
+    full = train(frozen_model(), W.make_batch_fn(), cfg())
+    first = train(frozen_model(), W.make_batch_fn(), cfg(out_dir=tmp_path, ckpt_every=4, stop_step=7, save_frozen=False))
+    saved = load_file(str(tmp_path / "step_000007" / "model.safetensors"))
+    assert "emb.weight" not in saved and "fc.weight" in saved and saved["seen"].item() == 7
+    resumed_model = frozen_model()
+    resumed = train(resumed_model, W.make_batch_fn(), cfg(out_dir=tmp_path, save_frozen=False), resume=True)
+    assert first.losses == full.losses[:7] and resumed.losses == full.losses  # bitwise
+    assert resumed_model.seen.item() == N
+    other = W.make_model()  # nothing frozen: the embedding would silently stay at its init
+    other.register_buffer("seen", torch.zeros(()))
+    with pytest.raises(ConfigError, match="trainable but absent.*emb.weight"):
+        load_checkpoint(tmp_path / "step_000007", other)
+
+
 def test_resume_from_an_older_checkpoint_when_the_newest_is_gone(tmp_path, reference):
     run(cfg(out_dir=tmp_path, ckpt_every=4, stop_step=7))
     shutil.rmtree(tmp_path / "step_000007")  # a kill -9 before the step-7 checkpoint was written

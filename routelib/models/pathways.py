@@ -541,6 +541,7 @@ class RoutedLLM(nn.Module):
         self.routed_layers: list[int] = idx
         for i in idx:
             layers[i].mlp = PathwayMLP(layers[i].mlp, cfg, layer=i)
+        self.train(model.training)  # a new nn.Module starts in training mode: keep the wrapped model's mode
 
     @property
     def config(self):
