@@ -247,6 +247,7 @@ def attach_hidden_states(data: RoutingData, model=None, *, batch_tokens: int = 8
     from routelib.progress import progress_bar
     from routelib.routing.collect import find_routers, model_info, split_router_output
 
+    given = model  # a path or name (reported as given), or a model object
     model = _load_model(model, data.manifest, device)
     routers = find_routers(model)
     if len(routers.modules) != data.num_layers:
@@ -312,7 +313,8 @@ def attach_hidden_states(data: RoutingData, model=None, *, batch_tokens: int = 8
     if x_all is None:
         raise PredictorError("attach_hidden_states: the traces hold no tokens")
     agreement = float((np.sort(ids_all, 2) == np.sort(data.experts, 2)).all(2).mean())
-    name = str(getattr(model, "name_or_path", "") or data.manifest.get("model", {}).get("name_or_path"))
+    name = str(given if isinstance(given, str) and given else  # as the caller / manifest names it, not
+               data.manifest.get("model", {}).get("name_or_path") or getattr(model, "name_or_path", ""))  # resolved
     data.hidden = HiddenStates(x_all, list(routers.modules), name, agreement, model)
     return data.hidden
 
