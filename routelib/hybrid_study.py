@@ -44,7 +44,7 @@ from routelib.data import TokenWindows, eval_batches, load_tokenizer, token_stre
 from routelib.data.tokenizer import separator_id
 from routelib.errors import ConfigError
 from routelib.models.hybrid import DYNAMIC_LAYOUT, STATIC_LAYOUT, HybridConfig, HybridLM
-from routelib.moe_study import domain_eval_data, perplexity_by_domain, train_tokens_per_s
+from routelib.evaluation import domain_eval_data, perplexity_by_domain, train_tokens_per_s
 from routelib.train import TrainConfig, TrainResult, train
 
 ARMS = {"static": STATIC_LAYOUT, "dynamic": DYNAMIC_LAYOUT}

@@ -28,14 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import pandas as pd
 import torch
 
 from routelib import paths
 from routelib.bench import compare, time_fn
-from routelib.data import TokenWindows, domain_streams, eval_batches, load_tokenizer, token_stream
+from routelib.data import TokenWindows, load_tokenizer, token_stream
 from routelib.errors import ConfigError
+from routelib.evaluation import domain_eval_data, perplexity_by_domain, train_tokens_per_s  # noqa: F401 (notebook 03 calls them here)
 from routelib.models import LM, LMConfig
 from routelib.models.export import export_hf
 from routelib.models.moe import DenseFFN, MoEFFN
@@ -126,12 +126,6 @@ def training_batches(cfg: MoEStudyConfig) -> TokenWindows:
     return TokenWindows(token_stream(split="train", tokenizer=cfg.tokenizer), cfg.seq_len, cfg.batch_size, seed=cfg.seed)
 
 
-def domain_eval_data(cfg: MoEStudyConfig, split: str = "validation") -> dict[str, list]:
-    """Held-out (x, y) batches per domain: up to ``eval_windows`` non-overlapping windows each."""
-    streams = domain_streams(split=split, tokenizer=cfg.tokenizer)
-    return {d: eval_batches(s, cfg.seq_len, 8, max_windows=cfg.eval_windows) for d, s in streams.items()}
-
-
 # ------------------------------------------------------------------------------------- training
 def train_arm(name: str, lm_cfg: LMConfig, cfg: MoEStudyConfig, batch_fn, eval_data=None,
               callbacks=()) -> tuple[LM, TrainResult]:
@@ -152,32 +146,7 @@ def train_arm(name: str, lm_cfg: LMConfig, cfg: MoEStudyConfig, batch_fn, eval_d
     return model.eval(), result
 
 
-def train_tokens_per_s(result: TrainResult) -> float:
-    """Median training throughput over the logged windows (the first window includes warm-up)."""
-    rates = [r["tokens_per_s"] for r in result.history[1:] if "tokens_per_s" in r] or \
-            [r["tokens_per_s"] for r in result.history if "tokens_per_s" in r]
-    return float(np.median(rates)) if rates else float("nan")
-
-
 # ----------------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def perplexity_by_domain(model: torch.nn.Module, eval_data: dict[str, list]) -> dict[str, float]:
-    """exp(mean next-token loss) per domain, and ``overall`` = exp of the token-weighted mean.
-    ``model(x).logits`` is all it needs: a routelib LM or a transformers causal LM."""
-    device = next(model.parameters()).device
-    out, total_loss, total_tokens = {}, 0.0, 0
-    for domain, batches in eval_data.items():
-        loss_sum, n = 0.0, 0
-        for x, y in batches:
-            logits = model(x.to(device)).logits.float()  # (B, T, V)
-            loss_sum += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), reduction="sum").item()
-            n += y.numel()
-        out[domain] = math.exp(loss_sum / n)
-        total_loss, total_tokens = total_loss + loss_sum, total_tokens + n
-    out["overall"] = math.exp(total_loss / total_tokens)
-    return out
-
-
 @contextmanager
 def capacity(model: LM, factor: float | None) -> Iterator[None]:
     """Temporarily run every MoE layer of ``model`` with capacity ``factor`` (None: dropless)."""

@@ -62,7 +62,7 @@ def load_subject(cfg: RouterStudyConfig):
 def domain_routing(model, cfg: RouterStudyConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Route held-out windows of every corpus domain through ``model``: experts (N, L, k), router
     log-probabilities (N, L, E) and the domain of each token (N,)."""
-    from routelib.moe_study import domain_eval_data
+    from routelib.evaluation import domain_eval_data
 
     experts, logprobs, domains = [], [], []
     for domain, batches in domain_eval_data(cfg.study_config()).items():
