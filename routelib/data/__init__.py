@@ -27,7 +27,7 @@ Example::
 
 from __future__ import annotations
 
-import importlib
+from routelib.lazy import lazy_exports
 
 # Public name -> submodule. Imported on first use (PEP 562), so that `python -m
 # routelib.data.assets install` works before torch is installed and `import routelib.data` is cheap.
@@ -45,14 +45,4 @@ _EXPORTS = {
 }
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f"routelib.data.{_EXPORTS[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'routelib.data' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

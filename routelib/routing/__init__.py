@@ -37,7 +37,7 @@ Example::
 
 from __future__ import annotations
 
-import importlib
+from routelib.lazy import lazy_exports
 
 _EXPORTS = {
     "find_routers": "collect", "measure_overhead": "collect",
@@ -54,14 +54,4 @@ _EXPORTS = {
 }
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f"routelib.routing.{_EXPORTS[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'routelib.routing' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
