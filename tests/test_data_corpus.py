@@ -7,7 +7,8 @@ import pytest
 
 from routelib.data import corpus
 from routelib.data.benchmarks import load_gsm8k, load_humaneval
-from routelib.data.corpus import DOMAINS, Document, corpus_stats, load_corpus, split_of
+from routelib.data.batching import corpus_stats
+from routelib.data.corpus import DOMAINS, Document, load_corpus, split_of
 from routelib.errors import ConfigError
 
 

@@ -144,7 +144,7 @@ def test_router_study_config_and_tables(tmp_path):
     import pandas as pd
 
     from routelib.errors import ConfigError
-    from routelib.routing.router_study import RouterStudyConfig, save_tables
+    from routelib.studies.router_weights import RouterStudyConfig, save_tables
 
     with pytest.raises(ConfigError, match="subspace_rank"):
         RouterStudyConfig(subspace_rank=0)

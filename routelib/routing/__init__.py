@@ -1,4 +1,5 @@
-"""Expert routing of MoE language models: collection and trace storage.
+"""Expert routing of MoE language models: a library, reusable without any notebook (the notebooks'
+pipelines are in :mod:`routelib.studies`, their dashboards in :mod:`routelib.views`).
 
 ==========================  ==================================================================
 :mod:`.collect`             :func:`collect` -- generate from prompts with any transformers MoE
@@ -8,19 +9,16 @@
 :mod:`.traces`              the trace format (Parquet shards + ``manifest.json``),
                             :func:`load_traces` (validated), :func:`trace_arrays` ((N, L, k) arrays)
 :mod:`.analysis`            layer-to-layer predictability (uncertainty coefficient, lookup vs
-                            prior accuracy), hop curves, paths, dataset usage tests (notebook 04)
-:mod:`.dashboard`           the token-journey dashboard (ipywidgets) and its HTML views
-:mod:`.study`               notebook 04's config and the live-collection agreement check
+                            prior accuracy), hop curves, paths, dataset usage tests
 :mod:`.routing_data`        traces as prediction data (journeys, gate vectors, hidden states)
 :mod:`.expert_metrics`      top-1, top-2 hit, set recall, exact set; chance values
 :mod:`.splits`              leak-free splits: by problem, across datasets (and by token, to compare)
 :mod:`.predictors`          next-layer expert predictors (prior, lookup, n-gram, MLP, hidden-state
                             router/probe), :func:`evaluate`;
-                            ``python -m routelib.routing.predictors <trace_dir>`` (notebook 05)
+                            ``python -m routelib.routing.predictors <trace_dir>``
 :mod:`.prefetch`            their cost: latency against one MoE layer, expert-cache hit rates
-:mod:`.weights`             router and expert weights of any supported MoE (notebook 06)
+:mod:`.weights`             router and expert weights of any supported MoE
 :mod:`.geometry`            router similarity, subspaces, co-activation, saturation over training
-:mod:`.router_study`        notebook 06's config and pipeline
 ==========================  ==================================================================
 
 ``routelib.routing.collect`` is the module (and the command); the function is

@@ -562,8 +562,6 @@ class EvalConfig:
     probe_lr: float = 3e-3  # linear-probe peak learning rate
     model: str | None = None  # model for hidden_* predictors; None: the manifest's name_or_path
     hidden_batch_tokens: int = 8192  # padded tokens per forward pass when recomputing hidden states
-    latency_batch: int = 256  # tokens per call in the batched latency measurement (notebook 05)
-    bench_min_time_s: float = 0.1  # time each latency measurement for at least this long (notebook 05)
     out_dir: str | None = None  # trained MLPs are saved here (relative to the repo root); None: not saved
     device: str = "cpu"  # where the MLP and probes train: cpu | cuda | auto
     threads: int = 0  # torch CPU threads (0: torch's default; 1 suits these tiny matmuls on a busy machine)

@@ -1,4 +1,4 @@
-"""routelib.hybrid_study (notebook 02's logic) on a tiny study: run plan, training with routing
+"""routelib.studies.attention_routing (notebook 02's logic) on a tiny study: run plan, training with routing
 statistics, checkpoint reuse, comparisons and the verdict rule, the alpha sweep, the speed sweep,
 token analysis and HTML, figures."""
 
@@ -12,7 +12,7 @@ import torch
 
 matplotlib.use("Agg")
 
-from routelib import hybrid_study as study  # noqa: E402
+from routelib.studies import attention_routing as study  # noqa: E402
 from routelib.config import from_params  # noqa: E402
 from routelib.data import load_tokenizer  # noqa: E402
 from routelib.errors import ConfigError  # noqa: E402

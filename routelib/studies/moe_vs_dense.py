@@ -11,7 +11,7 @@ measured in one run:
 - ``dense_total``  a dense SwiGLU LM with the MoE's *total* parameters (FFN width E*I).
 
 The MoE arm is also exported in the Hugging Face Mixtral format (``routelib.models.export``): it
-is the offline routing subject of notebooks 04-06. ``python -m routelib.moe_study subject`` trains
+is the offline routing subject of notebooks 04-06. ``python -m routelib.studies.moe_vs_dense subject`` trains
 only that arm at a larger size and writes it with a model card (see :func:`main`).
 """
 
@@ -351,10 +351,10 @@ def export_subject(model: LM, cfg: MoEStudyConfig, result: TrainResult, eval_dat
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m routelib.moe_study subject --out data/moe-subject [--field value ...]``: train the
+    """``python -m routelib.studies.moe_vs_dense subject --out data/moe-subject [--field value ...]``: train the
     MoE arm only (no dense baselines) and export it with a model card. Every MoEStudyConfig field is
     an option (``--num_experts 8``)."""
-    parser = argparse.ArgumentParser(prog="python -m routelib.moe_study", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m routelib.studies.moe_vs_dense", description=main.__doc__)
     parser.add_argument("command", choices=["subject"])
     parser.add_argument("--out", required=True, help="export folder, e.g. data/moe-subject")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     lm_cfg = cfg.moe_config()
     model, result = train_arm("moe", lm_cfg, cfg, training_batches(cfg))
     card = export_subject(model, cfg, result, domain_eval_data(cfg), Path(args.out),
-                          "python -m routelib.moe_study " + " ".join(sys.argv[1:] if argv is None else argv))
+                          "python -m routelib.studies.moe_vs_dense " + " ".join(sys.argv[1:] if argv is None else argv))
     print(json.dumps(card["validation_perplexity"], indent=2))
     return 0
 

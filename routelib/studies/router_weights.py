@@ -2,7 +2,7 @@
 on domain text, and routing evolution over the checkpoints of notebook 03's training run.
 
 The training-evolution part re-uses notebook 03's MoE run: :func:`training_checkpoints` calls
-``routelib.moe_study.train_arm`` with notebook 03's parameters (its defaults, or the ``evo_*`` values
+``routelib.studies.moe_vs_dense.train_arm`` with notebook 03's parameters (its defaults, or the ``evo_*`` values
 given), which loads the finished run from ``runs/03_moe_speedup`` when notebook 03 already made it
 and trains it (about 40 s on 2 CPU cores at the defaults) otherwise.
 """
@@ -43,8 +43,8 @@ class RouterStudyConfig:
                               f"{self.evo_steps} steps: nothing to compare")
 
     def study_config(self):
-        """Notebook 03's :class:`~routelib.moe_study.MoEStudyConfig` with the ``evo_*`` values."""
-        from routelib.moe_study import MoEStudyConfig
+        """Notebook 03's :class:`~routelib.studies.moe_vs_dense.MoEStudyConfig` with the ``evo_*`` values."""
+        from routelib.studies.moe_vs_dense import MoEStudyConfig
 
         return MoEStudyConfig(num_layers=self.evo_num_layers, num_experts=self.evo_num_experts, steps=self.evo_steps,
                               ckpt_every=self.evo_ckpt_every, out_dir=self.evo_out_dir, seq_len=self.seq_len,
@@ -76,7 +76,7 @@ def domain_routing(model, cfg: RouterStudyConfig) -> tuple[np.ndarray, np.ndarra
 def training_checkpoints(cfg: RouterStudyConfig) -> list[tuple[int, Path]]:
     """(step, folder) of every checkpoint of notebook 03's MoE run with these parameters (trained
     here if notebook 03 has not made it; an interrupted run resumes)."""
-    from routelib.moe_study import train_arm, training_batches
+    from routelib.studies.moe_vs_dense import train_arm, training_batches
     from routelib.routing.weights import checkpoint_steps
 
     study = cfg.study_config()

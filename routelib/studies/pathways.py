@@ -437,7 +437,7 @@ def evaluate(model: torch.nn.Module, eval_data: dict[str, list]) -> EvalResult:
 
 def perplexity_table(results: dict[str, EvalResult]) -> pd.DataFrame:
     """{model name: EvalResult} -> DataFrame indexed by model, columns ``ppl_<domain>`` (the form
-    :func:`routelib.plots.perplexity_by_domain` draws) and ``ratio_to_base`` on the overall value
+    :func:`routelib.views.figures.perplexity_by_domain` draws) and ``ratio_to_base`` on the overall value
     (the first entry is the base)."""
     rows = {name: {f"ppl_{d}": v for d, v in r.perplexity.items()} for name, r in results.items()}
     table = pd.DataFrame.from_dict(rows, orient="index")

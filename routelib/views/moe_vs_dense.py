@@ -1,17 +1,19 @@
-"""Interactive views for the notebooks (ipywidgets). The HTML each view shows is built by a plain
-function (tested without a browser); the widget only wires controls to it."""
+"""Views of notebook 03 (MoE vs dense): expert share by domain, the capacity sweep, and the expert
+dashboard (ipywidgets). The HTML each view shows is built by a plain function (tested without a
+browser); the widget only wires controls to it."""
 
 from __future__ import annotations
 
 import html
+import math
 from typing import Mapping
 
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
 import torch
 
-# Ten distinguishable colours (matplotlib's tab10), one per expert id modulo 10.
-PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-           "#bcbd22", "#17becf"]
-
+from routelib.views.figures import PALETTE
 
 @torch.no_grad()
 def token_routes(model, tokenizer, text: str, max_tokens: int = 256) -> list[dict]:
@@ -63,3 +65,38 @@ def expert_dashboard(model, tokenizer, samples: Mapping[str, str]):
     layer.observe(refresh, names="value")
     refresh()
     return W.VBox([W.HBox([pick, layer]), text, view])
+
+
+def expert_heatmaps(records: pd.DataFrame, value: str = "fraction"):
+    """One heatmap per layer: domain x expert share of top-k assignments (rows sum to 1)."""
+    layers = sorted(records["layer"].unique())
+    cols = min(len(layers), 3)
+    rows = math.ceil(len(layers) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.6 * rows), squeeze=False)
+    vmax = records[value].max()
+    for ax, layer in zip(axes.flat, layers):
+        grid = records[records["layer"] == layer].pivot(index="domain", columns="expert", values=value)
+        sns.heatmap(grid, ax=ax, vmin=0, vmax=vmax, cmap="viridis", annot=grid.shape[1] <= 8, fmt=".2f",
+                    cbar=False, annot_kws={"size": 7})
+        ax.set(title=f"layer {layer}", xlabel="expert", ylabel="")
+    for ax in list(axes.flat)[len(layers):]:
+        ax.axis("off")
+    fig.suptitle(f"expert {value} by domain")
+    fig.tight_layout()
+    return fig
+
+
+def capacity_sweep(sweep: pd.DataFrame):
+    """Drop rate and perplexity against the capacity factor (the dropless model drawn as a line)."""
+    finite = sweep[sweep["capacity_factor"] != float("inf")]
+    dropless = sweep[sweep["capacity_factor"] == float("inf")]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
+    a.plot(finite["capacity_factor"], 100 * finite["drop_rate"], marker="o")
+    a.set(xlabel="capacity factor", ylabel="dropped assignments (%)", title="drop rate")
+    b.plot(finite["capacity_factor"], finite["perplexity"], marker="o", label="with capacity")
+    if len(dropless):
+        b.axhline(dropless["perplexity"].iloc[0], color="gray", ls="--", label="dropless")
+    b.set(xlabel="capacity factor", ylabel="perplexity", title="held-out perplexity")
+    b.legend()
+    fig.tight_layout()
+    return fig

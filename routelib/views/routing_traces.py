@@ -8,12 +8,15 @@ only wires ipywidgets controls to them.
 from __future__ import annotations
 
 import html
+from typing import Mapping
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import seaborn as sns
 
 from routelib.routing.traces import TraceArrays, TraceError
-from routelib.widgets import PALETTE
+from routelib.views.figures import PALETTE
 
 
 def journey(df: pd.DataFrame, arrays: TraceArrays, row: int) -> pd.DataFrame:
@@ -114,3 +117,56 @@ def routing_dashboard(df: pd.DataFrame, arrays: TraceArrays, num_experts: int):
     on_dataset()
     on_problem()
     return W.VBox([W.HBox([pick_dataset, pick_problem]), pick_token, view])
+
+
+def predictability_heatmaps(matrices: Mapping[str, pd.DataFrame], title: str = "U(layer j | layer i)"):
+    """Side-by-side layer x layer heatmaps (rows: from layer i, columns: to layer j), one per entry,
+    on one colour scale; the diagonal (trivially 1) is masked."""
+    fig, axes = plt.subplots(1, len(matrices), figsize=(4.6 * len(matrices), 3.9), squeeze=False)
+    off = [m.to_numpy()[~np.eye(len(m), dtype=bool)] for m in matrices.values()]
+    vmax = max(float(np.nanmax(v)) for v in off if v.size) if any(v.size for v in off) else 1.0
+    for ax, (name, m) in zip(axes[0], matrices.items()):
+        sns.heatmap(m, ax=ax, mask=np.eye(len(m), dtype=bool), vmin=0, vmax=vmax, cmap="magma",
+                    annot=len(m) <= 8, fmt=".2f", annot_kws={"size": 7}, square=True)
+        ax.set(title=name, xlabel="to layer j", ylabel="from layer i")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def hop_curves(curves: Mapping[str, pd.DataFrame]):
+    """Accuracy of predicting layer l+h's top-1 expert from layer l's against h: the lookup table and
+    the prior (most used expert) per curve, and the uncertainty coefficient."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9.5, 3.3))
+    for i, (name, c) in enumerate(curves.items()):
+        colour = f"C{i}"
+        a.plot(c["hop"], 100 * c["lookup_accuracy"], marker="o", color=colour, label=f"{name}: lookup")
+        a.plot(c["hop"], 100 * c["prior_accuracy"], ls="--", color=colour, label=f"{name}: prior")
+        b.plot(c["hop"], c["uncertainty"], marker="o", color=colour, label=name)
+    a.set(xlabel="hop h (layers ahead)", ylabel="top-1 accuracy (%)", title="hop accuracy")
+    b.set(xlabel="hop h (layers ahead)", ylabel="U", title="uncertainty coefficient", ylim=(0, None))
+    a.legend(fontsize=7)
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def usage_heatmaps(usage: Mapping[str, np.ndarray]):
+    """Per-dataset (L, E) expert usage side by side, plus their difference (first minus second)."""
+    names = list(usage)
+    grids = [np.asarray(usage[n]) for n in names]
+    panels = len(grids) + (len(grids) == 2)
+    fig, axes = plt.subplots(1, panels, figsize=(4.3 * panels, 3.2), squeeze=False)
+    vmax = max(float(g.max()) for g in grids)
+    for ax, name, g in zip(axes[0], names, grids):
+        sns.heatmap(g, ax=ax, vmin=0, vmax=vmax, cmap="viridis", annot=g.shape[1] <= 8, fmt=".2f",
+                    annot_kws={"size": 6}, cbar=False)
+        ax.set(title=f"{name}: share of routing slots", xlabel="expert", ylabel="layer")
+    if len(grids) == 2:
+        diff = grids[0] - grids[1]
+        lim = float(np.abs(diff).max()) or 1.0
+        sns.heatmap(diff, ax=axes[0][-1], vmin=-lim, vmax=lim, cmap="RdBu_r", annot=diff.shape[1] <= 8,
+                    fmt="+.2f", annot_kws={"size": 6}, cbar=False)
+        axes[0][-1].set(title=f"{names[0]} − {names[1]}", xlabel="expert", ylabel="layer")
+    fig.tight_layout()
+    return fig

@@ -5,8 +5,8 @@ import pytest
 
 from routelib.errors import ConfigError
 from routelib.routing import load_traces, trace_arrays
-from routelib.routing.dashboard import journey, journey_html, routing_dashboard
-from routelib.routing.study import TraceStudyConfig, live_collection, phase_mask, routing_agreement
+from routelib.views.routing_traces import journey, journey_html, routing_dashboard
+from routelib.studies.routing_traces import TraceStudyConfig, live_collection, phase_mask, routing_agreement
 
 SHIPPED = "routing_data_collected/moe-subject"
 

@@ -1,4 +1,4 @@
-"""routelib.moe_study (notebook 03's logic), routelib.plots and routelib.widgets on a tiny study."""
+"""routelib.studies.moe_vs_dense (notebook 03's logic), routelib.views.figures and routelib.views.moe_vs_dense on a tiny study."""
 
 import math
 
@@ -9,7 +9,8 @@ import torch
 
 matplotlib.use("Agg")
 
-from routelib import moe_study as study, plots, widgets  # noqa: E402
+from routelib.studies import moe_vs_dense as study
+from routelib.views import figures, moe_vs_dense as views  # noqa: E402
 from routelib.data import load_tokenizer  # noqa: E402
 from routelib.errors import ConfigError  # noqa: E402
 
@@ -101,14 +102,14 @@ def test_export_reproduces_perplexity_through_transformers(tiny, tmp_path):
 def test_dashboard_html_and_figures(tiny):
     cfg, eval_data, model, result = tiny
     tok = load_tokenizer(cfg.tokenizer)
-    routes = widgets.token_routes(model, tok, "def f(x):\n    return x + 1")
+    routes = views.token_routes(model, tok, "def f(x):\n    return x + 1")
     assert len(routes) == len(tok("def f(x):\n    return x + 1")["input_ids"])
     assert all(len(r["experts"]) == cfg.num_layers and len(r["experts"][0]) == cfg.top_k for r in routes)
-    html = widgets.routes_html(routes, layer=1)
+    html = views.routes_html(routes, layer=1)
     assert html.count("<span title=") == len(routes) and "return" in html
-    box = widgets.expert_dashboard(model, tok, {"a": "x = 1", "b": "Once upon a time"})
+    box = views.expert_dashboard(model, tok, {"a": "x = 1", "b": "Once upon a time"})
     assert "x" in box.children[2].value
     records = study.routing_records(model, eval_data)
-    assert len(plots.expert_heatmaps(records).axes) >= cfg.num_layers
-    assert plots.training_curves({"moe": result.history}).axes
-    assert plots.capacity_sweep(study.capacity_sweep(model, eval_data, [0.5, 1.0])).axes
+    assert len(views.expert_heatmaps(records).axes) >= cfg.num_layers
+    assert figures.training_curves({"moe": result.history}).axes
+    assert views.capacity_sweep(study.capacity_sweep(model, eval_data, [0.5, 1.0])).axes

@@ -1,0 +1,211 @@
+"""Views of the pathway study (notebook 01): the seed's 4-panel monosemanticity figure, with the
+controls drawn beside the fine-tuned router, purity per domain, and the pathway explorer.
+
+Every figure takes tables computed by :mod:`routelib.studies.pathways` and only draws them; it
+returns the figure. The explorer (ipywidgets) picks a routed layer and a pathway and shows its top
+tokens (count, share, lift over the corpus), the domains it serves and held-out contexts in which it
+fired; its HTML is built by :func:`pathway_html`, a plain function tested without a browser, and
+:func:`pathway_explorer` only wires controls to it.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Callable, Mapping
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+
+from routelib.errors import ConfigError
+from routelib.metrics import PathwayMetrics
+from routelib.studies.pathways import RoutingSample, pathway_contexts, pathway_domains
+
+# One colour per router, the fine-tuned one first (routelib.studies.pathways.ROUTERS order).
+ROUTER_COLOURS = {"fine-tuned": "#1f77b4", "untrained": "#ff7f0e", "random top-k": "#7f7f7f", "permuted": "#2ca02c"}
+
+
+def _colour(name: str, i: int) -> str:
+    return ROUTER_COLOURS.get(name, sns.color_palette()[i % 10])
+
+
+def purity_across_layers(summary: pd.DataFrame, ax=None):
+    """Mean (load-weighted) purity per routed layer, one line per router (``summary`` from
+    :func:`routelib.studies.pathways.summary_table`), with the purity of the whole token stream."""
+    ax = ax or plt.subplots(figsize=(5, 3.5))[1]
+    for i, (name, g) in enumerate(summary.groupby("router", sort=False)):
+        ax.plot(g["layer"], g["mean_purity"], marker="o", ms=4, label=name, color=_colour(name, i))
+    ax.axhline(summary["corpus_purity"].iloc[0], color="black", ls=":", lw=1, label="all tokens together")
+    ax.set(xlabel="layer", ylabel="purity 1 - H / log V", title="(a) pathway purity across layers")
+    ax.legend(fontsize=7)
+    return ax.figure
+
+
+def purity_distribution(purities: pd.DataFrame, ax=None, bins: int = 30):
+    """Histogram of per-pathway purity (all layers pooled), one outline per router (``purities``
+    from :func:`routelib.studies.pathways.pathway_purities`)."""
+    ax = ax or plt.subplots(figsize=(5, 3.5))[1]
+    used = purities[purities["selections"] > 0]
+    edges = np.histogram_bin_edges(used["purity"], bins=bins)
+    for i, (name, g) in enumerate(used.groupby("router", sort=False)):
+        ax.hist(g["purity"], bins=edges, histtype="step", lw=1.5, label=name, color=_colour(name, i))
+    ax.set(xlabel="purity of one pathway", ylabel="pathways", title="(b) distribution of purity")
+    ax.legend(fontsize=7)
+    return ax.figure
+
+
+def top_pathways(top: pd.DataFrame, ax=None, control: str = "permuted", max_label: int = 38):
+    """Horizontal bars: purity of the most specialised pathways (``top`` from
+    :func:`routelib.studies.pathways.specialised_pathways`), a tick at the same pathway's purity under
+    ``control``, labelled with layer, pathway and top tokens."""
+    ax = ax or plt.subplots(figsize=(5, 3.5))[1]
+    rows = top.iloc[::-1]
+    y = np.arange(len(rows))
+    ax.barh(y, rows["purity"], color=ROUTER_COLOURS["fine-tuned"], label="fine-tuned")
+    ax.scatter(rows[f"purity_{control}"], y, marker="|", s=200, color=ROUTER_COLOURS.get(control, "k"),
+               label=f"{control} control", zorder=3)
+    labels = [f"L{r.layer} P{r.pathway}: {r.top_tokens}" for r in rows.itertuples()]
+    ax.set_yticks(y, [lab if len(lab) <= max_label else lab[:max_label - 1] + "…" for lab in labels], fontsize=7)
+    lo = float(min(rows["purity"].min(), rows[f"purity_{control}"].min()))
+    ax.set_xlim(max(0.0, lo - 0.05), 1.0)
+    ax.set(xlabel="purity", title="(c) most specialised pathways (vs control)")
+    ax.legend(fontsize=7, loc="lower right")
+    return ax.figure
+
+
+def utilisation_by_layer(summary: pd.DataFrame, ax=None):
+    """Utilisation (share of pathways with load >= min_load) as bars and load balance
+    H(load)/log N as lines, per layer and router."""
+    ax = ax or plt.subplots(figsize=(5, 3.5))[1]
+    names = list(dict.fromkeys(summary["router"]))
+    layers = sorted(summary["layer"].unique())
+    width = 0.8 / len(names)
+    x = np.arange(len(layers))
+    for i, name in enumerate(names):
+        g = summary[summary["router"] == name].set_index("layer").loc[layers]
+        ax.bar(x + (i - (len(names) - 1) / 2) * width, g["utilisation"], width, color=_colour(name, i), alpha=0.45,
+               label=f"{name} utilisation")
+        ax.plot(x, g["load_balance"], marker=".", color=_colour(name, i), label=f"{name} load balance")
+    ax.set_xticks(x, [str(layer) for layer in layers])
+    ax.set_ylim(0, 1.5)  # head room for the legend above the bars
+    ax.set_yticks(np.linspace(0, 1, 6))
+    ax.set(xlabel="layer", ylabel="fraction", title="(d) utilisation and load balance by layer")
+    ax.legend(fontsize=6, ncol=2, loc="upper center")
+    return ax.figure
+
+
+def monosemanticity_figure(summary: pd.DataFrame, purities: pd.DataFrame, top: pd.DataFrame):
+    """The seed's 4-panel figure -- purity across layers, distribution of purity, top specialised
+    pathways with their tokens, utilisation by layer -- every panel with the controls."""
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
+    purity_across_layers(summary, axes[0, 0])
+    purity_distribution(purities, axes[0, 1])
+    top_pathways(top, axes[1, 0])
+    utilisation_by_layer(summary, axes[1, 1])
+    fig.tight_layout()
+    return fig
+
+
+def purity_by_domain(table: pd.DataFrame, ax=None):
+    """Grouped bars: mean purity on each domain's tokens (rows) for each router (columns), the
+    table of :func:`routelib.studies.pathways.purity_per_domain`."""
+    long = table.reset_index().melt(id_vars="domain", var_name="router", value_name="purity")
+    ax = ax or plt.subplots(figsize=(7, 3.2))[1]
+    sns.barplot(data=long, x="domain", y="purity", hue="router", ax=ax,
+                palette=[_colour(n, i) for i, n in enumerate(table.columns)])
+    ax.set_ylim(max(0.0, long["purity"].min() - 0.05), min(1.0, long["purity"].max() + 0.03))
+    ax.set(title="purity of the pathways on each domain's tokens (mean over layers)")
+    ax.legend(fontsize=7)
+    return ax.figure
+
+
+__all__ = ["monosemanticity_figure", "purity_across_layers", "purity_by_domain", "purity_distribution",
+           "top_pathways", "utilisation_by_layer"]
+
+
+# ------------------------------------------------------------------------------ pathway explorer
+DecodeIds = Callable[[list[int]], str]  # token ids -> text
+
+
+def _token(decode_ids: DecodeIds, token_id: int) -> str:
+    return html.escape(repr(decode_ids([token_id])))
+
+
+def pathway_html(sample: RoutingSample, per_layer: Mapping[int, PathwayMetrics], layer: int, pathway: int,
+                 decode_ids: DecodeIds, control: Mapping[int, PathwayMetrics] | None = None, n_tokens: int = 10,
+                 n_examples: int = 4, window: int = 12, seed: int = 0) -> str:
+    """One pathway as HTML: load and purity (beside ``control``'s purity for the same pathway, if
+    given), a table of its ``n_tokens`` most frequent tokens with their share of the pathway's
+    selections and lift over their share of all held-out tokens, its domain shares, and
+    ``n_examples`` contexts (``window`` tokens) with the routed token highlighted."""
+    if layer not in per_layer:
+        raise ConfigError(f"layer {layer} is not routed; routed layers: {sorted(per_layer)}")
+    m = per_layer[layer]
+    if not 0 <= pathway < m.num_pathways:
+        raise ConfigError(f"pathway {pathway} out of range [0, {m.num_pathways})")
+    head = (f"<b>layer {layer}, pathway {pathway}</b>: {int(m.selections[pathway])} selections "
+            f"({100 * m.load[pathway]:.1f} % of the layer's; uniform {100 / m.num_pathways:.1f} %), "
+            f"{int(m.distinct[pathway])} distinct tokens")
+    if m.selections[pathway] == 0:
+        return f"<div>{head}: never selected on the held-out text.</div>"
+    pur = f"purity {m.purity[pathway]:.3f}"
+    if control is not None:
+        pur += f" (same pathway under the control: {control[layer].purity[pathway]:.3f})"
+    corpus_share = m.corpus_counts / max(m.corpus_counts.sum(), 1)  # (V,)
+    rows = []
+    for tid, count in m.top_tokens[pathway][:n_tokens]:
+        share = count / m.selections[pathway]
+        lift = share / corpus_share[tid] if corpus_share[tid] > 0 else float("nan")
+        rows.append(f"<tr><td><code>{_token(decode_ids, tid)}</code></td><td>{count}</td>"
+                    f"<td>{100 * share:.1f} %</td><td>{lift:.1f}x</td></tr>")
+    table = ("<table><tr><th>token</th><th>count</th><th>share</th><th>lift</th></tr>"
+             + "".join(rows) + "</table>")
+    doms = pathway_domains(sample, layer, m.num_pathways).loc[pathway]
+    dom = ", ".join(f"{c[6:]} {100 * doms[c]:.0f} % ({doms['lift_' + c[6:]]:.2f}x)"
+                    for c in doms.index if c.startswith("share_"))
+    examples = []
+    for ex in pathway_contexts(sample, layer, pathway, decode_ids, n_examples, window=window, seed=seed):
+        examples.append(f"<li><i>{html.escape(ex['domain'])}</i>: <code style='white-space:pre-wrap'>"
+                        f"{html.escape(ex['context'])}<mark><b>{html.escape(ex['token'])}</b></mark></code></li>")
+    return (f"<div>{head}; {pur}</div><div>domains (share, lift): {dom}</div>{table}"
+            f"<div>contexts (routed token highlighted):</div><ul>{''.join(examples)}</ul>")
+
+
+def pathway_explorer(sample: RoutingSample, per_layer: Mapping[int, PathwayMetrics], decode_ids: DecodeIds,
+                     control: Mapping[int, PathwayMetrics] | None = None, start: tuple[int, int] | None = None):
+    """Layer dropdown + pathway slider + example seed -> :func:`pathway_html`; starts on ``start``
+    = (layer, pathway), by default the pathway with the highest purity."""
+    import ipywidgets as W
+
+    if not per_layer:
+        raise ConfigError("pathway_explorer: no routed layers to explore")
+    layers = sorted(per_layer)
+    start_layer, start_pathway = purest_pathway(per_layer) if start is None else (int(start[0]), int(start[1]))
+    if start_layer not in per_layer:
+        raise ConfigError(f"pathway_explorer: start layer {start_layer} is not routed; routed layers: {layers}")
+    layer = W.Dropdown(options=layers, value=start_layer, description="layer")
+    pathway = W.IntSlider(value=start_pathway, min=0, max=per_layer[layers[0]].num_pathways - 1, description="pathway")
+    seed = W.IntSlider(value=0, min=0, max=20, description="examples")
+    view = W.HTML()
+
+    def refresh(*_):
+        view.value = pathway_html(sample, per_layer, layer.value, pathway.value, decode_ids, control,
+                                  seed=seed.value)
+
+    for control_widget in (layer, pathway, seed):
+        control_widget.observe(refresh, names="value")
+    refresh()
+    return W.VBox([W.HBox([layer, pathway, seed]), view])
+
+
+def purest_pathway(per_layer: Mapping[int, PathwayMetrics]) -> tuple[int, int]:
+    """(layer, pathway) with the highest purity among pathways selected at least once."""
+    best = max(((np.nan_to_num(m.purity[p], nan=-1.0), layer, p) for layer, m in per_layer.items()
+                for p in range(m.num_pathways) if m.selections[p] > 0), default=None)
+    if best is None:
+        raise ConfigError("purest_pathway: no pathway was selected")
+    return best[1], best[2]
+
+
+__all__ = ["pathway_explorer", "pathway_html", "purest_pathway"]
