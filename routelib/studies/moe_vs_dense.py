@@ -128,20 +128,25 @@ def training_batches(cfg: MoEStudyConfig) -> TokenWindows:
 
 # ------------------------------------------------------------------------------------- training
 def train_arm(name: str, lm_cfg: LMConfig, cfg: MoEStudyConfig, batch_fn, eval_data=None,
-              callbacks=()) -> tuple[LM, TrainResult]:
+              callbacks=(), *, eval_every: int = 0, log_every: int | None = None,
+              stop_step: int | None = None) -> tuple[LM, TrainResult]:
     """Train one arm with ``routelib.train``. Checkpoints go to ``out_dir/checkpoints/<name>-<hash>``,
     the hash covering everything that shapes the run, so an interrupted run resumes where it
-    stopped, a finished one is loaded instead of retrained, and other parameters start afresh."""
+    stopped, a finished one is loaded instead of retrained, and other parameters start afresh.
+    ``eval_every``/``log_every`` (default: 20 records per run) thin or thicken the history;
+    ``stop_step`` ends early with the schedule unchanged (the reproduction test)."""
     torch.manual_seed(cfg.seed)
     model = LM(lm_cfg)
     tcfg = TrainConfig(
         max_steps=cfg.steps, lr=cfg.lr, warmup_steps=min(cfg.warmup_steps, cfg.steps), seed=cfg.seed,
-        log_every=max(1, cfg.steps // 20), eval_every=0, eval_batches=8,
+        log_every=log_every or max(1, cfg.steps // 20), eval_every=eval_every,
+        eval_batches=len(eval_data) if isinstance(eval_data, list) and eval_data else 8,
         ckpt_every=cfg.ckpt_every if name == "moe" else 0, device=cfg.device,
     )
     identity = [dataclasses.asdict(lm_cfg), dataclasses.asdict(tcfg), cfg.tokenizer, cfg.seq_len, cfg.batch_size]
     run_hash = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
     tcfg.out_dir = str(cfg.run_dir() / "checkpoints" / f"{name}-{run_hash}")
+    tcfg.stop_step = stop_step
     result = train(model, batch_fn, tcfg, eval_data=eval_data, callbacks=callbacks, resume=True)
     return model.eval(), result
 
@@ -350,13 +355,144 @@ def export_subject(model: LM, cfg: MoEStudyConfig, result: TrainResult, eval_dat
     return card
 
 
+# ------------------------------------------------------------------------------- reference run
+REFERENCE_DIR = "data/reference/03_moe_speedup"  # committed results of the reference run (DESIGN.md §7)
+
+
+def flops_split(lm_cfg: LMConfig, seq_len: int) -> dict[str, float]:
+    """Analytic forward FLOPs per token by part (2 per multiply-add, context T = ``seq_len``, as in
+    :meth:`LM.flops_per_token`): attention projections, attention scores (2 L T d_attn), the FFN
+    (k experts of 3 H I each, or the dense SwiGLU), the router (H E), the LM head (V H) and the rest
+    (norms). ``ffn_share`` is the FFN's share of the non-embedding FLOPs (everything but the head)."""
+    c = lm_cfg
+    d_attn, d_kv = c.num_heads * c.head_size, c.num_kv_heads * c.head_size
+    attn_proj = 2 * c.num_layers * c.hidden_size * (2 * d_attn + 2 * d_kv)
+    attn_scores = 2 * c.num_layers * seq_len * d_attn
+    width = c.top_k * c.intermediate_size if c.is_moe else c.intermediate_size
+    ffn = 2 * c.num_layers * 3 * c.hidden_size * width
+    router = 2 * c.num_layers * c.hidden_size * c.num_experts if c.is_moe else 0
+    head = 2 * c.vocab_size * c.hidden_size
+    non_embedding = attn_proj + attn_scores + ffn + router
+    return {"attention_projections": attn_proj, "attention_scores": attn_scores, "ffn": ffn, "router": router,
+            "lm_head": head, "non_embedding": non_embedding, "ffn_share": ffn / non_embedding}
+
+
+def _history_frame(result: TrainResult, tokens_per_step: int, train_flops_per_token: float) -> pd.DataFrame:
+    df = pd.DataFrame(result.history)
+    df.insert(1, "tokens", df["step"] * tokens_per_step)
+    df.insert(2, "train_flops", df["tokens"] * train_flops_per_token)
+    return df
+
+
+def _reference_eval_list(eval_data: dict[str, list], per_domain: int) -> list:
+    """The held-out batches logged during training: the first ``per_domain`` of every domain."""
+    return [b for batches in eval_data.values() for b in batches[:per_domain]]
+
+
+def reference_run(cfg: MoEStudyConfig, out_dir: str | Path = REFERENCE_DIR, seeds: tuple[int, ...] = (0,),
+                  seed_arms: tuple[str, ...] = ARMS, eval_every: int = 50, log_every: int = 10,
+                  eval_per_domain: int = 2, command: str | None = None) -> dict:
+    """Notebook 03's reference run: the three arms on the same batches for ``seeds[0]`` (and the arms
+    in ``seed_arms`` for the other seeds, each seed its own init and batch order), then, on the first
+    seed's models: perplexity per domain, round-robin latency, one MoE layer against transformers'
+    MixtralSparseMoeBlock at the same shape, expert specialisation by domain over the MoE arm's
+    checkpoints, load balance, the capacity sweep and the seed's claims. Results are written as each
+    arm finishes (training resumes from ``cfg.out_dir`` checkpoints); the manifest comes last."""
+    import time
+
+    from routelib import moe_bench
+    from routelib.reference import command_line, write_manifest
+    from routelib.routing.weights import checkpoint_steps
+
+    t0 = time.perf_counter()
+    out = paths.in_repo(out_dir)
+    (out / "history").mkdir(parents=True, exist_ok=True)
+    eval_data = domain_eval_data(cfg)
+    curve_data = _reference_eval_list(eval_data, eval_per_domain)
+    arms_cfg = cfg.arm_configs()
+    models, results, ppl_rows = {}, {}, []
+    for i, seed in enumerate(seeds):
+        cfg_s = dataclasses.replace(cfg, seed=seed)
+        batches = training_batches(cfg_s)
+        for arm in (ARMS if i == 0 else seed_arms):
+            lm_cfg = arms_cfg[arm]
+            model, result = train_arm(arm, lm_cfg, cfg_s, batches, eval_data=curve_data, eval_every=eval_every,
+                                      log_every=log_every)
+            fwd = model.flops_per_token(cfg.seq_len)
+            _history_frame(result, batches.tokens_per_step, 3 * fwd).to_csv(out / "history" / f"{arm}_seed{seed}.csv", index=False)
+            ppl = perplexity_by_domain(model, eval_data)
+            ppl_rows += [dict(arm=arm, seed=seed, domain=d, perplexity=v) for d, v in ppl.items()]
+            pd.DataFrame(ppl_rows).to_csv(out / "perplexity.csv", index=False)
+            if i == 0:
+                models[arm], results[arm] = model, result
+            print(f"{arm} seed {seed}: perplexity {ppl['overall']:.2f} ({result.wall_s:.0f} s)", flush=True)
+    ppl0 = {arm: {r["domain"]: r["perplexity"] for r in ppl_rows if r["arm"] == arm and r["seed"] == seeds[0]} for arm in ARMS}
+    lat = latency(models, cfg, rounds=5)
+    table = comparison_table(models, results, ppl0, lat, cfg.seq_len)
+    split = pd.DataFrame({arm: flops_split(c, cfg.seq_len) for arm, c in arms_cfg.items()}).T
+    table = table.join(split[["ffn_share"]])
+    table.to_csv(out / "comparison.csv")
+    split.to_csv(out / "flops_split.csv")
+    seed_claims(table).to_csv(out / "claims.csv")
+    layer = moe_bench.benchmark(hidden=cfg.hidden_size, ffn=cfg.intermediate_size, experts=cfg.num_experts,
+                                top_k=cfg.top_k, tokens=(cfg.batch_size * cfg.seq_len,), dtype="fp32",
+                                device=str(cfg.device_()), rounds=5, min_time_s=0.5)
+    layer.to_csv(out / "moe_layer_vs_transformers.csv", index=False)
+    # expert specialisation over the MoE arm's checkpoints (first seed)
+    moe_run = Path(results["moe"].checkpoint).parent
+    spec = []
+    for step, folder in checkpoint_steps(moe_run):
+        m = LM(arms_cfg["moe"])
+        from routelib.train import load_checkpoint
+        load_checkpoint(folder, m)
+        spec.append(routing_records(m.eval(), eval_data).assign(step=step))
+    records = pd.concat(spec, ignore_index=True)
+    records.to_csv(out / "specialisation.csv", index=False)
+    final = records[records["step"] == records["step"].max()]
+    load_balance(final).to_csv(out / "load_balance.csv")
+    capacity_sweep(models["moe"], eval_data, cfg.factors()).to_csv(out / "capacity.csv", index=False)
+    params = dict(study_config=dataclasses.asdict(cfg), seeds=list(seeds), seed_arms=list(seed_arms),
+                  eval_every=eval_every, log_every=log_every, eval_per_domain=eval_per_domain,
+                  tokens_per_arm=cfg.steps * cfg.batch_size * cfg.seq_len)
+    manifest = write_manifest(out, command=command or command_line(), params=params, wall_s=time.perf_counter() - t0,
+                              extra={"flops_formula": flops_formula(arms_cfg["moe"])})
+    return manifest
+
+
+def load_reference(out_dir: str | Path = REFERENCE_DIR) -> dict:
+    """The committed reference run (hash-checked): manifest, comparison, perplexity per arm/seed/domain,
+    histories, FLOPs split, claims, layer benchmark, specialisation over checkpoints, balance, capacity."""
+    from routelib.reference import load_manifest
+
+    out = paths.in_repo(out_dir)
+    manifest = load_manifest(out)
+    histories = {p.stem: pd.read_csv(p) for p in sorted((out / "history").glob("*.csv"))}
+    return dict(
+        manifest=manifest, histories=histories,
+        comparison=pd.read_csv(out / "comparison.csv", index_col=0),
+        perplexity=pd.read_csv(out / "perplexity.csv"),
+        flops_split=pd.read_csv(out / "flops_split.csv", index_col=0),
+        claims=pd.read_csv(out / "claims.csv", index_col=0),
+        layer=pd.read_csv(out / "moe_layer_vs_transformers.csv"),
+        specialisation=pd.read_csv(out / "specialisation.csv"),
+        load_balance=pd.read_csv(out / "load_balance.csv", index_col=0),
+        capacity=pd.read_csv(out / "capacity.csv"),
+    )
+
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m routelib.studies.moe_vs_dense subject --out data/moe-subject [--field value ...]``: train the
     MoE arm only (no dense baselines) and export it with a model card. Every MoEStudyConfig field is
     an option (``--num_experts 8``)."""
     parser = argparse.ArgumentParser(prog="python -m routelib.studies.moe_vs_dense", description=main.__doc__)
-    parser.add_argument("command", choices=["subject"])
-    parser.add_argument("--out", required=True, help="export folder, e.g. data/moe-subject")
+    parser.add_argument("command", choices=["subject", "reference"])
+    parser.add_argument("--out", default=None, help="subject: export folder (data/moe-subject); reference: "
+                        f"results folder (default {REFERENCE_DIR})")
+    parser.add_argument("--seeds", default="0", help="reference: comma list of seeds; the first trains every arm")
+    parser.add_argument("--seed_arms", default=",".join(ARMS), help="reference: arms trained for the other seeds")
+    parser.add_argument("--eval_every", type=int, default=50, help="reference: held-out loss every this many steps")
+    parser.add_argument("--log_every", type=int, default=10, help="reference: training-loss record every this many steps")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     for f in dataclasses.fields(MoEStudyConfig):
         parser.add_argument(f"--{f.name}", type=type(f.default) if f.default is not None else str, default=None)
@@ -366,6 +502,16 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(MoEStudyConfig) if getattr(args, f.name) is not None}
     if isinstance(overrides.get("dense_baselines"), str):
         overrides["dense_baselines"] = overrides["dense_baselines"].lower() in ("1", "true", "yes")
+    if args.command == "reference":
+        cfg = MoEStudyConfig(**{**overrides, "dense_baselines": True})
+        seed_arms = tuple(a for a in args.seed_arms.split(",") if a)
+        if not set(seed_arms) <= set(ARMS):
+            parser.error(f"--seed_arms {args.seed_arms!r}: choose from {', '.join(ARMS)}")
+        reference_run(cfg, args.out or REFERENCE_DIR, tuple(int(x) for x in args.seeds.split(",")), seed_arms,
+                      args.eval_every, args.log_every)
+        return 0
+    if args.out is None:
+        parser.error("subject needs --out (e.g. data/moe-subject)")
     cfg = MoEStudyConfig(**{**overrides, "dense_baselines": False})
     lm_cfg = cfg.moe_config()
     model, result = train_arm("moe", lm_cfg, cfg, training_batches(cfg))

@@ -1,0 +1,105 @@
+"""Reference runs (DESIGN.md §7): a study run once at a scale that can decide its question, its
+small result files committed under ``data/reference/<notebook>/`` beside a ``manifest.json`` that
+says exactly how they were made -- the command, the commit, the parameters, the environment, the
+wall time -- and the sha256 of every result file. :func:`load_manifest` checks those hashes, so a
+notebook never shows numbers that are not the ones the run wrote.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+
+from routelib import paths
+from routelib.errors import RoutelibError
+from routelib.io import atomic_write_bytes
+
+MANIFEST = "manifest.json"
+
+
+class ReferenceError(RoutelibError, ValueError):
+    """A reference-run folder is missing, incomplete or does not match its manifest."""
+
+
+def sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def git_commit() -> dict:
+    """The repository's HEAD commit and whether tracked files differ from it (None outside git)."""
+    def run(*args):
+        return subprocess.run(["git", *args], cwd=paths.REPO_ROOT, capture_output=True, text=True, timeout=30)
+
+    try:
+        head = run("rev-parse", "HEAD")
+        dirty = run("status", "--porcelain", "--untracked-files=no", "--", "routelib")
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": head.stdout.strip() or None, "dirty": bool(dirty.stdout.strip()) if dirty.returncode == 0 else None}
+
+
+def environment() -> dict:
+    """Versions and hardware that shape the numbers: python, torch, transformers, device, threads."""
+    import torch
+
+    try:
+        import transformers
+        tf = transformers.__version__
+    except ImportError:
+        tf = None
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": tf,
+            "device": gpu or f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+            "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
+
+
+def command_line() -> str:
+    """The command that started this process, as a user would type it (``python -m ...``)."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    head = f"python -m {spec.name}" if spec is not None and spec.name else f"python {sys.argv[0]}"
+    return " ".join([head, *sys.argv[1:]])
+
+
+def write_manifest(out_dir: str | os.PathLike, *, command: str, params: dict, wall_s: float,
+                   extra: dict | None = None) -> dict:
+    """Hash every result file in ``out_dir`` (all files but the manifest) and write the manifest
+    atomically. Returns it."""
+    out = paths.in_repo(out_dir)
+    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp"))
+    manifest = {
+        "command": command, **git_commit(), "params": params, "environment": environment(),
+        "wall_s": round(float(wall_s), 1),
+        "files": {p.relative_to(out).as_posix(): {"sha256": sha256(p), "bytes": p.stat().st_size} for p in files},
+        **(extra or {}),
+    }
+    atomic_write_bytes(out / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n").encode())
+    return manifest
+
+
+def load_manifest(out_dir: str | os.PathLike) -> dict:
+    """The manifest of a reference-run folder after checking that every listed file exists with its
+    recorded sha256; raises :class:`ReferenceError` naming the first file that does not."""
+    out = paths.in_repo(out_dir)
+    path = out / MANIFEST
+    if not path.is_file():
+        raise ReferenceError(f"{path}: no manifest; this folder holds no finished reference run")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ReferenceError(f"{path}: not valid JSON ({err})") from None
+    for name, meta in manifest.get("files", {}).items():
+        f = out / name
+        if not f.is_file():
+            raise ReferenceError(f"{f}: listed in {path.name} but missing")
+        if sha256(f) != meta["sha256"]:
+            raise ReferenceError(f"{f}: sha256 differs from {path.name}; the file was changed after the run")
+    return manifest
