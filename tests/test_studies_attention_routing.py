@@ -1,4 +1,4 @@
-"""routelib.studies.attention_routing (notebook 02's logic) on a tiny study: run plan, training with routing
+"""routelib.studies.attention_routing (notebook 02's logic) and routelib.views.attention_routing on a tiny study: run plan, training with routing
 statistics, checkpoint reuse, comparisons and the verdict rule, the alpha sweep, the speed sweep,
 token analysis and HTML, figures."""
 
@@ -13,6 +13,7 @@ import torch
 matplotlib.use("Agg")
 
 from routelib.studies import attention_routing as study  # noqa: E402
+from routelib.views import attention_routing as views  # noqa: E402
 from routelib.config import from_params  # noqa: E402
 from routelib.data import load_tokenizer  # noqa: E402
 from routelib.errors import ConfigError  # noqa: E402
@@ -203,15 +204,15 @@ def test_token_analysis_and_html(tiny):
     top = study.top_tokens(tok, min_count=2, n=3)
     assert set(top["end"]) == {"most", "least"} and (top["count"] >= 2).all()
     window = tok[(tok["domain"] == "code") & (tok["window"] == 0)]
-    page = study.routing_html(window, "code")
+    page = views.routing_html(window, "code")
     assert page.count("<span title=") == cfg.seq_len and "p_softmax=" in page and "<b>code</b>" in page
     one = window.head(1).assign(token="<a&b>", softmax_L1=True, softmax_L2=True)
-    assert "&lt;a&amp;b&gt;" in study.routing_html(one) and study.ROUTE_COLOURS[2] in study.routing_html(one)
+    assert "&lt;a&amp;b&gt;" in views.routing_html(one) and views.ROUTE_COLOURS[2] in views.routing_html(one)
 
 
 def test_figures(tiny):
     cfg, _, runs = tiny
-    assert study.plot_training(runs, cfg).axes
-    assert study.plot_alpha_sweep(study.alpha_sweep_table(runs.table, cfg)).axes
+    assert views.plot_training(runs, cfg).axes
+    assert views.plot_alpha_sweep(study.alpha_sweep_table(runs.table, cfg)).axes
     speed = pd.DataFrame(dict(model=["static", "dynamic"] * 2, seq_len=[16, 16, 32, 32], tokens_per_s=[1.0, 2.0, 3.0, 4.0]))
-    assert study.plot_speed(speed).axes
+    assert views.plot_speed(speed).axes
