@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -478,6 +479,66 @@ def load_reference(out_dir: str | Path = REFERENCE_DIR) -> dict:
         load_balance=pd.read_csv(out / "load_balance.csv", index_col=0),
         capacity=pd.read_csv(out / "capacity.csv"),
     )
+
+
+
+def specialisation_summary(records: pd.DataFrame) -> pd.DataFrame:
+    """Per (step, layer): the mutual information I(domain; expert) in bits between a held-out
+    token's domain and the experts it is sent to (top-k assignments counted, domains weighted by
+    their token counts), and its maximum log2(min(D, E)); 0 means routing ignores the domain."""
+    rows = []
+    for (step, layer), grp in records.groupby(["step", "layer"]):
+        joint = grp.pivot_table(index="domain", columns="expert", values="count", aggfunc="sum").fillna(0.0).to_numpy()
+        p = joint / joint.sum()  # (D, E)
+        pd_, pe = p.sum(1, keepdims=True), p.sum(0, keepdims=True)
+        nz = p > 0
+        mi = float((p[nz] * np.log2(p[nz] / (pd_ @ pe)[nz])).sum())
+        rows.append(dict(step=int(step), layer=int(layer), mi_bits=mi, max_bits=float(np.log2(min(p.shape)))))
+    return pd.DataFrame(rows)
+
+
+def reference_perplexity(ppl: pd.DataFrame) -> pd.DataFrame:
+    """Overall and per-domain validation perplexity per arm: mean over the seeds the arm ran, and
+    the number of seeds (rows: arms; columns: domains + ``seeds``)."""
+    table = ppl.pivot_table(index="arm", columns="domain", values="perplexity", aggfunc="mean")
+    table["seeds"] = ppl.groupby("arm")["seed"].nunique()
+    order = [a for a in ARMS if a in table.index]
+    cols = [c for c in ("overall", "code", "math", "fiction", "encyclopedic", "news") if c in table.columns] + ["seeds"]
+    return table.loc[order, cols]
+
+
+def reference_claims(ref: dict) -> pd.DataFrame:
+    """The seed's claims beside the reference run: :func:`seed_claims` on the comparison table,
+    plus the FLOPs saving on the non-embedding (transformer-block) FLOPs, where the experts live."""
+    claims = seed_claims(ref["comparison"])
+    split = ref["flops_split"]["non_embedding"]
+    extra = pd.DataFrame({"seed": ["78 %"], "this run": [
+        f"{_saving(split['moe'], split['dense_total'])} vs equal-total dense; "
+        f"{_saving(split['moe'], split['dense_active'])} vs equal-active (non-embedding FLOPs)"]},
+        index=pd.Index(["FLOPs reduction, transformer blocks only"], name="claim"))
+    return pd.concat([claims, extra])
+
+
+def reference_verdict(ref: dict) -> str:
+    """The verdict of the reference run in words, every number read from its files."""
+    ppl = ref["perplexity"]
+    overall = ppl[ppl["domain"] == "overall"]
+    mean = overall.groupby("arm")["perplexity"].mean()
+    cmp_, split = ref["comparison"], ref["flops_split"]
+    tokens = ref["manifest"]["params"]["tokens_per_arm"]
+    moe_vs_act = overall.pivot_table(index="seed", columns="arm", values="perplexity").dropna(subset=["moe", "dense_active"])
+    gaps = (moe_vs_act["moe"] - moe_vs_act["dense_active"]).round(2).tolist()
+    return (
+        f"After {tokens / 1e6:.2f} M training tokens per arm, validation perplexity (all domains) is "
+        f"{mean['moe']:.2f} for the MoE, {mean['dense_active']:.2f} for the dense model with equal active "
+        f"parameters and {mean['dense_total']:.2f} for the dense model with equal total parameters "
+        f"(MoE − equal-active per seed: {gaps}). The MoE's forward pass costs "
+        f"{split.loc['moe', 'non_embedding'] / split.loc['dense_total', 'non_embedding']:.2f}× the equal-total "
+        f"model's non-embedding FLOPs (FFN {100 * split.loc['moe', 'ffn_share']:.0f} % of them). On this CPU it "
+        f"trains at {cmp_.loc['moe', 'train_tokens_per_s']:,.0f} tokens/s against "
+        f"{cmp_.loc['dense_active', 'train_tokens_per_s']:,.0f} (equal active) and "
+        f"{cmp_.loc['dense_total', 'train_tokens_per_s']:,.0f} (equal total); prefill "
+        f"{cmp_.loc['dense_total', 'prefill_ms'] / cmp_.loc['moe', 'prefill_ms']:.2f}× the equal-total model's speed.")
 
 
 

@@ -100,3 +100,35 @@ def capacity_sweep(sweep: pd.DataFrame):
     b.legend()
     fig.tight_layout()
     return fig
+
+
+def reference_curves(histories: Mapping[str, pd.DataFrame], key: str = "eval_loss"):
+    """Held-out loss of every reference arm (``{"<arm>_seed<s>": history}``) against training tokens
+    and against training FLOPs (3x the forward FLOPs per token: the compute-matched view)."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+    for i, (name, h) in enumerate(sorted(histories.items())):
+        rows = h.dropna(subset=[key])
+        arm = name.rsplit("_seed", 1)[0]
+        style = dict(color=PALETTE[["moe", "dense_active", "dense_total"].index(arm) if arm in
+                                   ("moe", "dense_active", "dense_total") else i % 10],
+                     ls="-" if name.endswith("seed0") else "--", label=name)
+        axes[0].plot(rows["tokens"] / 1e6, rows[key], **style)
+        axes[1].plot(rows["train_flops"] / 1e12, rows[key], **style)
+    axes[0].set(xlabel="training tokens (M)", ylabel="held-out loss (nats)", title="loss against tokens")
+    axes[1].set(xlabel="training FLOPs (TFLOP)", ylabel="held-out loss (nats)", title="loss against compute")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def specialisation_over_training(summary: pd.DataFrame):
+    """Mutual information between a token's domain and its experts (bits) per MoE layer against the
+    training step (``summary`` from ``routelib.studies.moe_vs_dense.specialisation_summary``)."""
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for layer, grp in summary.groupby("layer"):
+        ax.plot(grp["step"], grp["mi_bits"], marker="o", label=f"layer {layer}")
+    ax.set(xlabel="training step", ylabel="I(domain; expert) (bits)", title="expert specialisation by domain")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
