@@ -205,18 +205,30 @@ def test_resume_from_an_older_checkpoint_when_the_newest_is_gone(tmp_path, refer
     assert resumed.losses == reference.losses
 
 
+@pytest.fixture(params=["foreground", "background"])
+def caller_sigint(request):
+    """The SIGINT disposition the test starts with: Python's default, or ignored (as in a job started
+    with `make test &` or nohup); restored afterwards."""
+    old = signal.getsignal(signal.SIGINT)
+    if request.param == "background":
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    yield request.param
+    signal.signal(signal.SIGINT, old)
+
+
 @pytest.mark.parametrize("how", ["raise", "sigint"])
-def test_keyboard_interrupt_writes_a_checkpoint_and_resume_is_exact(tmp_path, reference, how):
+def test_keyboard_interrupt_writes_a_checkpoint_and_resume_is_exact(tmp_path, reference, how, caller_sigint):
     def interrupt(event, state):
         if event == "step" and state.step == 5:
             if how == "raise":
                 raise KeyboardInterrupt
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: the loop finishes step 5, then stops
 
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN when started in the background
     with pytest.raises(KeyboardInterrupt):
         run(cfg(out_dir=tmp_path, ckpt_every=4), callbacks=[interrupt])
     assert latest_checkpoint(tmp_path).name == "step_000005"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is before  # the caller's handler restored
     resumed = run(cfg(out_dir=tmp_path, ckpt_every=4), resume=True)
     assert resumed.losses == reference.losses
 
