@@ -405,9 +405,16 @@ def reference_run(cfg: MoEStudyConfig, out_dir: str | Path = REFERENCE_DIR, seed
     from routelib.reference import command_line, write_manifest
     from routelib.routing.weights import checkpoint_steps
 
-    t0 = time.perf_counter()
+    from routelib.reference import git_commit
+
+    t0, started = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     out = paths.in_repo(out_dir)
     (out / "history").mkdir(parents=True, exist_ok=True)
+    code = git_commit()  # the code this invocation runs (a resumed run has several invocations)
+    log = out / "invocations.json"  # every invocation, interrupted ones too (finished: null)
+    invocations = json.loads(log.read_text()) if log.is_file() else []
+    invocations.append(dict(command=command or command_line(), **code, started=started, finished=None, wall_s=None))
+    log.write_text(json.dumps(invocations, indent=2) + "\n")
     eval_data = domain_eval_data(cfg)
     curve_data = _reference_eval_list(eval_data, eval_per_domain)
     arms_cfg = cfg.arm_configs()
@@ -437,7 +444,7 @@ def reference_run(cfg: MoEStudyConfig, out_dir: str | Path = REFERENCE_DIR, seed
     seed_claims(table).to_csv(out / "claims.csv")
     layer = moe_bench.benchmark(hidden=cfg.hidden_size, ffn=cfg.intermediate_size, experts=cfg.num_experts,
                                 top_k=cfg.top_k, tokens=(cfg.batch_size * cfg.seq_len,), dtype="fp32",
-                                device=str(cfg.device_()), rounds=5, min_time_s=0.5)
+                                device=str(cfg.device_()), rounds=5, min_time_s=cfg.bench_min_time_s)
     layer.to_csv(out / "moe_layer_vs_transformers.csv", index=False)
     # expert specialisation over the MoE arm's checkpoints (first seed)
     moe_run = Path(results["moe"].checkpoint).parent
@@ -455,8 +462,13 @@ def reference_run(cfg: MoEStudyConfig, out_dir: str | Path = REFERENCE_DIR, seed
     params = dict(study_config=dataclasses.asdict(cfg), seeds=list(seeds), seed_arms=list(seed_arms),
                   eval_every=eval_every, log_every=log_every, eval_per_domain=eval_per_domain,
                   tokens_per_arm=cfg.steps * cfg.batch_size * cfg.seq_len)
-    manifest = write_manifest(out, command=command or command_line(), params=params, wall_s=time.perf_counter() - t0,
-                              extra={"flops_formula": flops_formula(arms_cfg["moe"])})
+    invocations[-1].update(finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                           wall_s=round(time.perf_counter() - t0, 1))
+    log.write_text(json.dumps(invocations, indent=2) + "\n")
+    manifest = write_manifest(out, command=command or command_line(), params=params,
+                              wall_s=sum(i["wall_s"] or 0.0 for i in invocations),
+                              extra={"flops_formula": flops_formula(arms_cfg["moe"]), **code,
+                                     "invocations": len(invocations)})
     return manifest
 
 
