@@ -17,3 +17,7 @@ class OfflineError(RoutelibError, ConnectionError):
 
 class ConfigError(RoutelibError, ValueError):
     """A bad parameter: unknown name, wrong type or out-of-range value."""
+
+
+class ModelNotFoundError(RoutelibError, FileNotFoundError):
+    """A model given by path or name is neither a local model folder nor reachable on the Hub."""

@@ -14,12 +14,12 @@ import argparse
 import ast
 import json
 import math
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from routelib import paths
+from routelib.errors import ConfigError
 from routelib.io import atomic_write_bytes
 
 #: papermill's kernel; every committed notebook declares it (checked by tests/test_notebooks.py).
@@ -152,6 +152,9 @@ def report(name: str, metrics: Mapping[str, Any], digits: int = 4) -> dict[str, 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     notebooks = list_notebooks(args.only)
+    if not notebooks and args.only:
+        raise ConfigError(f"no notebook in {paths.NOTEBOOKS_DIR} starts with {' or '.join(args.only)}; "
+                          f"there are: {', '.join(p.name for p in list_notebooks()) or 'none'}")
     if not notebooks:
         print(f"no notebooks in {paths.NOTEBOOKS_DIR} yet: nothing to run")
         return 0
@@ -179,6 +182,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_refresh(args: argparse.Namespace) -> int:
     notebooks = list_notebooks(args.only)
+    if not notebooks and args.only:
+        raise ConfigError(f"no notebook in {paths.NOTEBOOKS_DIR} starts with {' or '.join(args.only)}; "
+                          f"there are: {', '.join(p.name for p in list_notebooks()) or 'none'}")
     if not notebooks:
         print(f"no notebooks in {paths.NOTEBOOKS_DIR} yet: nothing to refresh")
     for nb in notebooks:
@@ -202,4 +208,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from routelib import cli
+
+    raise SystemExit(cli.run(main))

@@ -84,7 +84,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from routelib.errors import ConfigError, RoutelibError
+from routelib.errors import ConfigError, ModelNotFoundError, RoutelibError
 from routelib.progress import progress_bar
 from routelib.routing import traces as T
 
@@ -886,9 +886,40 @@ def load_model(name_or_path: str, *, dtype: str = "auto", device_map: str | None
 
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                            bnb_4bit_compute_dtype=torch.bfloat16)
+    name_or_path = resolve_model(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs).eval()
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     return model, tokenizer
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # "org/name" or "name"
+
+
+def resolve_model(name_or_path: str) -> str:
+    """``name_or_path`` checked before transformers sees it: an existing folder must hold a
+    ``config.json``; a path that does not exist raises :class:`ModelNotFoundError`; a Hub id must be
+    in the local Hugging Face cache or the Hub must be reachable (else one clear error, at once)."""
+    from routelib.data.hub import require_hub
+
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{path} has no config.json: not a transformers model folder")
+        return str(path)
+    if path.exists() or not _HUB_ID.fullmatch(name_or_path) or name_or_path.startswith((".", "~")):
+        raise ModelNotFoundError(f"model folder {name_or_path!r} does not exist (and it is not a Hub id like 'org/name')")
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+            return name_or_path  # cached: transformers loads it offline
+    except ImportError:
+        pass
+    try:
+        require_hub(f"model {name_or_path!r} (not a local folder, not in the Hugging Face cache)")
+    except RoutelibError as err:
+        raise ModelNotFoundError(str(err)) from None
+    return name_or_path
 
 
 def _per_dataset(value: str | None, datasets: list[str], cast, option: str) -> dict[str, Any]:
@@ -936,6 +967,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    unknown = [d for d in datasets if d not in BENCHMARK_TEMPLATES]
+    if unknown or not datasets:
+        raise ConfigError(f"--datasets {args.datasets!r}: unknown {unknown or 'empty list'}; "
+                          f"choose from {', '.join(sorted(BENCHMARK_TEMPLATES))}")
     max_new = _per_dataset(args.max_new_tokens, datasets, int, "--max_new_tokens")
     limits = _per_dataset(args.limit, datasets, int, "--limit")
     device_map = args.device_map or ("auto" if torch.cuda.is_available() else None)
@@ -982,4 +1017,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from routelib import cli
+
+    raise SystemExit(cli.run(main))

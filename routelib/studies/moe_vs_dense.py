@@ -595,4 +595,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from routelib import cli
+
+    raise SystemExit(cli.run(main))
