@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -390,15 +391,28 @@ def _reference_eval_list(eval_data: dict[str, list], per_domain: int) -> list:
     return [b for batches in eval_data.values() for b in batches[:per_domain]]
 
 
+def _log_invocation(log: Path, entry: dict) -> list[dict]:
+    """Add ``entry`` to the JSON list in ``log``, or replace the one with the same start and pid
+    (re-read each time: invocations training arms side by side share the file). Returns the list."""
+    invocations = json.loads(log.read_text()) if log.is_file() else []
+    key = (entry["started"], entry.get("pid"))
+    invocations = [e for e in invocations if (e.get("started"), e.get("pid")) != key] + [entry]
+    invocations.sort(key=lambda e: e["started"])
+    log.write_text(json.dumps(invocations, indent=2) + "\n")
+    return invocations
+
+
 def reference_run(cfg: MoEStudyConfig, out_dir: str | Path = REFERENCE_DIR, seeds: tuple[int, ...] = (0,),
                   seed_arms: tuple[str, ...] = ARMS, eval_every: int = 50, log_every: int = 10,
-                  eval_per_domain: int = 2, command: str | None = None) -> dict:
+                  eval_per_domain: int = 2, command: str | None = None, train_only: tuple[str, ...] = ()) -> dict:
     """Notebook 03's reference run: the three arms on the same batches for ``seeds[0]`` (and the arms
     in ``seed_arms`` for the other seeds, each seed its own init and batch order), then, on the first
     seed's models: perplexity per domain, round-robin latency, one MoE layer against transformers'
     MixtralSparseMoeBlock at the same shape, expert specialisation by domain over the MoE arm's
     checkpoints, load balance, the capacity sweep and the seed's claims. Results are written as each
-    arm finishes (training resumes from ``cfg.out_dir`` checkpoints); the manifest comes last."""
+    arm finishes (training resumes from ``cfg.out_dir`` checkpoints); the manifest comes last.
+    ``train_only``: train just these arms of the first seed and stop (several processes can then train
+    arms side by side; a final invocation without it loads them and measures)."""
     import time
 
     from routelib import moe_bench
@@ -412,9 +426,8 @@ def reference_run(cfg: MoEStudyConfig, out_dir: str | Path = REFERENCE_DIR, seed
     (out / "history").mkdir(parents=True, exist_ok=True)
     code = git_commit()  # the code this invocation runs (a resumed run has several invocations)
     log = out / "invocations.json"  # every invocation, interrupted ones too (finished: null)
-    invocations = json.loads(log.read_text()) if log.is_file() else []
-    invocations.append(dict(command=command or command_line(), **code, started=started, finished=None, wall_s=None))
-    log.write_text(json.dumps(invocations, indent=2) + "\n")
+    me = dict(command=command or command_line(), **code, started=started, pid=os.getpid(), finished=None, wall_s=None)
+    _log_invocation(log, me)
     eval_data = domain_eval_data(cfg)
     curve_data = _reference_eval_list(eval_data, eval_per_domain)
     arms_cfg = cfg.arm_configs()
@@ -422,18 +435,26 @@ def reference_run(cfg: MoEStudyConfig, out_dir: str | Path = REFERENCE_DIR, seed
     for i, seed in enumerate(seeds):
         cfg_s = dataclasses.replace(cfg, seed=seed)
         batches = training_batches(cfg_s)
-        for arm in (ARMS if i == 0 else seed_arms):
+        for arm in (train_only or ARMS) if i == 0 else seed_arms:
             lm_cfg = arms_cfg[arm]
             model, result = train_arm(arm, lm_cfg, cfg_s, batches, eval_data=curve_data, eval_every=eval_every,
                                       log_every=log_every)
             fwd = model.flops_per_token(cfg.seq_len)
             _history_frame(result, batches.tokens_per_step, 3 * fwd).to_csv(out / "history" / f"{arm}_seed{seed}.csv", index=False)
+            if train_only:
+                continue
             ppl = perplexity_by_domain(model, eval_data)
             ppl_rows += [dict(arm=arm, seed=seed, domain=d, perplexity=v) for d, v in ppl.items()]
             pd.DataFrame(ppl_rows).to_csv(out / "perplexity.csv", index=False)
             if i == 0:
                 models[arm], results[arm] = model, result
             print(f"{arm} seed {seed}: perplexity {ppl['overall']:.2f} ({result.wall_s:.0f} s)", flush=True)
+        if train_only:
+            break
+    if train_only:
+        _log_invocation(log, {**me, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                              "wall_s": round(time.perf_counter() - t0, 1)})
+        return {}
     ppl0 = {arm: {r["domain"]: r["perplexity"] for r in ppl_rows if r["arm"] == arm and r["seed"] == seeds[0]} for arm in ARMS}
     lat = latency(models, cfg, rounds=5)
     table = comparison_table(models, results, ppl0, lat, cfg.seq_len)
@@ -462,13 +483,15 @@ def reference_run(cfg: MoEStudyConfig, out_dir: str | Path = REFERENCE_DIR, seed
     params = dict(study_config=dataclasses.asdict(cfg), seeds=list(seeds), seed_arms=list(seed_arms),
                   eval_every=eval_every, log_every=log_every, eval_per_domain=eval_per_domain,
                   tokens_per_arm=cfg.steps * cfg.batch_size * cfg.seq_len)
-    invocations[-1].update(finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                           wall_s=round(time.perf_counter() - t0, 1))
-    log.write_text(json.dumps(invocations, indent=2) + "\n")
+    invocations = _log_invocation(log, {**me, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                        "wall_s": round(time.perf_counter() - t0, 1)})
     manifest = write_manifest(out, command=command or command_line(), params=params,
                               wall_s=sum(i["wall_s"] or 0.0 for i in invocations),
                               extra={"flops_formula": flops_formula(arms_cfg["moe"]), **code,
-                                     "invocations": len(invocations)})
+                                     "invocations": len(invocations), "first_started": invocations[0]["started"],
+                                     "last_finished": invocations[-1]["finished"],
+                                     "wall_s_note": "sum of the invocations' wall times (side-by-side ones add up); "
+                                                    "interrupted invocations (finished: null) are not counted"})
     return manifest
 
 
@@ -566,6 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed_arms", default=",".join(ARMS), help="reference: arms trained for the other seeds")
     parser.add_argument("--eval_every", type=int, default=50, help="reference: held-out loss every this many steps")
     parser.add_argument("--log_every", type=int, default=10, help="reference: training-loss record every this many steps")
+    parser.add_argument("--train_only", default="", help="reference: only train these arms of the first seed (comma list)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     for f in dataclasses.fields(MoEStudyConfig):
         parser.add_argument(f"--{f.name}", type=type(f.default) if f.default is not None else str, default=None)
@@ -580,8 +604,11 @@ def main(argv: list[str] | None = None) -> int:
         seed_arms = tuple(a for a in args.seed_arms.split(",") if a)
         if not set(seed_arms) <= set(ARMS):
             parser.error(f"--seed_arms {args.seed_arms!r}: choose from {', '.join(ARMS)}")
+        train_only = tuple(a for a in args.train_only.split(",") if a)
+        if not set(seed_arms + train_only) <= set(ARMS):
+            parser.error(f"--seed_arms/--train_only: choose from {', '.join(ARMS)}")
         reference_run(cfg, args.out or REFERENCE_DIR, tuple(int(x) for x in args.seeds.split(",")), seed_arms,
-                      args.eval_every, args.log_every)
+                      args.eval_every, args.log_every, train_only=train_only)
         return 0
     if args.out is None:
         parser.error("subject needs --out (e.g. data/moe-subject)")
