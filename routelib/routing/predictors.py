@@ -31,6 +31,10 @@ l's router has run:
 ``lookup``         a table: the set of experts at layer l -> mean gate vector at layer l+h
 ``ngram``          the sets at layers l-n+1..l as the key, backing off to shorter keys, then the prior
                    (each level smoothed towards the next shorter one, Dirichlet weight ``alpha``)
+``prev_token``     the experts the *previous token* used at layer l+h (the Mixtral paper's locality,
+                   :mod:`.locality`; an LRU cache of k slots holds exactly these), then the prior
+``history``        the n-gram over the current token's layers l-n+1..l, refined by tables whose keys
+                   add the previous token's set at layer l+h (backing off to the n-gram)
 ``mlp``            an MLP over the routing history (multi-hot experts + gate weights of layers 0..l,
                    source layer and hop one-hot, optionally a token-id embedding), soft cross-entropy
                    against the gate weights of layer l+h; trained with :func:`routelib.train.train`
@@ -40,6 +44,14 @@ l's router has run:
 ``hidden_probe``   a linear probe per (l, h) on that same hidden state, initialised from the router
                    of layer l+h and trained (Pre-gated MoE trains such a "pre-gate")
 =================  =================================================================================
+
+*The previous token, leak-free.* At a decoding step the previous token has passed every layer, so
+its routing at layer l+h is known before the current token's layer 0 runs. In the prefill all prompt
+tokens pass a layer together, so for a prompt token the previous token's layer l+h is not yet known:
+``prev_token`` and ``history`` use it only for generated tokens (``history_prompt=True``: for prompt
+tokens too, as in a prefill run one token at a time), and never across sequences -- the first token
+of a sequence, and a token whose predecessor is not among the rows scored (a token split), get the
+fallback (the prior; the n-gram). Training may use every pair of the training rows.
 
 :func:`evaluate` fits every predictor of an :class:`EvalConfig` on every split and scores it per
 (source layer, hop) and test subset; :func:`summarize` averages over layers, :func:`metric_table` and
@@ -70,6 +82,7 @@ import torch.nn.functional as F
 from routelib.errors import ConfigError, RoutelibError
 from routelib.io import atomic_write_bytes
 from routelib.routing.expert_metrics import METRICS, chance_metrics, routing_metrics_per_token
+from routelib.routing.locality import previous_rows
 from routelib.routing.routing_data import (HiddenStatesUnavailable, PredictorError, RoutingData, _need_hidden,
                                            _resolve, attach_hidden_states, check_pair, gate_vectors, layer_pairs,
                                            load_routing, row_keys)
@@ -226,6 +239,85 @@ class LookupPredictor(NGramPredictor):
 
     def __init__(self, min_count: int = 1, alpha: float = 1.0):
         super().__init__(n=1, min_count=min_count, alpha=alpha)
+
+
+# ---- the previous token at the target layer ------------------------------------------------------
+
+
+def known_previous(data: RoutingData, prompt: bool = False) -> np.ndarray:
+    """(N,) the row of each token's predecessor in its sequence when its routing at every layer is
+    known before the token's own layer 0 runs (a decoding step: generated tokens; ``prompt=True``:
+    prompt tokens too), else -1 (sequence start, prefill, or the predecessor not among the rows)."""
+    prev = previous_rows(data.problem, data.position)
+    return prev if prompt else np.where(data.generated, prev, -1)
+
+
+class PrevTokenPredictor(PriorPredictor):
+    """The experts of the previous token at the target layer, by gate weight; the other experts ranked
+    below them by the target layer's prior; the prior alone where the previous token is not known
+    (:func:`known_previous`)."""
+
+    name = "prev_token"
+
+    def __init__(self, prompt: bool = False):
+        self.prompt = prompt
+
+    def _predict(self, data, layer, hop):
+        scores = 0.5 * super()._predict(data, layer, hop)  # (N, E) in [0, 0.5]
+        prev = known_previous(data, self.prompt)
+        rows = np.flatnonzero(prev >= 0)
+        target = layer + hop
+        part = scores[rows]
+        np.put_along_axis(part, data.experts[prev[rows], target], 1.0 + data.weights[prev[rows], target], axis=1)
+        scores[rows] = part
+        return scores
+
+
+class HistoryPredictor(NGramPredictor):
+    """What the current token's layers and the previous token's target layer tell together: the
+    n-gram over layers l-n+1..l (:class:`NGramPredictor`), then, where the previous token is known,
+    tables keyed on (previous token's set at layer l+h, current sets of layers l-m+1..l) for
+    m = 1..n, each level smoothed towards the one before (Dirichlet weight ``alpha``). Trained on
+    every training row with a predecessor."""
+
+    name = "history"
+
+    def __init__(self, n: int = 3, min_count: int = 1, alpha: float = 1.0, prompt: bool = False):
+        super().__init__(n, min_count, alpha)
+        self.prompt = prompt
+
+    def _keys(self, data: RoutingData, layer: int, hop: int, rows: np.ndarray, prev: np.ndarray):
+        """One key array per level m = 1..n: previous token's set at l+h + the sets of l-m+1..l."""
+        before = np.sort(data.experts[prev, layer + hop], 1)  # (M, k)
+        for m in range(1, min(self.n, layer + 1) + 1):
+            now = np.sort(data.experts[rows, layer - m + 1:layer + 1], 2).reshape(len(rows), -1)  # (M, m*k)
+            yield row_keys(np.concatenate([before, now], 1))
+
+    def _fit(self, train, pairs):
+        super()._fit(train, pairs)
+        prev = previous_rows(train.problem, train.position)
+        rows = np.flatnonzero(prev >= 0)
+        self.prev_tables: dict[tuple[int, int], list[_Table]] = {}
+        for layer, hop in pairs:
+            t = layer + hop
+            target = gate_vectors(train.experts[rows, t], train.weights[rows, t], train.num_experts)
+            self.prev_tables[(layer, hop)] = [_Table.build(keys, target)
+                                              for keys in self._keys(train, layer, hop, rows, prev[rows])]
+
+    def _predict(self, data, layer, hop):
+        scores = super()._predict(data, layer, hop)  # (N, E): the n-gram, the fallback
+        prev = known_previous(data, self.prompt)
+        rows = np.flatnonzero(prev >= 0)
+        if rows.size == 0:
+            return scores
+        part = scores[rows]
+        for table, keys in zip(self.prev_tables[(layer, hop)], self._keys(data, layer, hop, rows, prev[rows])):
+            idx, found = table.lookup(keys)
+            found &= table.counts[idx] >= self.min_count
+            i = idx[found]
+            part[found] = (table.sums[i] + self.alpha * part[found]) / (table.counts[i, None] + self.alpha)
+        scores[rows] = part
+        return scores
 
 
 # ---- the MLP over the routing history ------------------------------------------------------------
@@ -526,7 +618,8 @@ class HiddenProbePredictor(Predictor):
 
 
 #: Every predictor name, in table order; those after "mlp" need the model's hidden states.
-PREDICTORS = ("random", "prior", "same", "lookup", "ngram", "mlp", "hidden_router", "hidden_probe")
+PREDICTORS = ("random", "prior", "same", "lookup", "ngram", "prev_token", "history", "mlp", "hidden_router",
+              "hidden_probe")
 HIDDEN_PREDICTORS = ("hidden_router", "hidden_probe")
 
 
@@ -543,13 +636,14 @@ class EvalConfig:
     trace_dir: str = "routing_data_collected/moe-subject"  # trace folder (absolute, or relative to the repo root)
     split: str = "problem"  # comma list of split kinds: problem | dataset | token
     hops: str = "1"  # comma list of hops h >= 1: predict layer l+h from layer l
-    predictors: str = "random,prior,same,lookup,ngram,mlp"  # comma list from PREDICTORS (hidden_* need the model)
+    predictors: str = "random,prior,same,lookup,ngram,prev_token,history,mlp"  # from PREDICTORS (hidden_*: the model)
     subsets: str = "all"  # comma list of test subsets reported: all | prompt | generated | unique
     test_fraction: float = 0.25  # share of problems (or tokens) held out per dataset
     seed: int = 0  # split, random predictor, MLP and probe
     ngram_n: int = 3  # layers in the longest n-gram key
     ngram_min_count: int = 1  # training rows a key needs before it is trusted
     ngram_alpha: float = 1.0  # smoothing towards the shorter key's estimate
+    history_prompt: bool = False  # prev_token/history: prompt tokens see the previous token too (token-wise prefill)
     mlp_hidden: int = 128  # MLP width
     mlp_layers: int = 2  # MLP hidden layers
     mlp_token_dim: int = 16  # token-id embedding width (0: the MLP sees routing only)
@@ -612,6 +706,8 @@ def make_predictor(name: str, cfg: EvalConfig | None = None, out_dir: str | os.P
         "same": SameExpertPredictor,
         "lookup": lambda: LookupPredictor(cfg.ngram_min_count, cfg.ngram_alpha),
         "ngram": lambda: NGramPredictor(cfg.ngram_n, cfg.ngram_min_count, cfg.ngram_alpha),
+        "prev_token": lambda: PrevTokenPredictor(cfg.history_prompt),
+        "history": lambda: HistoryPredictor(cfg.ngram_n, cfg.ngram_min_count, cfg.ngram_alpha, cfg.history_prompt),
         "mlp": lambda: MLPPredictor(cfg.mlp_config(), out_dir),
         "hidden_router": HiddenRouterPredictor,
         "hidden_probe": lambda: HiddenProbePredictor(cfg.probe_config()),
@@ -724,6 +820,13 @@ def seed_table(summary: pd.DataFrame, split: str = "problem", hop: int = 1, subs
     return table.join(claims, how="left")
 
 
+def _flag(text: str) -> bool:
+    """A boolean option's value: true/1/yes or false/0/no."""
+    if text.lower() not in ("true", "1", "yes", "false", "0", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("true", "1", "yes")
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m routelib.routing.predictors <trace_dir> [--split problem,dataset,token] [--hops 1,2]
     [--predictors ...] [--<EvalConfig field> value ...]``: print the comparison table."""
@@ -733,6 +836,7 @@ def main(argv: list[str] | None = None) -> int:
     for f in dataclasses.fields(EvalConfig):
         if f.name != "trace_dir":
             kind = type(f.default) if f.default is not None else str
+            kind = _flag if kind is bool else kind
             parser.add_argument(f"--{f.name}", type=kind, default=None, help=f"(default: {f.default})")
     args = parser.parse_args(argv)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig)
