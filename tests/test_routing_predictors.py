@@ -34,7 +34,8 @@ FAST_MLP = P.MLPConfig(hidden_size=64, steps=300, batch_size=256, lr=1e-2, token
 
 
 def fitted(name, train, pairs):
-    predictor = P.MLPPredictor(FAST_MLP) if name == "mlp" else P.make_predictor(name)
+    makers = {"mlp": lambda: P.MLPPredictor(FAST_MLP), "mlp_history": lambda: P.HistoryMLPPredictor(FAST_MLP)}
+    predictor = makers[name]() if name in makers else P.make_predictor(name)
     return predictor.fit(train, pairs)
 
 
@@ -344,33 +345,37 @@ def test_prev_token_repeats_the_previous_set_and_falls_back_to_the_prior(tmp_pat
     np.testing.assert_array_equal(np.sort(P.rank_experts(scores[known])[:, :K], 1),
                                   np.sort(test.experts[prev[known], 2], 1))
     assert (P.rank_experts(scores[known])[:, 0] == test.experts[prev[known], 2, 0]).all()  # by gate weight
-    np.testing.assert_array_equal(P.rank_experts(scores[~known]), P.rank_experts(prior.predict_scores(test, 0, 2)[~known]))
+    np.testing.assert_array_equal(P.rank_experts(scores[~known]),
+                                  P.rank_experts(prior.predict_scores(test, 0, 2)[~known]))
 
 
-@pytest.mark.parametrize("name", ["prev_token", "history"])
+@pytest.mark.parametrize("name", ["prev_token", "history", "mlp_history"])
 def test_previous_token_predictors_do_not_leak(tmp_path, name):
     """The scores of a token change neither with the current token's layers after the source layer,
     nor with any later token of its sequence, nor (in the prefill) with the previous token."""
     data = recurrent_data(tmp_path)
     train, test = split_data(data)
-    predictor = P.make_predictor(name).fit(train, [(0, 1), (1, 2)])
+    predictor = fitted(name, train, [(0, 1), (1, 2)])
+    same = np.testing.assert_array_equal if name != "mlp_history" else \
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)  # float batches may round apart
     rng = np.random.default_rng(5)
     for layer, hop in [(0, 1), (1, 2)]:
         base = predictor.predict_scores(test, layer, hop)
         last = np.r_[test.problem[1:] != test.problem[:-1], True]  # the last token of each sequence
         changed = test.take(np.arange(len(test)))
         changed.experts = test.experts.copy()
-        changed.experts[last, layer + 1:] = np.argsort(rng.random((last.sum(), LAYERS - layer - 1, EXPERTS)), -1)[..., :K]
-        np.testing.assert_array_equal(predictor.predict_scores(changed, layer, hop)[last], base[last])
+        shuffled = np.argsort(rng.random((last.sum(), LAYERS - layer - 1, EXPERTS)), -1)[..., :K]
+        changed.experts[last, layer + 1:] = shuffled
+        same(predictor.predict_scores(changed, layer, hop)[last], base[last])
         # a prefix of every sequence scores its tokens as the whole sequence does
         prefix = test.position < 25
-        np.testing.assert_array_equal(predictor.predict_scores(test.take(prefix), layer, hop), base[prefix])
+        same(predictor.predict_scores(test.take(prefix), layer, hop), base[prefix])
         # prompt tokens: their predecessor's later layers do not matter
         hidden_prev = test.take(np.arange(len(test)))
         hidden_prev.experts = test.experts.copy()
         hidden_prev.experts[:, layer + 1:] = np.roll(test.experts[:, layer + 1:], 1, axis=0)
         prompt = ~test.generated
-        np.testing.assert_array_equal(predictor.predict_scores(hidden_prev, layer, hop)[prompt], base[prompt])
+        same(predictor.predict_scores(hidden_prev, layer, hop)[prompt], base[prompt])
 
 
 def test_prev_token_cache_equals_lru_at_k(tmp_path):
@@ -386,3 +391,20 @@ def test_prev_token_cache_equals_lru_at_k(tmp_path):
     at_k = curves[curves["cache_size"] == K].pivot(index="target_layer", columns="name", values="hit_rate")
     np.testing.assert_allclose(at_k["prev_token"], at_k["lru"])
     assert set(curves["target_layer"]) == {1, 2, 3}
+
+
+def test_mlp_history_learns_what_needs_the_previous_token(tmp_path):
+    data = recurrent_data(tmp_path)
+    train, test = split_data(data)
+    plain = fitted("mlp", train, [(0, 1)])
+    both = fitted("mlp_history", train, [(0, 1)])
+    gen = test.generated
+    top1 = {name: P.routing_metrics_per_token(p.predict_scores(test, 0, 1), test.experts[:, 1])["top1"]
+            for name, p in (("mlp", plain), ("mlp_history", both))}
+    assert top1["mlp_history"][gen].mean() > 0.95  # decode steps: the xor of two known bits
+    assert 0.4 < top1["mlp_history"][~gen].mean() < 0.6  # prefill: the predecessor is not known
+    assert 0.4 < top1["mlp"][gen].mean() < 0.6
+    saved = both.save(tmp_path / "mlp_history")
+    loaded = P.HistoryMLPPredictor.load(saved.parent)
+    assert loaded.cfg.previous and loaded.prompt is False
+    np.testing.assert_array_equal(loaded.predict_scores(test, 0, 1), both.predict_scores(test, 0, 1))
