@@ -34,7 +34,8 @@ FAST_MLP = P.MLPConfig(hidden_size=64, steps=300, batch_size=256, lr=1e-2, token
 
 
 def fitted(name, train, pairs):
-    predictor = P.MLPPredictor(FAST_MLP) if name == "mlp" else P.make_predictor(name)
+    makers = {"mlp": lambda: P.MLPPredictor(FAST_MLP), "mlp_history": lambda: P.HistoryMLPPredictor(FAST_MLP)}
+    predictor = makers[name]() if name in makers else P.make_predictor(name)
     return predictor.fit(train, pairs)
 
 
@@ -277,3 +278,133 @@ def test_metric_table(deterministic):
     assert (table.loc["lookup"] == 1.0).all()
     with pytest.raises(PredictorError, match="no rows with"):
         P.metric_table(summary, "hop", hop=7)
+
+
+# ---- the previous token: prev_token and history (issue 21) ------------------------------------------
+
+
+def recurrent_data(tmp_path, per_dataset=12, length=60, seed=0):
+    """Layer 0: a random bit b_t (set {0, 2} or {1, 3}); layers 1-3: y_t = b_t xor y_{t-1} (set {4, 5}
+    or {6, 7}; y = 0 at a sequence start): the target is a function of the current token's layer 0
+    and the previous token's layer 1 together, of neither alone."""
+    rng = np.random.default_rng(seed)
+    problems = problem_list(per_dataset, length)
+    n = sum(p[2] for p in problems)
+    bits = rng.integers(0, 2, n)
+    y = np.zeros(n, np.int64)
+    for i in range(n):
+        y[i] = bits[i] ^ (y[i - 1] if i % length else 0)
+    experts = np.zeros((n, LAYERS, K), np.int64)
+    experts[:, 0] = np.stack([bits, 2 + bits], 1)
+    experts[:, 1:] = np.stack([4 + 2 * y, 5 + 2 * y], 1)[:, None, :]
+    weights = np.broadcast_to(np.float32([0.6, 0.4]), experts.shape).copy()
+    return P.load_routing(write_traces(tmp_path / "rec", experts, weights, problems))
+
+
+def test_known_previous_only_at_decode_time(deterministic):
+    prev = P.known_previous(deterministic)
+    starts = deterministic.position == 0
+    assert (prev[starts] == -1).all() and (prev[~deterministic.generated] == -1).all()
+    gen = np.flatnonzero(deterministic.generated)
+    assert (deterministic.problem[prev[gen]] == deterministic.problem[gen]).all()
+    assert (deterministic.position[prev[gen]] == deterministic.position[gen] - 1).all()
+    everywhere = P.known_previous(deterministic, prompt=True)
+    assert (everywhere[starts] == -1).all() and (everywhere[~starts] >= 0).all()
+    # a token split: predecessors on the training side are unknown, never another sequence's token
+    part = deterministic.take(np.arange(0, len(deterministic), 2))
+    assert (P.known_previous(part) == -1).all()
+
+
+def test_history_needs_both_the_previous_token_and_the_current_layers(tmp_path):
+    data = recurrent_data(tmp_path)
+    train, test = split_data(data)
+    pairs = [(0, 1)]
+    gen = test.generated
+    top1 = {}
+    for name in ("ngram", "prev_token", "history"):
+        predictor = P.make_predictor(name).fit(train, pairs)
+        per = P.routing_metrics_per_token(predictor.predict_scores(test, 0, 1), test.experts[:, 1])
+        top1[name] = (per["top1"][gen].mean(), per["top1"][~gen].mean())
+    assert top1["history"][0] == 1.0  # decode steps: both halves of the key known
+    assert 0.4 < top1["history"][1] < 0.6  # prefill: the previous token's layer 1 is not known yet
+    assert 0.4 < top1["ngram"][0] < 0.6 and 0.4 < top1["prev_token"][0] < 0.6
+    cfg = P.EvalConfig(history_prompt=True)
+    prompt_too = P.make_predictor("history", cfg).fit(train, pairs)
+    per = P.routing_metrics_per_token(prompt_too.predict_scores(test, 0, 1), test.experts[:, 1])
+    assert per["top1"][test.position > 0].mean() == 1.0
+
+
+def test_prev_token_repeats_the_previous_set_and_falls_back_to_the_prior(tmp_path):
+    data = recurrent_data(tmp_path)
+    train, test = split_data(data)
+    predictor = P.PrevTokenPredictor().fit(train, [(0, 1), (0, 2)])
+    prior = P.PriorPredictor().fit(train, [(0, 1), (0, 2)])
+    scores = predictor.predict_scores(test, 0, 2)
+    prev = P.known_previous(test)
+    known = prev >= 0
+    np.testing.assert_array_equal(np.sort(P.rank_experts(scores[known])[:, :K], 1),
+                                  np.sort(test.experts[prev[known], 2], 1))
+    assert (P.rank_experts(scores[known])[:, 0] == test.experts[prev[known], 2, 0]).all()  # by gate weight
+    np.testing.assert_array_equal(P.rank_experts(scores[~known]),
+                                  P.rank_experts(prior.predict_scores(test, 0, 2)[~known]))
+
+
+@pytest.mark.parametrize("name", ["prev_token", "history", "mlp_history"])
+def test_previous_token_predictors_do_not_leak(tmp_path, name):
+    """The scores of a token change neither with the current token's layers after the source layer,
+    nor with any later token of its sequence, nor (in the prefill) with the previous token."""
+    data = recurrent_data(tmp_path)
+    train, test = split_data(data)
+    predictor = fitted(name, train, [(0, 1), (1, 2)])
+    same = np.testing.assert_array_equal if name != "mlp_history" else \
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)  # float batches may round apart
+    rng = np.random.default_rng(5)
+    for layer, hop in [(0, 1), (1, 2)]:
+        base = predictor.predict_scores(test, layer, hop)
+        last = np.r_[test.problem[1:] != test.problem[:-1], True]  # the last token of each sequence
+        changed = test.take(np.arange(len(test)))
+        changed.experts = test.experts.copy()
+        shuffled = np.argsort(rng.random((last.sum(), LAYERS - layer - 1, EXPERTS)), -1)[..., :K]
+        changed.experts[last, layer + 1:] = shuffled
+        same(predictor.predict_scores(changed, layer, hop)[last], base[last])
+        # a prefix of every sequence scores its tokens as the whole sequence does
+        prefix = test.position < 25
+        same(predictor.predict_scores(test.take(prefix), layer, hop), base[prefix])
+        # prompt tokens: their predecessor's later layers do not matter
+        hidden_prev = test.take(np.arange(len(test)))
+        hidden_prev.experts = test.experts.copy()
+        hidden_prev.experts[:, layer + 1:] = np.roll(test.experts[:, layer + 1:], 1, axis=0)
+        prompt = ~test.generated
+        same(predictor.predict_scores(hidden_prev, layer, hop)[prompt], base[prompt])
+
+
+def test_prev_token_cache_equals_lru_at_k(tmp_path):
+    """A cache of k slots under LRU holds the previous token's set: the prev_token predictor's hit
+    rate at c = k equals LRU's on decoded tokens."""
+    from routelib.routing import prefetch as F
+
+    data = recurrent_data(tmp_path)
+    train, test = split_data(data)
+    predictor = P.PrevTokenPredictor().fit(train, P.layer_pairs(LAYERS, [1]))
+    mask = test.generated & (test.position > 0)
+    curves = F.prefetch_curves({"prev_token": predictor}, test, mask=mask, per_layer=True)
+    at_k = curves[curves["cache_size"] == K].pivot(index="target_layer", columns="name", values="hit_rate")
+    np.testing.assert_allclose(at_k["prev_token"], at_k["lru"])
+    assert set(curves["target_layer"]) == {1, 2, 3}
+
+
+def test_mlp_history_learns_what_needs_the_previous_token(tmp_path):
+    data = recurrent_data(tmp_path)
+    train, test = split_data(data)
+    plain = fitted("mlp", train, [(0, 1)])
+    both = fitted("mlp_history", train, [(0, 1)])
+    gen = test.generated
+    top1 = {name: P.routing_metrics_per_token(p.predict_scores(test, 0, 1), test.experts[:, 1])["top1"]
+            for name, p in (("mlp", plain), ("mlp_history", both))}
+    assert top1["mlp_history"][gen].mean() > 0.95  # decode steps: the xor of two known bits
+    assert 0.4 < top1["mlp_history"][~gen].mean() < 0.6  # prefill: the predecessor is not known
+    assert 0.4 < top1["mlp"][gen].mean() < 0.6
+    saved = both.save(tmp_path / "mlp_history")
+    loaded = P.HistoryMLPPredictor.load(saved.parent)
+    assert loaded.cfg.previous and loaded.prompt is False
+    np.testing.assert_array_equal(loaded.predict_scores(test, 0, 1), both.predict_scores(test, 0, 1))

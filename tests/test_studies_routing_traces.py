@@ -84,3 +84,30 @@ def test_dashboard_follows_dataset_problem_and_token(shipped):
     assert pick_token.max == (df["problem_id"] == "gsm8k/test/2").sum() - 1
     pick_token.value = 11
     assert "gsm8k/test/2 · position 11" in view.value
+
+
+def test_consecutive_locality_on_the_shipped_traces(shipped):
+    """The notebook's locality table on the shipped GSM8K traces agrees with a direct count of one
+    layer's top-1 repetitions, and its figures draw."""
+    import matplotlib.pyplot as plt
+
+    from routelib.studies.routing_traces import consecutive_locality
+    from routelib.views.routing_traces import locality_curves, locality_decay
+
+    df, arrays = shipped
+    with pytest.raises(ConfigError, match="max_distance"):
+        TraceStudyConfig(max_distance=0)
+    table = consecutive_locality(df, arrays, TraceStudyConfig(max_distance=3, bootstrap=50))
+    assert set(table["group"]) == {"all", "gsm8k"} and set(table["distance"]) == {1, 2, 3}
+    row = table.query("group == 'gsm8k' and phase == 'prompt' and distance == 1 and layer == 2 "
+                      "and measure == 'top1_same'").iloc[0]
+    hits = pairs = 0
+    for _, part in df.groupby("problem_id"):
+        top = arrays.experts[part.index.to_numpy(), 2, 0][(part["phase"] == "prompt").to_numpy()]
+        hits += int((top[1:] == top[:-1]).sum())
+        pairs += len(top) - 1
+    assert row["pairs"] == pairs and row["rate"] == pytest.approx(hits / pairs)
+    assert row["ci_low"] <= row["rate"] <= row["ci_high"]
+    for fig in (locality_curves(table), locality_decay(table)):
+        assert len(fig.axes) >= 1
+        plt.close(fig)

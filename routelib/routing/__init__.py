@@ -10,11 +10,13 @@ pipelines are in :mod:`routelib.studies`, their dashboards in :mod:`routelib.vie
                             :func:`load_traces` (validated), :func:`trace_arrays` ((N, L, k) arrays)
 :mod:`.analysis`            layer-to-layer predictability (uncertainty coefficient, lookup vs
                             prior accuracy), hop curves, paths, dataset usage tests
+:mod:`.locality`            routing across consecutive tokens (the Mixtral paper's §5): top-1
+                            repetition and top-k overlap per layer, phase, distance, vs chance
 :mod:`.routing_data`        traces as prediction data (journeys, gate vectors, hidden states)
 :mod:`.expert_metrics`      top-1, top-2 hit, set recall, exact set; chance values
 :mod:`.splits`              leak-free splits: by problem, across datasets (and by token, to compare)
-:mod:`.predictors`          next-layer expert predictors (prior, lookup, n-gram, MLP, hidden-state
-                            router/probe), :func:`evaluate`;
+:mod:`.predictors`          next-layer expert predictors (prior, lookup, n-gram, previous token,
+                            history, MLP, hidden-state router/probe), :func:`evaluate`;
                             ``python -m routelib.routing.predictors <trace_dir>``
 :mod:`.prefetch`            their cost: latency against one MoE layer, expert-cache hit rates
 :mod:`.weights`             router and expert weights of any supported MoE
@@ -47,6 +49,7 @@ _EXPORTS = {
         "load_routing", "RoutingData", "EvalConfig", "evaluate", "summarize", "seed_table", "metric_table",
         "make_splits", "make_predictor", "PREDICTORS", "routing_metrics", "chance_metrics", "attach_hidden_states",
         "MLPPredictor", "PredictorError", "HiddenStatesUnavailable")},
+    "consecutive_routing": "locality", "previous_rows": "locality",
     **{name: "prefetch" for name in ("prefetch_curves", "predictor_latency", "moe_layer_latency", "latency_table")},
     **{name: "weights" for name in ("moe_weights", "MoEWeights", "MoELayer", "UnsupportedMoEError", "hf_from_checkpoint")},
 }

@@ -31,6 +31,11 @@ l's router has run:
 ``lookup``         a table: the set of experts at layer l -> mean gate vector at layer l+h
 ``ngram``          the sets at layers l-n+1..l as the key, backing off to shorter keys, then the prior
                    (each level smoothed towards the next shorter one, Dirichlet weight ``alpha``)
+``prev_token``     the experts the *previous token* used at layer l+h (the Mixtral paper's locality,
+                   :mod:`.locality`; an LRU cache of k slots holds exactly these), then the prior
+``history``        the n-gram over the current token's layers l-n+1..l, refined by tables whose keys
+                   add the previous token's set at layer l+h (backing off to the n-gram)
+``mlp_history``    the MLP below, also fed the previous token's experts and gates at layer l+h
 ``mlp``            an MLP over the routing history (multi-hot experts + gate weights of layers 0..l,
                    source layer and hop one-hot, optionally a token-id embedding), soft cross-entropy
                    against the gate weights of layer l+h; trained with :func:`routelib.train.train`
@@ -40,6 +45,14 @@ l's router has run:
 ``hidden_probe``   a linear probe per (l, h) on that same hidden state, initialised from the router
                    of layer l+h and trained (Pre-gated MoE trains such a "pre-gate")
 =================  =================================================================================
+
+*The previous token, leak-free.* At a decoding step the previous token has passed every layer, so
+its routing at layer l+h is known before the current token's layer 0 runs. In the prefill all prompt
+tokens pass a layer together, so for a prompt token the previous token's layer l+h is not yet known:
+``prev_token``, ``history`` and ``mlp_history`` use it only for generated tokens (``history_prompt=True``: for prompt
+tokens too, as in a prefill run one token at a time), and never across sequences -- the first token
+of a sequence, and a token whose predecessor is not among the rows scored (a token split), get the
+fallback (the prior; the n-gram). Training may use every pair of the training rows.
 
 :func:`evaluate` fits every predictor of an :class:`EvalConfig` on every split and scores it per
 (source layer, hop) and test subset; :func:`summarize` averages over layers, :func:`metric_table` and
@@ -70,6 +83,7 @@ import torch.nn.functional as F
 from routelib.errors import ConfigError, RoutelibError
 from routelib.io import atomic_write_bytes
 from routelib.routing.expert_metrics import METRICS, chance_metrics, routing_metrics_per_token
+from routelib.routing.locality import previous_rows
 from routelib.routing.routing_data import (HiddenStatesUnavailable, PredictorError, RoutingData, _need_hidden,
                                            _resolve, attach_hidden_states, check_pair, gate_vectors, layer_pairs,
                                            load_routing, row_keys)
@@ -228,6 +242,85 @@ class LookupPredictor(NGramPredictor):
         super().__init__(n=1, min_count=min_count, alpha=alpha)
 
 
+# ---- the previous token at the target layer ------------------------------------------------------
+
+
+def known_previous(data: RoutingData, prompt: bool = False) -> np.ndarray:
+    """(N,) the row of each token's predecessor in its sequence when its routing at every layer is
+    known before the token's own layer 0 runs (a decoding step: generated tokens; ``prompt=True``:
+    prompt tokens too), else -1 (sequence start, prefill, or the predecessor not among the rows)."""
+    prev = previous_rows(data.problem, data.position)
+    return prev if prompt else np.where(data.generated, prev, -1)
+
+
+class PrevTokenPredictor(PriorPredictor):
+    """The experts of the previous token at the target layer, by gate weight; the other experts ranked
+    below them by the target layer's prior; the prior alone where the previous token is not known
+    (:func:`known_previous`)."""
+
+    name = "prev_token"
+
+    def __init__(self, prompt: bool = False):
+        self.prompt = prompt
+
+    def _predict(self, data, layer, hop):
+        scores = 0.5 * super()._predict(data, layer, hop)  # (N, E) in [0, 0.5]
+        prev = known_previous(data, self.prompt)
+        rows = np.flatnonzero(prev >= 0)
+        target = layer + hop
+        part = scores[rows]
+        np.put_along_axis(part, data.experts[prev[rows], target], 1.0 + data.weights[prev[rows], target], axis=1)
+        scores[rows] = part
+        return scores
+
+
+class HistoryPredictor(NGramPredictor):
+    """What the current token's layers and the previous token's target layer tell together: the
+    n-gram over layers l-n+1..l (:class:`NGramPredictor`), then, where the previous token is known,
+    tables keyed on (previous token's set at layer l+h, current sets of layers l-m+1..l) for
+    m = 1..n, each level smoothed towards the one before (Dirichlet weight ``alpha``). Trained on
+    every training row with a predecessor."""
+
+    name = "history"
+
+    def __init__(self, n: int = 3, min_count: int = 1, alpha: float = 1.0, prompt: bool = False):
+        super().__init__(n, min_count, alpha)
+        self.prompt = prompt
+
+    def _keys(self, data: RoutingData, layer: int, hop: int, rows: np.ndarray, prev: np.ndarray):
+        """One key array per level m = 1..n: previous token's set at l+h + the sets of l-m+1..l."""
+        before = np.sort(data.experts[prev, layer + hop], 1)  # (M, k)
+        for m in range(1, min(self.n, layer + 1) + 1):
+            now = np.sort(data.experts[rows, layer - m + 1:layer + 1], 2).reshape(len(rows), -1)  # (M, m*k)
+            yield row_keys(np.concatenate([before, now], 1))
+
+    def _fit(self, train, pairs):
+        super()._fit(train, pairs)
+        prev = previous_rows(train.problem, train.position)
+        rows = np.flatnonzero(prev >= 0)
+        self.prev_tables: dict[tuple[int, int], list[_Table]] = {}
+        for layer, hop in pairs:
+            t = layer + hop
+            target = gate_vectors(train.experts[rows, t], train.weights[rows, t], train.num_experts)
+            self.prev_tables[(layer, hop)] = [_Table.build(keys, target)
+                                              for keys in self._keys(train, layer, hop, rows, prev[rows])]
+
+    def _predict(self, data, layer, hop):
+        scores = super()._predict(data, layer, hop)  # (N, E): the n-gram, the fallback
+        prev = known_previous(data, self.prompt)
+        rows = np.flatnonzero(prev >= 0)
+        if rows.size == 0:
+            return scores
+        part = scores[rows]
+        for table, keys in zip(self.prev_tables[(layer, hop)], self._keys(data, layer, hop, rows, prev[rows])):
+            idx, found = table.lookup(keys)
+            found &= table.counts[idx] >= self.min_count
+            i = idx[found]
+            part[found] = (table.sums[i] + self.alpha * part[found]) / (table.counts[i, None] + self.alpha)
+        scores[rows] = part
+        return scores
+
+
 # ---- the MLP over the routing history ------------------------------------------------------------
 
 
@@ -243,6 +336,7 @@ class MLPConfig:
     weight_decay: float = 0.01  # AdamW weight decay on matrices
     seed: int = 0  # initialisation and batch order
     device: str = "cpu"  # "cpu", "cuda" or "auto"
+    previous: bool = False  # also read the previous token's experts + gates at the target layer, and a "known" flag
 
     def __post_init__(self):
         if min(self.hidden_size, self.num_layers, self.steps, self.batch_size) < 1 or self.token_dim < 0 \
@@ -253,13 +347,17 @@ class MLPConfig:
 
 class RoutingHistoryMLP(nn.Module):
     """logits (B, E) for layer l+h from the routing of layers 0..l (later layers are masked inside
-    ``forward``, so no caller can leak them), the source layer, the hop and optionally the token."""
+    ``forward``, so no caller can leak them), the source layer, the hop, optionally the token and,
+    with ``cfg.previous``, the previous token's routing at layer l+h (B, 2E + 1: multi-hot, gates,
+    and 1 where it is known at decode time, else zeros)."""
 
     def __init__(self, num_layers: int, num_experts: int, vocab_size: int, cfg: MLPConfig):
         super().__init__()
         self.num_layers, self.num_experts = num_layers, num_experts
         self.embed = nn.Embedding(vocab_size, cfg.token_dim) if cfg.token_dim else None
         width = num_layers * 2 * num_experts + num_layers + max(num_layers - 1, 1) + cfg.token_dim
+        self.previous = cfg.previous
+        width += (2 * num_experts + 1) if cfg.previous else 0
         blocks: list[nn.Module] = []
         for _ in range(cfg.num_layers):
             blocks += [nn.Linear(width, cfg.hidden_size), nn.GELU(), nn.Dropout(cfg.dropout)]
@@ -268,7 +366,7 @@ class RoutingHistoryMLP(nn.Module):
         self.head = nn.Linear(width, num_experts)
 
     def forward(self, history: torch.Tensor, source: torch.Tensor, hop: torch.Tensor,
-                token: torch.Tensor) -> torch.Tensor:
+                token: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
         # history (B, L, 2E): multi-hot experts and gate weights per layer; source, hop, token (B,)
         num_layers = self.num_layers
         visible = torch.arange(num_layers, device=history.device) <= source[:, None]  # (B, L): layers 0..l
@@ -277,6 +375,10 @@ class RoutingHistoryMLP(nn.Module):
                  F.one_hot(hop - 1, max(num_layers - 1, 1)).float()]  # (B, L-1)
         if self.embed is not None:
             parts.append(self.embed(token.clamp(0, self.embed.num_embeddings - 1)))  # (B, D)
+        if self.previous:
+            if previous is None:
+                raise PredictorError("this MLP reads the previous token's routing: pass previous (B, 2E+1)")
+            parts.append(previous)  # (B, 2E+1)
         return self.head(self.body(torch.cat(parts, 1)))  # (B, E)
 
 
@@ -339,6 +441,7 @@ class MLPPredictor(Predictor):
         targets = torch.from_numpy(np.stack([gate_vectors(train.experts[:, t], train.weights[:, t], num_experts)
                                              for t in range(num_layers)], 1))  # (N, L, E)
         tokens = torch.from_numpy(train.token_id)
+        extra = self._previous_features(train)  # (N, L, 2E+1) or None
         pair_t = torch.tensor(pairs, dtype=torch.long)  # (P, 2)
         self.pairs = [tuple(p) for p in pairs]
         self.fingerprint = _fingerprint(dataclasses.asdict(cfg), self.layout, self.pairs, train.vocab_size,
@@ -348,8 +451,10 @@ class MLPPredictor(Predictor):
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
             rows = torch.randint(0, len(train), (cfg.batch_size,), generator=g)  # (B,)
             which = pair_t[torch.randint(0, len(pair_t), (cfg.batch_size,), generator=g)]  # (B, 2)
-            x = torch.cat([history[rows].flatten(1), which.float(), tokens[rows, None].float()], 1)  # (B, L*2E+3)
-            return x, targets[rows, which[:, 0] + which[:, 1]]  # (B, E)
+            target = which[:, 0] + which[:, 1]  # (B,)
+            parts = [history[rows].flatten(1), which.float(), tokens[rows, None].float()]  # (B, L*2E+3)
+            parts += [extra[rows, target]] if extra is not None else []  # (B, 2E+1)
+            return torch.cat(parts, 1), targets[rows, target]  # (B, E)
 
         def loss_fn(net, x, y):
             loss = soft_cross_entropy(self._forward(net, x), y)
@@ -363,13 +468,18 @@ class MLPPredictor(Predictor):
         if self.out_dir is not None:
             self.save(self.out_dir)
 
+    def _previous_features(self, data: RoutingData) -> torch.Tensor | None:
+        """(N, L, 2E+1) the previous token's features at every layer, or None: this MLP reads none."""
+        return None
+
     def _forward(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Unpack (B, L*2E + 3) [history, source, hop, token] and run the network."""
+        """Unpack (B, L*2E + 3 [+ 2E+1]) [history, source, hop, token, previous] and run the network."""
         num_layers, _, num_experts = self.layout
         width = num_layers * 2 * num_experts
         history = x[:, :width].reshape(len(x), num_layers, 2 * num_experts)  # (B, L, 2E)
-        source, hop, token = x[:, width:].long().unbind(1)  # (B,) each; token ids < 2**24 are exact in fp32
-        return net(history, source, hop, token)
+        source, hop, token = x[:, width:width + 3].long().unbind(1)  # (B,) each; ids < 2**24 are exact in fp32
+        previous = x[:, width + 3:] if x.shape[1] > width + 3 else None  # (B, 2E+1)
+        return net(history, source, hop, token, previous)
 
     @torch.no_grad()
     def _predict(self, data, layer, hop):
@@ -377,8 +487,10 @@ class MLPPredictor(Predictor):
             raise PredictorError(f"mlp: trained for (layer, hop) pairs {self.pairs}, not ({layer}, {hop})")
         device = next(self.net.parameters()).device
         where = torch.tensor([[layer, hop]], dtype=torch.float32).expand(len(data), 2)  # (N, 2)
-        x = torch.cat([history_features(data).flatten(1), where, torch.from_numpy(data.token_id)[:, None].float()],
-                      1)  # (N, L*2E+3)
+        parts = [history_features(data).flatten(1), where, torch.from_numpy(data.token_id)[:, None].float()]
+        extra = self._previous_features(data)  # (N, L, 2E+1) or None
+        parts += [extra[:, layer + hop]] if extra is not None else []
+        x = torch.cat(parts, 1)  # (N, L*2E+3 [+ 2E+1])
         out = [torch.softmax(self._forward(self.net, part.to(device)), -1).cpu() for part in x.split(65536)]  # (n, E)
         return torch.cat(out).numpy() if out else np.zeros((0, data.num_experts))
 
@@ -391,7 +503,7 @@ class MLPPredictor(Predictor):
         save_model(self.net, str(out_dir / "mlp.safetensors"))
         meta = {"predictor": "routelib.routing.predictors.MLPPredictor", "config": dataclasses.asdict(self.cfg),
                 "layout": dict(zip(("num_layers", "top_k", "num_experts"), self.layout)), "vocab_size": self.vocab_size,
-                "pairs": self.pairs, "fingerprint": self.fingerprint,
+                "pairs": self.pairs, "fingerprint": self.fingerprint, "prompt": getattr(self, "prompt", None),
                 "final_loss": self.history[-1]["loss"] if self.history else None, "history": self.history}
         atomic_write_bytes(out_dir / "mlp.json", json.dumps(meta, indent=1).encode())
         return out_dir / "mlp.safetensors"
@@ -410,10 +522,33 @@ class MLPPredictor(Predictor):
         self.layout = (lay["num_layers"], lay["top_k"], lay["num_experts"])
         self.vocab_size, self.fingerprint, self.history = meta["vocab_size"], meta["fingerprint"], meta["history"]
         self.pairs = [tuple(p) for p in meta["pairs"]]
+        if meta.get("prompt") is not None:
+            self.prompt = bool(meta["prompt"])
         self.net = RoutingHistoryMLP(lay["num_layers"], lay["num_experts"], self.vocab_size, self.cfg)
         load_model(self.net, str(out_dir / "mlp.safetensors"))
         self.net.eval()
         return self
+
+
+class HistoryMLPPredictor(MLPPredictor):
+    """:class:`MLPPredictor` that also reads the previous token's routing at the target layer where
+    it is known at decode time (:func:`known_previous`; zeros and a 0 flag elsewhere, in training
+    too, so that the network learns both cases). Saved and loaded as the MLP is."""
+
+    name = "mlp_history"
+
+    def __init__(self, cfg: MLPConfig | None = None, out_dir: str | os.PathLike | None = None,
+                 prompt: bool = False):
+        super().__init__(dataclasses.replace(cfg or MLPConfig(), previous=True), out_dir)
+        self.prompt = prompt
+
+    def _previous_features(self, data):
+        prev = known_previous(data, self.prompt)
+        known = np.flatnonzero(prev >= 0)
+        out = torch.zeros(len(data), data.num_layers, 2 * data.num_experts + 1)  # (N, L, 2E+1)
+        out[known, :, :-1] = history_features(data)[torch.from_numpy(prev[known])]  # (n, L, 2E)
+        out[known, :, -1] = 1.0
+        return out
 
 
 # ---- predictors fed with the model's hidden state ------------------------------------------------
@@ -526,7 +661,8 @@ class HiddenProbePredictor(Predictor):
 
 
 #: Every predictor name, in table order; those after "mlp" need the model's hidden states.
-PREDICTORS = ("random", "prior", "same", "lookup", "ngram", "mlp", "hidden_router", "hidden_probe")
+PREDICTORS = ("random", "prior", "same", "lookup", "ngram", "prev_token", "history", "mlp", "mlp_history",
+              "hidden_router", "hidden_probe")
 HIDDEN_PREDICTORS = ("hidden_router", "hidden_probe")
 
 
@@ -543,13 +679,14 @@ class EvalConfig:
     trace_dir: str = "routing_data_collected/moe-subject"  # trace folder (absolute, or relative to the repo root)
     split: str = "problem"  # comma list of split kinds: problem | dataset | token
     hops: str = "1"  # comma list of hops h >= 1: predict layer l+h from layer l
-    predictors: str = "random,prior,same,lookup,ngram,mlp"  # comma list from PREDICTORS (hidden_* need the model)
+    predictors: str = "random,prior,same,lookup,ngram,prev_token,history,mlp"  # from PREDICTORS (hidden_*: the model)
     subsets: str = "all"  # comma list of test subsets reported: all | prompt | generated | unique
     test_fraction: float = 0.25  # share of problems (or tokens) held out per dataset
     seed: int = 0  # split, random predictor, MLP and probe
     ngram_n: int = 3  # layers in the longest n-gram key
     ngram_min_count: int = 1  # training rows a key needs before it is trusted
     ngram_alpha: float = 1.0  # smoothing towards the shorter key's estimate
+    history_prompt: bool = False  # prev_token/history: prompt tokens see the previous token too (token-wise prefill)
     mlp_hidden: int = 128  # MLP width
     mlp_layers: int = 2  # MLP hidden layers
     mlp_token_dim: int = 16  # token-id embedding width (0: the MLP sees routing only)
@@ -612,7 +749,10 @@ def make_predictor(name: str, cfg: EvalConfig | None = None, out_dir: str | os.P
         "same": SameExpertPredictor,
         "lookup": lambda: LookupPredictor(cfg.ngram_min_count, cfg.ngram_alpha),
         "ngram": lambda: NGramPredictor(cfg.ngram_n, cfg.ngram_min_count, cfg.ngram_alpha),
+        "prev_token": lambda: PrevTokenPredictor(cfg.history_prompt),
+        "history": lambda: HistoryPredictor(cfg.ngram_n, cfg.ngram_min_count, cfg.ngram_alpha, cfg.history_prompt),
         "mlp": lambda: MLPPredictor(cfg.mlp_config(), out_dir),
+        "mlp_history": lambda: HistoryMLPPredictor(cfg.mlp_config(), out_dir, cfg.history_prompt),
         "hidden_router": HiddenRouterPredictor,
         "hidden_probe": lambda: HiddenProbePredictor(cfg.probe_config()),
     }
@@ -629,11 +769,13 @@ class SplitResult:
     test: RoutingData  # the test rows
 
 
-def mlp_dir(cfg: EvalConfig, split: Split) -> Path | None:
-    """Where :func:`run_split` saves the MLP of ``split`` (None without ``cfg.out_dir``)."""
+def mlp_dir(cfg: EvalConfig, split: Split, name: str = "mlp") -> Path | None:
+    """Where :func:`run_split` saves the MLP ``name`` ("mlp", "mlp_history") of ``split`` (None
+    without ``cfg.out_dir``)."""
     run_dir = cfg.run_dir()
     slug = re.sub(r"[^A-Za-z0-9]+", "-", split.label).strip("-").lower()  # "problem-gsm8k-humaneval-..."
-    return None if run_dir is None else run_dir / f"mlp-{slug}"
+    prefix = name.replace("_", "-")
+    return None if run_dir is None else run_dir / f"{prefix}-{slug}"
 
 
 def run_split(data: RoutingData, split: Split, cfg: EvalConfig | None = None) -> SplitResult:
@@ -646,7 +788,8 @@ def run_split(data: RoutingData, split: Split, cfg: EvalConfig | None = None) ->
     chance = chance_metrics(data.num_experts, data.top_k)
     rows, fitted = [], {}
     for name in cfg.predictor_names():
-        fitted[name] = predictor = make_predictor(name, cfg, mlp_dir(cfg, split) if name == "mlp" else None)
+        saved = mlp_dir(cfg, split, name) if name.startswith("mlp") else None
+        fitted[name] = predictor = make_predictor(name, cfg, saved)
         predictor.fit(train, pairs)
         for layer, hop in pairs:
             per = routing_metrics_per_token(predictor.predict_scores(test, layer, hop), test.experts[:, layer + hop])
@@ -724,6 +867,13 @@ def seed_table(summary: pd.DataFrame, split: str = "problem", hop: int = 1, subs
     return table.join(claims, how="left")
 
 
+def _flag(text: str) -> bool:
+    """A boolean option's value: true/1/yes or false/0/no."""
+    if text.lower() not in ("true", "1", "yes", "false", "0", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("true", "1", "yes")
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m routelib.routing.predictors <trace_dir> [--split problem,dataset,token] [--hops 1,2]
     [--predictors ...] [--<EvalConfig field> value ...]``: print the comparison table."""
@@ -733,6 +883,7 @@ def main(argv: list[str] | None = None) -> int:
     for f in dataclasses.fields(EvalConfig):
         if f.name != "trace_dir":
             kind = type(f.default) if f.default is not None else str
+            kind = _flag if kind is bool else kind
             parser.add_argument(f"--{f.name}", type=kind, default=None, help=f"(default: {f.default})")
     args = parser.parse_args(argv)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig)

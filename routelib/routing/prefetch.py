@@ -19,7 +19,10 @@ predictor: ``lru`` keeps the c experts of layer t used most recently by the earl
 same sequence (decoding order; within a token the higher gate weight counts as more recent; cold at
 the start of each sequence, so even c = E misses each expert's first use), ``prior`` (a predictor)
 keeps the c experts most frequent at layer t in training (a static frequency cache), and
-``oracle`` holds the true top-k: ``min(c, k) / k``.
+``oracle`` holds the true top-k: ``min(c, k) / k``. At c = k the LRU cache holds exactly the previous
+token's top-k set, so it equals the ``prev_token`` predictor there on decoded tokens (the locality of
+:mod:`routelib.routing.locality` is what it exploits); ``history`` adds the current token's earlier
+layers to it.
 """
 
 from __future__ import annotations
@@ -179,11 +182,13 @@ def lru_hit_curve(data: RoutingData, layer: int, mask: np.ndarray | None = None)
 
 
 def prefetch_curves(predictors: Mapping[str, Predictor], data: RoutingData, *, hop: int = 1,
-                    mask: np.ndarray | None = None, lru: bool = True, oracle: bool = True) -> pd.DataFrame:
+                    mask: np.ndarray | None = None, lru: bool = True, oracle: bool = True,
+                    per_layer: bool = False) -> pd.DataFrame:
     """Hit rate against cache size c (module docstring) per predictor and baseline, averaged over the
     target layers hop..L-1 and the tokens of ``mask`` (default all). LRU always runs over whole
     sequences (every token of ``data`` passes through the cache); ``mask`` selects which are counted.
-    Columns: name, cache_size, hit_rate."""
+    Columns: name, cache_size, hit_rate; with ``per_layer`` one row per target layer too
+    (column target_layer), not averaged."""
     num_layers, num_experts, k = data.num_layers, data.num_experts, data.top_k
     check_pair(num_layers, 0, hop)
     mask = np.ones(len(data), bool) if mask is None else np.asarray(mask, bool)
@@ -198,6 +203,14 @@ def prefetch_curves(predictors: Mapping[str, Predictor], data: RoutingData, *, h
             curves.setdefault(name, []).append(ranking_hit_curve(scores, truth))
         if lru:
             curves.setdefault("lru", []).append(lru_hit_curve(data, target, mask))
+    if per_layer:
+        targets = range(hop, num_layers)
+        rows = [{"name": name, "target_layer": t, "cache_size": int(c), "hit_rate": float(v)}
+                for name, parts in curves.items() for t, part in zip(targets, parts) for c, v in zip(sizes, part)]
+        if oracle:
+            rows += [{"name": "oracle", "target_layer": t, "cache_size": int(c), "hit_rate": min(c, k) / k}
+                     for t in targets for c in sizes]
+        return pd.DataFrame(rows)
     rows = [{"name": name, "cache_size": int(c), "hit_rate": float(v)}
             for name, parts in curves.items() for c, v in zip(sizes, np.mean(parts, 0))]
     if oracle:

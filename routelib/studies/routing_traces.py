@@ -1,6 +1,7 @@
 """Notebook 04's parameters and its live-collection check.
 
 :class:`TraceStudyConfig` holds the parameters of ``notebooks/04_mixtral_routing_collection.ipynb``;
+:func:`consecutive_locality` runs the Mixtral paper's across-token routing analysis on a trace frame;
 :func:`live_collection` re-collects a few problems with a model and measures how far the fresh
 routing agrees with a trace directory's, token by token -- the check that the shipped traces are
 reproducible and that the collection path still works (it runs under nbval on every CI run).
@@ -27,6 +28,8 @@ class TraceStudyConfig:
     seed: int = 0  # seed of the token sample and of the permutation test
     permutations: int = 2000  # label shuffles of the problem-level permutation test
     top_paths: int = 10  # how many frequent paths / prefixes to list
+    max_distance: int = 16  # consecutive-token locality: token distances d = 1..max_distance
+    bootstrap: int = 1000  # problem-level bootstrap resamples of the locality rates' 95 % intervals
     live_model: str | None = "data/moe-subject"  # model for the live collection check (None skips it)
     live_dataset: str = "humaneval"  # benchmark of the live collection
     live_problems: int = 4  # problems collected live (the first ones of the benchmark)
@@ -38,7 +41,7 @@ class TraceStudyConfig:
             raise ConfigError(f"phase must be 'generated', 'prompt' or 'all', got {self.phase!r}")
         if self.sample_size is not None and self.sample_size < 1:
             raise ConfigError(f"sample_size must be >= 1 or None (all tokens), got {self.sample_size}")
-        for name in ("permutations", "top_paths", "live_problems", "live_new_tokens"):
+        for name in ("permutations", "top_paths", "max_distance", "live_problems", "live_new_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -48,6 +51,18 @@ def phase_mask(df: pd.DataFrame, phase: str) -> np.ndarray:
     if phase == "all":
         return np.ones(len(df), bool)
     return (df["phase"] == phase).to_numpy()
+
+
+def consecutive_locality(df: pd.DataFrame, arrays, cfg: TraceStudyConfig) -> pd.DataFrame:
+    """The Mixtral paper's routing analysis across tokens (:func:`routelib.routing.locality.consecutive_routing`)
+    on a trace frame: every dataset and phase, distances 1..``cfg.max_distance``, problems as sequences."""
+    from routelib.routing.locality import consecutive_routing
+
+    num_experts = int(df.attrs["manifest"]["layout"]["num_experts"])
+    problem = (df["dataset"] + "/" + df["problem_id"]).to_numpy()
+    return consecutive_routing(arrays.experts, problem, df["position"].to_numpy(), num_experts,
+                               generated=(df["phase"] == "generated").to_numpy(), groups=df["dataset"].to_numpy(),
+                               distances=range(1, cfg.max_distance + 1), bootstrap=cfg.bootstrap, seed=cfg.seed)
 
 
 def live_collection(cfg: TraceStudyConfig, reference_dir: str | Path | None = None) -> tuple[pd.DataFrame, dict]:

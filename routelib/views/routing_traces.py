@@ -170,3 +170,44 @@ def usage_heatmaps(usage: Mapping[str, np.ndarray]):
         axes[0][-1].set(title=f"{names[0]} − {names[1]}", xlabel="expert", ylabel="layer")
     fig.tight_layout()
     return fig
+
+
+def locality_curves(table: pd.DataFrame, *, distance: int = 1, group: str = "all",
+                    measures: tuple[str, ...] = ("top1_same", "set_shared")):
+    """Routing across consecutive tokens per layer (a table of
+    :func:`routelib.routing.locality.consecutive_routing`): one panel per measure, one colour per
+    phase; the rate with its bootstrap interval (band), the usage chance (dashed), the in-sequence
+    chance (dotted) and uniform routing (grey)."""
+    rows = table[(table["distance"] == distance) & (table["group"] == group)]
+    fig, axes = plt.subplots(1, len(measures), figsize=(4.8 * len(measures), 3.4), squeeze=False)
+    for ax, measure in zip(axes[0], measures):
+        part = rows[rows["measure"] == measure]
+        for i, (phase, p) in enumerate(part.groupby("phase", sort=False)):
+            colour = f"C{i}"
+            ax.plot(p["layer"], 100 * p["rate"], marker="o", color=colour, label=f"{phase}")
+            ax.fill_between(p["layer"], 100 * p["ci_low"], 100 * p["ci_high"], color=colour, alpha=0.2)
+            ax.plot(p["layer"], 100 * p["chance"], ls="--", color=colour, label=f"{phase}: chance (usage)")
+            ax.plot(p["layer"], 100 * p["chance_in_sequence"], ls=":", color=colour)
+        if len(part):
+            ax.axhline(100 * part["chance_uniform"].iloc[0], color="grey", lw=0.8, label="uniform routing")
+            ax.set_xticks(sorted(part["layer"].unique()))
+        ax.set(title=f"{measure} ({group}, d = {distance})", xlabel="MoE layer", ylabel="% of token pairs")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    return fig
+
+
+def locality_decay(table: pd.DataFrame, *, measure: str = "top1_same", group: str = "all", phase: str = "prompt"):
+    """The rate at distance d = 1, 2, ... per layer (solid), each layer's in-sequence chance at d = 1
+    (dotted): how fast the sharing of experts between tokens d apart fades."""
+    rows = table[(table["measure"] == measure) & (table["group"] == group) & (table["phase"] == phase)]
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    for layer, part in rows.groupby("layer"):
+        colour = f"C{layer % 10}"
+        ax.plot(part["distance"], 100 * part["rate"], marker=".", color=colour, label=f"layer {layer}")
+        ax.axhline(100 * part["chance"].iloc[0], color=colour, ls=":", lw=0.8)
+    ax.set(title=f"{measure} at distance d ({group}, {phase} tokens; dotted: usage chance)",
+           xlabel="distance d (tokens)", ylabel="% of token pairs")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    return fig
