@@ -59,6 +59,11 @@ def test_smoke_results_hold_the_studies_outputs(smoke):
     second = pd.read_csv(results / "05_pathways_finetune_2of2" / "history.csv")
     assert first["step"].max() < second["step"].max()
     assert second["step"].iloc[: len(first)].tolist() == first["step"].tolist()
+    # the larger subject's traces load like the shipped ones, for both benchmarks
+    from routelib.routing.traces import load_traces
+
+    traces = load_traces(results / "06_subject_traces" / "traces")
+    assert len(traces) > 0 and set(traces["dataset"]) == {"humaneval", "gsm8k"}
 
 
 def test_rerun_skips_finished_steps(smoke):

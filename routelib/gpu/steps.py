@@ -37,7 +37,7 @@ def _write_csv(df: pd.DataFrame, ctx: Context, name: str, index: bool = False) -
 # --------------------------------------------------------------------------- 1. MoE kernels
 MOE_KERNELS = dict(hidden=4096, ffn=14336, experts=8, top_k=2, tokens=(4096, 8192, 16384), dtype="bf16",
                    rounds=3, min_time_s=0.5)  # Mixtral-8x7B's MoE FFN layer (DESIGN.md §5)
-MOE_KERNELS_SMOKE = dict(hidden=64, ffn=128, experts=4, top_k=2, tokens=(128, 256), dtype="fp32", rounds=1,
+MOE_KERNELS_SMOKE = dict(hidden=64, ffn=128, experts=4, top_k=2, tokens=(128, 256), dtype="bf16", rounds=1,
                          min_time_s=0.01)
 # work of each timed function relative to the routed work (top-k experts per token), and an assumed
 # slowdown against grouped_mm for the loops (naive, transformers eager) and the capacity padding
@@ -81,7 +81,7 @@ def run_moe_kernels(ctx: Context) -> dict:
 # ------------------------------------------------------------------- 2a. pathway MLP speed
 PATHWAY_MLP = dict(hidden=576, intermediate=1536, num_pathways=16, top_k=4, tokens=(16384, 65536, 262144),
                    dtype="bf16", rounds=3, min_time_s=0.3)  # SmolLM2-135M's MLP, notebook 01's routing
-PATHWAY_MLP_SMOKE = dict(hidden=64, intermediate=128, num_pathways=16, top_k=4, tokens=(256,), dtype="fp32",
+PATHWAY_MLP_SMOKE = dict(hidden=64, intermediate=128, num_pathways=16, top_k=4, tokens=(256,), dtype="bf16",
                          rounds=1, min_time_s=0.01)
 SMALL_GEMM_UTIL = 0.3  # assumed share of the bf16 peak for the pathway MLP's small GEMMs (576 x 1536)
 
@@ -414,6 +414,92 @@ def pathway_step(part: int) -> Step:
                 checkpoint=None if last else "pathways")
 
 
+# ------------------------------------------------------- 6. a larger routing subject + traces
+SUBJECT_GPU = dict(hidden_size=512, num_layers=12, num_heads=8, num_kv_heads=4, intermediate_size=1024, num_experts=8,
+                   top_k=2, seq_len=1024, batch_size=32, steps=2000, lr=1e-3, warmup_steps=100, ckpt_every=500,
+                   eval_windows=64, dense_baselines=False)  # vs the shipped subject: hidden 192, 6 layers, 4.1 M tokens
+SUBJECT_SMOKE = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=32, num_experts=4,
+                     top_k=2, seq_len=32, batch_size=2, steps=3, warmup_steps=1, ckpt_every=0, eval_windows=1,
+                     dense_baselines=False)
+# the shipped traces' settings (routing_data_collected/moe-subject/manifest.json): all of HumanEval, the first 100
+# GSM8K test problems, 192 new tokens, greedy, BOS prepended; a larger batch on the GPU
+TRACES_GPU = dict(limits={"humaneval": None, "gsm8k": 100}, max_new_tokens=192, batch_size=64)
+TRACES_SMOKE = dict(limits={"humaneval": 2, "gsm8k": 2}, max_new_tokens=4, batch_size=2)
+GENERATE_STEP_S = 0.03  # seconds per generated token of one batch (transformers generate + router hooks; assumed)
+
+
+def _subject_cfg(ctx: Context | None, smoke: bool = False):
+    from routelib.studies.moe_vs_dense import MoEStudyConfig
+
+    where = {} if ctx is None else {"device": ctx.device, "out_dir": str(ctx.checkpoints / "subject")}
+    return MoEStudyConfig(**(SUBJECT_SMOKE if smoke else SUBJECT_GPU), **where)
+
+
+def subject_train_estimate() -> Estimate:
+    from routelib.studies.moe_vs_dense import flops_split
+
+    cfg = _subject_cfg(None)
+    lm = cfg.moe_config()
+    s = flops_split(lm, cfg.seq_len)
+    tokens = cfg.steps * cfg.batch_size * cfg.seq_len
+    train = 3 * (s["non_embedding"] + s["lm_head"]) * tokens / (MOE_UTIL * BF16_PEAK)
+    params = lm.num_layers * (3 * lm.hidden_size * lm.intermediate_size * lm.num_experts + 4 * lm.hidden_size ** 2)
+    ckpt = (cfg.steps // cfg.ckpt_every) * 12 * params / CKPT_WRITE_RATE
+    return Estimate(train + ckpt + 30, f"{tokens / 1e6:.1f} M tokens, 3 x forward FLOPs at an assumed {MOE_UTIL:.0%} "
+                    f"of the bf16 peak: {train:.0f} s; {cfg.steps // cfg.ckpt_every} checkpoints at an assumed 1 GB/s: "
+                    f"{ckpt:.0f} s; set-up 30 s")
+
+
+def run_subject_train(ctx: Context) -> dict:
+    from routelib.studies.moe_vs_dense import train_arm, training_batches
+
+    cfg = _subject_cfg(ctx, ctx.smoke)
+    _, result = train_arm("moe", cfg.moe_config(), cfg, training_batches(cfg))
+    pd.DataFrame(result.history).to_csv(ctx.out / "history.csv", index=False)
+    ctx.summary.update({"steps": result.step, "tokens_M": result.step * cfg.batch_size * cfg.seq_len / 1e6,
+                        "final_train_loss": float(result.history[-1]["loss"])})
+    return {"study_config": dataclasses.asdict(cfg)}
+
+
+def subject_traces_estimate() -> Estimate:
+    p = TRACES_GPU
+    problems = 164 + p["limits"]["gsm8k"]
+    batches = math.ceil(164 / p["batch_size"]) + math.ceil(p["limits"]["gsm8k"] / p["batch_size"])
+    gen = batches * p["max_new_tokens"] * GENERATE_STEP_S
+    fixed = 90.0
+    return Estimate(gen + fixed, f"{problems} prompts in {batches} batches x {p['max_new_tokens']} greedy tokens at an "
+                    f"assumed {GENERATE_STEP_S * 1e3:.0f} ms per decoding step (generate is launch-bound for a model "
+                    f"this small): {gen:.0f} s; export + perplexity through transformers, model load: {fixed:.0f} s")
+
+
+def run_subject_traces(ctx: Context) -> dict:
+    from routelib.evaluation import domain_eval_data
+    from routelib.reference import load_manifest
+    from routelib.routing.collect import benchmark_prompts, collect, load_model
+    from routelib.studies.moe_vs_dense import export_subject, train_arm, training_batches
+
+    cfg = _subject_cfg(ctx, ctx.smoke)
+    model, result = train_arm("moe", cfg.moe_config(), cfg, training_batches(cfg))  # finished: loaded, not trained
+    trained = load_manifest(ctx.results / "06_subject_train")
+    result = dataclasses.replace(result, wall_s=trained["wall_s"])
+    export = ctx.checkpoints / "subject_export"  # too large to commit; its model card is kept with the traces
+    card = export_subject(model, cfg, result, domain_eval_data(cfg), export, trained["command"])
+    (ctx.out / "model_card.json").write_text(json.dumps(card, indent=1) + "\n")
+    hf, tok = load_model(str(export), dtype="bfloat16" if ctx.device == "cuda" else "float32")
+    hf.to(ctx.device)
+    p = TRACES_SMOKE if ctx.smoke else TRACES_GPU
+    for name, limit in p["limits"].items():
+        bench = benchmark_prompts(name, limit)
+        collect(hf, tok, bench.prompts, ctx.out / "traces", dataset=name, max_new_tokens=p["max_new_tokens"],
+                batch_size=p["batch_size"], prepend_bos=True, problem_ids=bench.problem_ids, prompt_source=bench.source,
+                prompt_template=bench.template, model_name=f"routelib GPU subject ({cfg.num_layers} layers)",
+                progress=False)
+    ctx.summary.update({f"val_ppl {k}": v for k, v in card["validation_perplexity"].items() if k == "overall"})
+    ctx.summary["total_params_M"] = card["total_params"] / 1e6
+    return {"study_config": dataclasses.asdict(cfg), "traces": {k: v for k, v in p.items() if k != "limits"},
+            "limits": p["limits"]}
+
+
 # ------------------------------------------------------------------------------ the plan
 def build_plan() -> list[Step]:
     """Every step, highest value first."""
@@ -442,4 +528,11 @@ def build_plan() -> list[Step]:
              estimate=lambda: Estimate(30.0, "no training: reads the runs, one unigram pass over the corpus (30 s, assumed)"),
              run=run_attention_verdict, after=ATTENTION_RUN_STEPS),
         *[pathway_step(part) for part in range(1, PATHWAY_CHUNKS + 1)],
+        Step("06_subject_train", "a larger routing subject: MoE LM, 12 layers, hidden 512, 8 experts, top-2, 65 M tokens",
+             keeps="no yaml: notebook 03's GPU model widths (hidden 512, 8 experts of 1024, top-2, seq 1024, batch 32) "
+                   "with 12 layers, 2000 steps, checkpoints every 500 steps (notebook 06)",
+             estimate=subject_train_estimate, run=run_subject_train, checkpoint="subject"),
+        Step("06_subject_traces", "the larger subject: export (model card) and routing traces on HumanEval + GSM8K",
+             keeps="the shipped traces' settings: all 164 HumanEval, the first 100 GSM8K problems, 192 greedy tokens, BOS",
+             estimate=subject_traces_estimate, run=run_subject_traces, after=("06_subject_train",)),
     ]
