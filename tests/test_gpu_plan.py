@@ -9,6 +9,7 @@ import re
 
 import pandas as pd
 import pytest
+import torch
 
 from routelib import paths
 from routelib.errors import ConfigError
@@ -90,6 +91,14 @@ def test_interrupted_plan_resumes_after_the_last_finished_step(tmp_path):
     assert [o.status for o in outcomes] == ["done", "ran"]
     assert (tmp_path / "r" / plan[0].name / MANIFEST).read_bytes() == first
     assert is_done(plan[1], tmp_path / "r")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_smoke_steps_on_cuda_record_the_gpu(tmp_path):
+    outcomes = run_plan(PLAN[:2], tmp_path, smoke=True, device="cuda", log=lambda s: None)
+    assert [o.status for o in outcomes] == ["ran", "ran"]
+    manifest = load_manifest(tmp_path / PLAN[0].name)
+    assert manifest["gpu"] == torch.cuda.get_device_name(0) and manifest["cuda"] == torch.version.cuda
 
 
 def _step(name, seconds=10.0, run=None, **kw):

@@ -14,6 +14,7 @@ the checkpoint reruns the step that makes it.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -21,8 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from routelib.errors import ConfigError
-from routelib.io import fsync_path
+from routelib.io import atomic_write_bytes, fsync_path
 from routelib.reference import MANIFEST, command_line, write_manifest
 
 #: The most device time one step may be estimated to take (DESIGN.md §8: slots of ~15 min, commands ≤ 10).
@@ -88,12 +91,6 @@ def check_plan(plan: list[Step]) -> None:
 
 def _finish(step: Step, ctx: Context, params: dict, wall_s: float) -> None:
     """summary.json + manifest into the partial folder, then rename it into place."""
-    import json
-
-    import torch
-
-    from routelib.io import atomic_write_bytes
-
     atomic_write_bytes(ctx.out / "summary.json", (json.dumps(ctx.summary, indent=1, default=float) + "\n").encode())
     est = step.estimate()
     extra = {"step": step.name, "title": step.title, "keeps": step.keeps, "smoke": ctx.smoke,
@@ -121,9 +118,8 @@ def run_plan(plan: list[Step], results: str | os.PathLike, *, checkpoints: str |
              on_done: Callable[[Step, Path], None] | None = None, log: Callable[[str], None] = print) -> list[Outcome]:
     """Run ``plan``'s steps in order, skipping finished ones; with ``budget_s``, a step runs only if
     its estimate fits the time left (later, shorter steps may still run). ``only`` runs that one step
-    (and nothing else). ``on_done(step, folder)`` is called after each finished step."""
-    import torch
-
+    (and nothing else). ``on_done(step, folder)`` is called after each finished step (e.g. to copy
+    its results off a machine that may be taken back)."""
     check_plan(plan)
     if only is not None and only not in {s.name for s in plan}:
         raise ConfigError(f"--only {only!r}: no such step; choose from {', '.join(s.name for s in plan)}")

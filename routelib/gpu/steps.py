@@ -53,7 +53,7 @@ def moe_kernels_estimate() -> Estimate:
     for n in p["tokens"]:
         routed = 6 * p["hidden"] * p["ffn"] * n * p["top_k"]
         for rel, slow in MOE_FNS.values():
-            work += p["rounds"] * _timing_s(routed * rel * slow / GROUPED_MM_RATE, p["min_time_s"] / 1)
+            work += p["rounds"] * _timing_s(routed * rel * slow / GROUPED_MM_RATE, p["min_time_s"])
     params = (2 * p["experts"] + p["top_k"] + 2 * p["experts"]) * 3 * p["hidden"] * p["ffn"]  # moe, dense x2, 2 HF copies
     setup = params / HOST_INIT_RATE
     return Estimate(work + setup, f"timing: {len(MOE_FNS)} functions x {len(p['tokens'])} token counts x "
@@ -381,9 +381,9 @@ def pathway_step(part: int) -> Step:
 
         cfg = _pathway_cfg(ctx)
         model, tok = study.load_base(cfg)
-        eval_data = study.domain_eval_data(cfg, tok)
+        eval_data = study.domain_eval_data(cfg, tok) if last else None
         base = study.evaluate(model, eval_data) if last else None
-        routed = study.build_routed(model, cfg)
+        routed = study.build_routed(model, cfg)  # wraps ``model`` in place
         untrained = study.evaluate(routed, eval_data) if last else None
         stop = None if last else math.ceil(cfg.steps * part / PATHWAY_CHUNKS)
         result = study.fine_tune(routed, cfg, study.training_batches(cfg, tok), stop_step=stop)
@@ -393,7 +393,7 @@ def pathway_step(part: int) -> Step:
             tuned = study.evaluate(routed, eval_data)
             table = study.perplexity_table({"base": base, "routed, untrained router": untrained, "routed, fine-tuned": tuned})
             _write_csv(table, ctx, "perplexity.csv", index=True)
-            vocab = model.config.vocab_size if hasattr(model, "config") else len(tok)
+            vocab = model.config.vocab_size
             routers = study.control_selections(tuned.sample, untrained.sample, cfg.num_pathways, seed=cfg.seed)
             per_router = study.router_metrics(tuned.sample, routers, cfg.num_pathways, vocab, cfg.min_load, cfg.top_tokens)
             headline = study.headline_purity(study.summary_table(per_router))
