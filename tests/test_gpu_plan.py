@@ -182,6 +182,19 @@ def test_every_step_fits_a_slot_and_says_how_it_was_estimated():
     assert "758 TFLOP/s" in kernels.how  # the measured rate, where one exists
 
 
+def test_full_size_steps_take_their_settings_from_the_gpu_yaml():
+    from routelib.gpu import steps
+
+    moe = steps._moe_study_cfg(None)
+    for key, value in steps.gpu_yaml("03_moe_speedup").items():
+        if key not in steps.RUNNER_FIELDS:
+            assert getattr(moe, key) == value, key
+    yml = steps.gpu_yaml("02_dynamic_attention_routing")
+    assert steps.HYBRID_GPU["hidden_size"] == yml["hidden_size"] and steps.ALPHA_SWEEP["alpha_sweep"] == yml["alpha_sweep"]
+    text = next(s for s in PLAN if s.name == "04_attention_routing_seed1").keeps
+    assert f"seeds [1] (yaml: {yml['seeds']!r})" in text and "lr_same [0.002]" in text
+
+
 def test_render_without_results_says_no_gpu_run(tmp_path):
     text = render.render(tmp_path / "none", PLAN)
     assert "No GPU run exists" in text

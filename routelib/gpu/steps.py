@@ -18,10 +18,34 @@ import math
 import pandas as pd
 import torch
 
+from routelib import paths
 from routelib.gpu.plan import Context, Estimate, Step
 
 GROUPED_MM_RATE = 758e12  # FLOP/s, measured: torch._grouped_mm at Mixtral shapes, H100, torch 2.11, 2026-11-23
 BF16_PEAK = 989e12  # FLOP/s, H100/H200 SXM dense bf16 (datasheet); utilisations below are shares of it
+
+
+RUNNER_FIELDS = ("out_dir", "device", "num_threads", "threads")  # where and how to run: set by the plan, not the study
+
+
+def gpu_yaml(notebook: str) -> dict:
+    """The settings of ``notebooks/params/<notebook>.gpu.yaml`` (the full-scale run)."""
+    import yaml
+
+    return yaml.safe_load((paths.NOTEBOOKS_DIR / "params" / f"{notebook}.gpu.yaml").read_text())
+
+
+def full_size(notebook: str, changes: dict | None = None) -> dict:
+    """The yaml's study settings (less :data:`RUNNER_FIELDS`) with a step's ``changes`` applied."""
+    return {**{k: v for k, v in gpu_yaml(notebook).items() if k not in RUNNER_FIELDS}, **(changes or {})}
+
+
+def keeps(notebook: str, changes: dict | None = None, note: str = "") -> str:
+    """Which settings of the notebook's GPU yaml a step keeps: all of them but ``changes``."""
+    yml = gpu_yaml(notebook)
+    diff = [f"{k} {v!r} (yaml: {yml[k]!r})" if k in yml else f"{k} {v!r}" for k, v in (changes or {}).items()]
+    text = f"every setting of notebooks/params/{notebook}.gpu.yaml" + (f" but {', '.join(diff)}" if diff else "")
+    return text + (f"; {note}" if note else "")
 
 
 def _timing_s(call_s: float, min_time_s: float, warmup: int = 3) -> float:
@@ -39,11 +63,10 @@ MOE_KERNELS = dict(hidden=4096, ffn=14336, experts=8, top_k=2, tokens=(4096, 819
                    rounds=3, min_time_s=0.5)  # Mixtral-8x7B's MoE FFN layer (DESIGN.md §5)
 MOE_KERNELS_SMOKE = dict(hidden=64, ffn=128, experts=4, top_k=2, tokens=(128, 256), dtype="bf16", rounds=1,
                          min_time_s=0.01)
-# work of each timed function relative to the routed work (top-k experts per token), and an assumed
-# slowdown against grouped_mm for the loops (naive, transformers eager) and the capacity padding
-MOE_FNS = {"moe_naive": (1, 3), "moe_padded": (1, 1.5), "moe_grouped": (1, 1), "grouped_mm_alone": (1, 1),
-           "dense_equal_total": (4, 1), "dense_equal_active": (1, 1), "transformers_eager": (1, 3),
-           "transformers_grouped_mm": (1, 1)}
+# assumed slowdown of each timed function against grouped_mm on the same FLOPs: the loops over experts
+# (routelib's naive path, transformers' eager block) and the capacity padding
+MOE_SLOWDOWN = {"moe_naive": 3, "moe_padded": 1.5, "moe_grouped": 1, "grouped_mm_alone": 1, "dense_equal_total": 1,
+                "dense_equal_active": 1, "transformers_eager": 3, "transformers_grouped_mm": 1}
 HOST_INIT_RATE = 2e8  # parameters/s initialised on the host before the copy to the GPU (assumed)
 
 
@@ -51,13 +74,14 @@ def moe_kernels_estimate() -> Estimate:
     p = MOE_KERNELS
     work = 0.0
     for n in p["tokens"]:
-        routed = 6 * p["hidden"] * p["ffn"] * n * p["top_k"]
-        for rel, slow in MOE_FNS.values():
-            work += p["rounds"] * _timing_s(routed * rel * slow / GROUPED_MM_RATE, p["min_time_s"])
+        routed = 6 * p["hidden"] * p["ffn"] * n * p["top_k"]  # FLOPs of the top-k experts' matmuls
+        for name, slow in MOE_SLOWDOWN.items():
+            flops = routed * (p["experts"] / p["top_k"] if name == "dense_equal_total" else 1)
+            work += p["rounds"] * _timing_s(flops * slow / GROUPED_MM_RATE, p["min_time_s"])
     params = (2 * p["experts"] + p["top_k"] + 2 * p["experts"]) * 3 * p["hidden"] * p["ffn"]  # moe, dense x2, 2 HF copies
     setup = params / HOST_INIT_RATE
-    return Estimate(work + setup, f"timing: {len(MOE_FNS)} functions x {len(p['tokens'])} token counts x "
-                    f"{p['rounds']} rounds, each call's FLOPs at the measured 758 TFLOP/s of grouped_mm (H100, "
+    return Estimate(work + setup, f"timing: {len(MOE_SLOWDOWN)} functions x {len(p['tokens'])} token counts x "
+                    f"{p['rounds']} rounds, each call's FLOPs at the measured {GROUPED_MM_RATE / 1e12:.0f} TFLOP/s of grouped_mm (H100, "
                     f"2026-11-23; loops assumed 3x slower) with {p['min_time_s']} s per timing window: {work:.0f} s; "
                     f"set-up: {params / 1e9:.1f} G parameters initialised on the host at an assumed "
                     f"{HOST_INIT_RATE / 1e6:.0f} M/s: {setup:.0f} s")
@@ -79,8 +103,12 @@ def run_moe_kernels(ctx: Context) -> dict:
 
 
 # ------------------------------------------------------------------- 2a. pathway MLP speed
-PATHWAY_MLP = dict(hidden=576, intermediate=1536, num_pathways=16, top_k=4, tokens=(16384, 65536, 262144),
-                   dtype="bf16", rounds=3, min_time_s=0.3)  # SmolLM2-135M's MLP, notebook 01's routing
+NB01 = "01_train_pathway_llm"
+SMOLLM2 = dict(params=134.5e6, layers=30, hidden=576, intermediate=1536, vocab=49152)  # notebook 01's base model
+_nb01 = full_size(NB01)
+PATHWAY_MLP = dict(hidden=SMOLLM2["hidden"], intermediate=SMOLLM2["intermediate"], num_pathways=_nb01["num_pathways"],
+                   top_k=_nb01["top_k_pathways"], tokens=tuple(int(_nb01["bench_tokens"] * f) for f in (1 / 4, 1, 4)),
+                   dtype="bf16", rounds=3, min_time_s=0.3)  # one SmolLM2 MLP with notebook 01's GPU routing
 PATHWAY_MLP_SMOKE = dict(hidden=64, intermediate=128, num_pathways=16, top_k=4, tokens=(256,), dtype="bf16",
                          rounds=1, min_time_s=0.01)
 SMALL_GEMM_UTIL = 0.3  # assumed share of the bf16 peak for the pathway MLP's small GEMMs (576 x 1536)
@@ -126,11 +154,8 @@ def run_pathway_mlp(ctx: Context) -> dict:
 
 
 # --------------------------------------------------------------- 2b. routed attention speed
-# notebook 02's GPU parameters (notebooks/params/02_dynamic_attention_routing.gpu.yaml): the model and training
-HYBRID_GPU = dict(hidden_size=768, num_heads=12, intermediate_size=2048, softmax_kv="routed", balance_coef=0.5,
-                  tau_start=1.0, tau_end=0.5, seq_len=1024, batch_size=48, steps=1000, warmup_steps=100,
-                  lr_static=1e-3, lr_dynamic=2e-3, eval_every=100, eval_windows=64,
-                  speed_seq_lens=[512, 1024, 2048, 4096, 8192], speed_batch=8, bench_min_time_s=1.0)
+NB02 = "02_dynamic_attention_routing"
+HYBRID_GPU = full_size(NB02)  # the yaml's model, batches, steps, evaluation and speed settings
 HYBRID_SMOKE = dict(hidden_size=32, num_heads=2, intermediate_size=64, softmax_kv="routed", balance_coef=0.5,
                     seq_len=32, batch_size=2, steps=3, warmup_steps=1, eval_every=0, eval_windows=1,
                     speed_seq_lens=[32, 64], speed_batch=2, bench_min_time_s=0.02)
@@ -146,11 +171,11 @@ def _hybrid_flops_per_token(p: dict, seq_len: int) -> float:
     return 4 * 2 * (5 * h * h + 3 * h * i) + 2 * VOCAB * h + 3 * 4 * seq_len * h
 
 
-def _hybrid_cfg(ctx: Context, **over):
+def _hybrid_cfg(ctx: Context, **changes):
+    """notebook 02's study config: the GPU yaml (smoke: toy sizes) with a step's ``changes``."""
     from routelib.studies.attention_routing import HybridStudyConfig
 
-    p = dict(HYBRID_SMOKE if ctx.smoke else HYBRID_GPU)
-    p.update(over)
+    p = {**(HYBRID_SMOKE if ctx.smoke else HYBRID_GPU), **changes}
     return HybridStudyConfig(**p, device=ctx.device, out_dir=str(ctx.checkpoints / "attention_routing"))
 
 
@@ -187,13 +212,13 @@ def run_attention_speed(ctx: Context) -> dict:
 
 
 # ------------------------------------------------------------------ 3. notebook 03 reference
-MOE_LM_GPU = dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, intermediate_size=1024, num_experts=8,
-                  top_k=2, seq_len=1024, batch_size=32, steps=1200, lr=1e-3, warmup_steps=100, ckpt_every=100,
-                  eval_windows=256, bench_tokens=8192)  # notebooks/params/03_moe_speedup.gpu.yaml
+NB03 = "03_moe_speedup"
+MOE_LM_GPU = full_size(NB03)  # every setting of the yaml: notebook 03's reference size fits one step
 MOE_LM_SMOKE = dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=32, num_experts=4,
                     top_k=2, seq_len=32, batch_size=2, steps=4, warmup_steps=1, ckpt_every=2, eval_windows=1,
                     bench_tokens=64, prefill_batch=1, decode_tokens=2, bench_min_time_s=0.01,
                     capacity_factors="1.0")
+REFERENCE_EVAL_EVERY = 50  # held-out loss on the training curve every this many steps (reference_run's default)
 DENSE_UTIL, MOE_UTIL = 0.25, 0.10  # assumed shares of the bf16 peak: small dense LMs, the MoE LM (routing, sorting)
 CKPT_WRITE_RATE = 1e9  # bytes/s written to the machine's disk (assumed)
 
@@ -212,12 +237,13 @@ def moe_vs_dense_estimate() -> Estimate:
     cfg = _moe_study_cfg(None)
     tokens = cfg.steps * cfg.batch_size * cfg.seq_len
     eval_tokens = 5 * cfg.eval_windows * cfg.seq_len  # upper bound: small domains have fewer windows
+    curve_tokens = 5 * 2 * 8 * cfg.seq_len  # reference_run's training curve: 2 batches of 8 windows per domain
     train = evals = ckpt = 0.0
     for arm, lm in cfg.arm_configs().items():
         s = flops_split(lm, cfg.seq_len)
         fwd = s["non_embedding"] + s["lm_head"]
         rate = (MOE_UTIL if arm == "moe" else DENSE_UTIL) * BF16_PEAK
-        train += 3 * fwd * tokens / rate + 3 * fwd * eval_tokens * (cfg.steps // 50) / 5 / rate
+        train += (3 * tokens + curve_tokens * (cfg.steps // REFERENCE_EVAL_EVERY)) * fwd / rate
         params = 3 * lm.num_layers * lm.hidden_size * lm.intermediate_size * (lm.num_experts if lm.is_moe else 1)
         n_ckpt = cfg.steps // cfg.ckpt_every if arm == "moe" else 1
         ckpt += n_ckpt * 12 * params / CKPT_WRITE_RATE  # fp32 weights + two AdamW moments
@@ -234,7 +260,7 @@ def run_moe_vs_dense(ctx: Context) -> dict:
     from routelib.studies.moe_vs_dense import reference_run
 
     cfg = _moe_study_cfg(ctx, ctx.smoke)
-    manifest = reference_run(cfg, out_dir=ctx.out, seeds=(0,), eval_every=50 if not ctx.smoke else 2,
+    manifest = reference_run(cfg, out_dir=ctx.out, seeds=(0,), eval_every=2 if ctx.smoke else REFERENCE_EVAL_EVERY,
                              log_every=10 if not ctx.smoke else 1)
     comp = pd.read_csv(ctx.out / "comparison.csv", index_col=0)
     ctx.summary.update({f"ppl_{arm}": float(comp.loc[arm, "ppl_overall"]) for arm in comp.index})
@@ -245,8 +271,12 @@ def run_moe_vs_dense(ctx: Context) -> dict:
 
 # ----------------------------------------------------------------- 4. notebook 02 comparison
 LR_SAME = [2e-3]  # of the yaml's [1e-3, 2e-3, 3e-3]: the equal rate the CPU run used (one rate keeps a seed in one step)
-ALPHA_SWEEP = dict(alpha_sweep=[0.0, 0.01, 0.1, 0.5, 1.0], alpha_sweep_steps=300)  # the yaml's sweep
+ALPHA_SWEEP = {k: HYBRID_GPU[k] for k in ("alpha_sweep", "alpha_sweep_steps")}  # the yaml's sweep
 ALPHA_SWEEP_SMOKE = dict(alpha_sweep=[0.0, 0.5], alpha_sweep_steps=2)
+
+
+def _seed_changes(seed: int) -> dict:
+    return dict(seeds=[seed], lr_same=list(LR_SAME), alpha_sweep=[])
 
 
 def _hybrid_run_s(p: dict, steps: int) -> float:
@@ -285,13 +315,11 @@ def attention_seed_step(seed: int) -> Step:
     def run(ctx: Context) -> dict:
         from routelib.studies.attention_routing import plan
 
-        cfg = _hybrid_cfg(ctx, seeds=[seed], lr_same=list(LR_SAME), alpha_sweep=[])
-        return _attention_runs(ctx, plan, cfg)
+        return _attention_runs(ctx, plan, _hybrid_cfg(ctx, **_seed_changes(seed)))
 
     return Step(f"04_attention_routing_seed{seed}", f"notebook 02: static vs dynamic hybrid, seed {seed}",
-                keeps="keeps the yaml's model (hidden 768, 12 heads, FFN 2048, routed softmax KV), seq 1024, batch 48, "
-                      "1000 steps, warm-up 100, the seed's rates 1e-3 / 2e-3, alpha 0.5, tau 1 -> 0.5, eval every 100, "
-                      "64 windows; equal-rate comparison at 2e-3 only (yaml: 1e-3, 2e-3, 3e-3)",
+                keeps=keeps(NB02, _seed_changes(seed), "the runs static at lr_static, dynamic at lr_dynamic, static at "
+                            "2e-3 (dynamic at 2e-3 is the same run)"),
                 estimate=attention_seed_estimate, run=run)
 
 
@@ -307,7 +335,7 @@ def run_attention_sweep(ctx: Context) -> dict:
     from routelib.studies.attention_routing import plan
 
     sweep = ALPHA_SWEEP_SMOKE if ctx.smoke else ALPHA_SWEEP
-    cfg = _hybrid_cfg(ctx, seeds=[0], lr_same=[], **sweep)
+    cfg = _hybrid_cfg(ctx, seeds=[0], lr_same=[], **sweep)  # the sweep's runs only (dynamic, lr_dynamic, seed 0)
     return _attention_runs(ctx, lambda c: [s for s in plan(c) if s.steps == c.alpha_sweep_steps], cfg)
 
 
@@ -336,12 +364,10 @@ ATTENTION_RUN_STEPS = ("04_attention_routing_seed0", "04_attention_routing_seed1
 
 
 # ------------------------------------------------------------------ 5. notebook 01 fine-tune
-PATHWAY_GPU = dict(num_pathways=16, top_k_pathways=4, route_every_n_layers=2, first_routed_layer=0,
-                   last_routed_layer=-1, train_scope="router+mlp", seq_len=512, batch_size=32, steps=2000, lr=3e-4,
-                   warmup_steps=100, eval_windows=64, probe_windows=0, glbl_weight=0.01)  # the yaml (+ the default GLBL weight)
+PATHWAY_CHANGES = dict(compare_switch=False, unrouted_control=False, probe_windows=0)  # this chain: the GLBL arm only
+PATHWAY_GPU = full_size(NB01, PATHWAY_CHANGES)
 PATHWAY_SMOKE = dict(num_pathways=16, top_k_pathways=4, routed_layers="14", train_scope="router+mlp", seq_len=16,
                      batch_size=2, steps=2, lr=1e-3, warmup_steps=1, eval_windows=1, eval_batch_size=1, probe_windows=0)
-SMOLLM2 = dict(params=134.5e6, layers=30, hidden=576, intermediate=1536, vocab=49152)
 PATHWAY_UTIL = 0.15  # assumed share of the bf16 peak for the 135M model's fine-tune (small GEMMs, grouped pathways)
 PATHWAY_CHUNKS = 2  # the fine-tune is split into this many steps that resume from a checkpoint
 
@@ -406,18 +432,17 @@ def pathway_step(part: int) -> Step:
     name = f"05_pathways_finetune_{part}of{PATHWAY_CHUNKS}"
     return Step(name, f"notebook 01: GLBL fine-tune of SmolLM2-135M, part {part} of {PATHWAY_CHUNKS}"
                 + (" + evaluation" if last else ""),
-                keeps="keeps the yaml's routing (16 pathways, top-4, every even layer from 0), scope router+mlp, seq 512, "
-                      "batch 32, 2000 steps, lr 3e-4, warm-up 100, 64 held-out windows; leaves out the Switch arm, the "
-                      "un-routed control and the per-layer probes (probe_windows 0)",
+                keeps=keeps(NB01, PATHWAY_CHANGES, "the Switch arm, the un-routed control and the per-layer probes "
+                            "are not in the plan (the notebook with the yaml runs them)"),
                 estimate=pathway_chunk_estimate, run=run,
                 after=() if part == 1 else (f"05_pathways_finetune_{part - 1}of{PATHWAY_CHUNKS}",),
                 checkpoint=None if last else "pathways")
 
 
 # ------------------------------------------------------- 6. a larger routing subject + traces
-SUBJECT_GPU = dict(hidden_size=512, num_layers=12, num_heads=8, num_kv_heads=4, intermediate_size=1024, num_experts=8,
-                   top_k=2, seq_len=1024, batch_size=32, steps=2000, lr=1e-3, warmup_steps=100, ckpt_every=500,
-                   eval_windows=64, dense_baselines=False)  # vs the shipped subject: hidden 192, 6 layers, 4.1 M tokens
+# notebook 03's GPU model, deeper and longer (the shipped subject: hidden 192, 6 layers, 4.1 M tokens)
+SUBJECT_CHANGES = dict(num_layers=12, steps=2000, ckpt_every=500, eval_windows=64, dense_baselines=False)
+SUBJECT_GPU = full_size(NB03, SUBJECT_CHANGES)
 SUBJECT_SMOKE = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=32, num_experts=4,
                      top_k=2, seq_len=32, batch_size=2, steps=3, warmup_steps=1, ckpt_every=0, eval_windows=1,
                      dense_baselines=False)
@@ -503,34 +528,33 @@ def run_subject_traces(ctx: Context) -> dict:
 # ------------------------------------------------------------------------------ the plan
 def build_plan() -> list[Step]:
     """Every step, highest value first."""
-    hybrid_keeps = ("keeps the yaml's model (hidden 768, 12 heads, FFN 2048, routed softmax KV), speed_seq_lens "
-                    "512-8192, speed_batch 8, bench_min_time_s 1.0; the models are untrained (speed only)")
     return [
         Step("01_moe_kernels", "MoE FFN layer at Mixtral shapes (d 4096, FFN 14336, 8 experts, top-2, bf16), 4k/8k/16k tokens",
              keeps="no yaml: DESIGN.md §5's shapes, routelib.moe_bench's defaults", estimate=moe_kernels_estimate,
              run=run_moe_kernels),
         Step("02_pathway_mlp", "sparse vs dense pathway MLP (SmolLM2 shape, 16 pathways, top-4), 16k/64k/256k tokens, bf16",
-             keeps="keeps notebook 01 yaml's 16 pathways, top-4 and bench_tokens 65536 (among 16k, 64k, 256k)",
+             keeps=f"notebook 01's GPU yaml: num_pathways, top_k_pathways and bench_tokens (with a quarter and 4x as "
+                   f"many tokens); SmolLM2-135M's MLP shape ({SMOLLM2['hidden']} x {SMOLLM2['intermediate']})",
              estimate=pathway_mlp_estimate, run=run_pathway_mlp),
         Step("03_attention_speed", "routed vs static attention: prefill throughput of the 4-layer hybrids, 512-8192 tokens",
-             keeps=hybrid_keeps, estimate=attention_speed_estimate, run=run_attention_speed),
+             keeps=keeps(NB02, note="the models are untrained (speed only): model, speed_seq_lens, speed_batch and "
+                         "bench_min_time_s are what matter"),
+             estimate=attention_speed_estimate, run=run_attention_speed),
         Step("03_moe_vs_dense", "notebook 03's reference run: MoE vs dense LMs at the GPU size, one seed",
-             keeps="keeps every setting of notebooks/params/03_moe_speedup.gpu.yaml (hidden 512, 8 layers, 8 experts "
-                   "of 1024, top-2, seq 1024, batch 32, 1200 steps, 256 held-out windows); one seed",
+             keeps=keeps(NB03, note="one seed"),
              estimate=moe_vs_dense_estimate, run=run_moe_vs_dense),
         attention_seed_step(0),
         attention_seed_step(1),
         Step("04_attention_routing_alpha_sweep", "notebook 02: the alpha sweep (dynamic arm, seed 0)",
-             keeps="keeps the yaml's alpha_sweep [0, 0.01, 0.1, 0.5, 1] at 300 steps and its model and batches",
+             keeps=keeps(NB02, dict(seeds=[0], lr_same=[]), "only the alpha sweep's runs"),
              estimate=attention_sweep_estimate, run=run_attention_sweep),
         Step("04_attention_routing_verdict", "notebook 02: comparison, verdict and sweep table from the three steps above",
-             keeps="reads the runs of the seed and sweep steps; no training",
+             keeps=keeps(NB02, dict(lr_same=list(LR_SAME)), "reads the runs of the three steps above; no training"),
              estimate=lambda: Estimate(30.0, "no training: reads the runs, one unigram pass over the corpus (30 s, assumed)"),
              run=run_attention_verdict, after=ATTENTION_RUN_STEPS),
         *[pathway_step(part) for part in range(1, PATHWAY_CHUNKS + 1)],
         Step("06_subject_train", "a larger routing subject: MoE LM, 12 layers, hidden 512, 8 experts, top-2, 65 M tokens",
-             keeps="no yaml: notebook 03's GPU model widths (hidden 512, 8 experts of 1024, top-2, seq 1024, batch 32) "
-                   "with 12 layers, 2000 steps, checkpoints every 500 steps (notebook 06)",
+             keeps=keeps(NB03, SUBJECT_CHANGES, "the MoE arm only"),
              estimate=subject_train_estimate, run=run_subject_train, checkpoint="subject"),
         Step("06_subject_traces", "the larger subject: export (model card) and routing traces on HumanEval + GSM8K",
              keeps="the shipped traces' settings: all 164 HumanEval, the first 100 GSM8K problems, 192 greedy tokens, BOS",
