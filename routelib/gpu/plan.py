@@ -138,7 +138,8 @@ def run_plan(plan: list[Step], results: str | os.PathLike, *, checkpoints: str |
             outcomes.append(Outcome(step.name, "done"))
             log(f"[gpu plan] {step.name}: done (results exist), skipped")
             continue
-        waiting = [a for a in step.after if not is_available(next(s for s in plan if s.name == a), plan, results, checkpoints)]
+        by_name = {s.name: s for s in plan}
+        waiting = [a for a in step.after if not is_available(by_name[a], plan, results, checkpoints)]
         if waiting:
             outcomes.append(Outcome(step.name, "waits"))
             log(f"[gpu plan] {step.name}: waits for {', '.join(waiting)}")

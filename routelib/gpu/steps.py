@@ -81,8 +81,9 @@ def moe_kernels_estimate() -> Estimate:
     params = (2 * p["experts"] + p["top_k"] + 2 * p["experts"]) * 3 * p["hidden"] * p["ffn"]  # moe, dense x2, 2 HF copies
     setup = params / HOST_INIT_RATE
     return Estimate(work + setup, f"timing: {len(MOE_SLOWDOWN)} functions x {len(p['tokens'])} token counts x "
-                    f"{p['rounds']} rounds, each call's FLOPs at the measured {GROUPED_MM_RATE / 1e12:.0f} TFLOP/s of grouped_mm (H100, "
-                    f"2026-11-23; loops assumed 3x slower) with {p['min_time_s']} s per timing window: {work:.0f} s; "
+                    f"{p['rounds']} rounds, each call's FLOPs at the measured {GROUPED_MM_RATE / 1e12:.0f} TFLOP/s "
+                    f"of grouped_mm (H100, 2026-11-23; loops assumed 3x slower) with {p['min_time_s']} s per timing "
+                    f"window: {work:.0f} s; "
                     f"set-up: {params / 1e9:.1f} G parameters initialised on the host at an assumed "
                     f"{HOST_INIT_RATE / 1e6:.0f} M/s: {setup:.0f} s")
 
@@ -149,7 +150,8 @@ def run_pathway_mlp(ctx: Context) -> dict:
     ctx.summary.update({"tokens": max(p["tokens"]),
                         "sparse_vs_dense_mlp_forward": float(big.loc[("forward", "sparse"), "speedup_vs_dense_mlp"]),
                         "sparse_vs_dense_masked_forward": float(big.loc[("forward", "sparse"), "speedup"]),
-                        "sparse_vs_dense_mlp_training": float(big.loc[("forward+backward", "sparse"), "speedup_vs_dense_mlp"])})
+                        "sparse_vs_dense_mlp_training":
+                            float(big.loc[("forward+backward", "sparse"), "speedup_vs_dense_mlp"])})
     return {"benchmark": {k: list(v) if isinstance(v, tuple) else v for k, v in p.items()}}
 
 
@@ -264,7 +266,8 @@ def run_moe_vs_dense(ctx: Context) -> dict:
                              log_every=10 if not ctx.smoke else 1)
     comp = pd.read_csv(ctx.out / "comparison.csv", index_col=0)
     ctx.summary.update({f"ppl_{arm}": float(comp.loc[arm, "ppl_overall"]) for arm in comp.index})
-    ctx.summary.update({"prefill_speedup_vs_dense_total": float(comp.loc["dense_total", "prefill_ms"] / comp.loc["moe", "prefill_ms"]),
+    prefill = comp["prefill_ms"]
+    ctx.summary.update({"prefill_speedup_vs_dense_total": float(prefill["dense_total"] / prefill["moe"]),
                         "train_tok_s_moe": float(comp.loc["moe", "train_tokens_per_s"])})
     return manifest["params"]
 
@@ -328,7 +331,8 @@ def attention_sweep_estimate() -> Estimate:
     n = len(ALPHA_SWEEP["alpha_sweep"])
     per = _hybrid_run_s(p, ALPHA_SWEEP["alpha_sweep_steps"])
     return Estimate(n * per + TRITON_WARMUP_S + 20, f"{n} dynamic runs x {ALPHA_SWEEP['alpha_sweep_steps']} steps, "
-                    f"3 x forward FLOPs at an assumed {HYBRID_UTIL:.0%} of the bf16 peak (as the seed steps): {n * per:.0f} s; Triton autotuning + set-up {TRITON_WARMUP_S + 20:.0f} s")
+                    f"3 x forward FLOPs at an assumed {HYBRID_UTIL:.0%} of the bf16 peak (as the seed steps): "
+                    f"{n * per:.0f} s; Triton autotuning + set-up {TRITON_WARMUP_S + 20:.0f} s")
 
 
 def run_attention_sweep(ctx: Context) -> dict:
@@ -381,13 +385,13 @@ def _pathway_train_s(steps: int) -> float:
 
 
 def pathway_chunk_estimate() -> Estimate:
-    steps = math.ceil(PATHWAY_GPU["steps"] / PATHWAY_CHUNKS)
+    p = PATHWAY_GPU
+    steps, tokens = math.ceil(p["steps"] / PATHWAY_CHUNKS), p["batch_size"] * p["seq_len"]
     train = _pathway_train_s(steps)
+    per_token = _pathway_train_s(1) * PATHWAY_UTIL * BF16_PEAK / tokens
     fixed = 60.0
-    return Estimate(train + fixed, f"{steps} of {PATHWAY_GPU['steps']} steps x {PATHWAY_GPU['batch_size'] * PATHWAY_GPU['seq_len']} "
-                    f"tokens through SmolLM2-135M (forward + activation gradients + routed-MLP weight gradients, ~"
-                    f"{_pathway_train_s(1) * PATHWAY_UTIL * BF16_PEAK / (PATHWAY_GPU['batch_size'] * PATHWAY_GPU['seq_len']) / 1e9:.2f} "
-                    f"GFLOP/token) at an assumed {PATHWAY_UTIL:.0%} of the bf16 peak: {train:.0f} s; model load "
+    return Estimate(train + fixed, f"{steps} of {p['steps']} steps x {tokens} tokens through SmolLM2-135M (forward + "
+                    f"activation gradients + routed-MLP weight gradients, ~{per_token / 1e9:.2f} GFLOP/token) at an assumed {PATHWAY_UTIL:.0%} of the bf16 peak: {train:.0f} s; model load "
                     f"(GGUF conversion ~25 s), held-out passes and checkpoint {fixed:.0f} s")
 
 
