@@ -530,17 +530,26 @@ def run_subject_traces(ctx: Context) -> dict:
 
 
 # ------------------------------------------------------------------------------ the plan
+def _counts(tokens) -> str:
+    """(4096, 8192) -> "4k/8k"."""
+    return "/".join(f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in tokens)
+
+
 def build_plan() -> list[Step]:
     """Every step, highest value first."""
+    mk, pm, sg = MOE_KERNELS, PATHWAY_MLP, SUBJECT_GPU
     return [
-        Step("01_moe_kernels", "MoE FFN layer at Mixtral shapes (d 4096, FFN 14336, 8 experts, top-2, bf16), 4k/8k/16k tokens",
+        Step("01_moe_kernels", f"MoE FFN layer at Mixtral shapes (d {mk['hidden']}, FFN {mk['ffn']}, {mk['experts']} "
+             f"experts, top-{mk['top_k']}, {mk['dtype']}), {_counts(mk['tokens'])} tokens",
              keeps="no yaml: DESIGN.md §5's shapes, routelib.moe_bench's defaults", estimate=moe_kernels_estimate,
              run=run_moe_kernels),
-        Step("02_pathway_mlp", "sparse vs dense pathway MLP (SmolLM2 shape, 16 pathways, top-4), 16k/64k/256k tokens, bf16",
+        Step("02_pathway_mlp", f"sparse vs dense pathway MLP (SmolLM2 shape, {pm['num_pathways']} pathways, "
+             f"top-{pm['top_k']}), {_counts(pm['tokens'])} tokens, {pm['dtype']}",
              keeps=f"notebook 01's GPU yaml: num_pathways, top_k_pathways and bench_tokens (with a quarter and 4x as "
                    f"many tokens); SmolLM2-135M's MLP shape ({SMOLLM2['hidden']} x {SMOLLM2['intermediate']})",
              estimate=pathway_mlp_estimate, run=run_pathway_mlp),
-        Step("03_attention_speed", "routed vs static attention: prefill throughput of the 4-layer hybrids, 512-8192 tokens",
+        Step("03_attention_speed", "routed vs static attention: prefill throughput of the 4-layer hybrids, "
+             f"{_counts(HYBRID_GPU['speed_seq_lens'])} tokens",
              keeps=keeps(NB02, note="the models are untrained (speed only): model, speed_seq_lens, speed_batch and "
                          "bench_min_time_s are what matter"),
              estimate=attention_speed_estimate, run=run_attention_speed),
@@ -557,7 +566,9 @@ def build_plan() -> list[Step]:
              estimate=lambda: Estimate(30.0, "no training: reads the runs, one unigram pass over the corpus (30 s, assumed)"),
              run=run_attention_verdict, after=ATTENTION_RUN_STEPS),
         *[pathway_step(part) for part in range(1, PATHWAY_CHUNKS + 1)],
-        Step("06_subject_train", "a larger routing subject: MoE LM, 12 layers, hidden 512, 8 experts, top-2, 65 M tokens",
+        Step("06_subject_train", f"a larger routing subject: MoE LM, {sg['num_layers']} layers, hidden {sg['hidden_size']}, "
+             f"{sg['num_experts']} experts, top-{sg['top_k']}, "
+             f"{sg['steps'] * sg['batch_size'] * sg['seq_len'] / 1e6:.0f} M tokens",
              keeps=keeps(NB03, SUBJECT_CHANGES, "the MoE arm only"),
              estimate=subject_train_estimate, run=run_subject_train, checkpoint="subject"),
         Step("06_subject_traces", "the larger subject: export (model card) and routing traces on HumanEval + GSM8K",
