@@ -15,7 +15,7 @@ from routelib import paths
 from routelib.errors import ConfigError
 from routelib.gpu import render
 from routelib.gpu.__main__ import DEFAULT_RESULTS, main
-from routelib.gpu.plan import MAX_STEP_S, Estimate, Step, check_plan, is_done, run_plan
+from routelib.gpu.plan import MAX_STEP_S, Estimate, Step, check_plan, is_done, pack_results, run_plan
 from routelib.gpu.steps import build_plan
 from routelib.reference import MANIFEST, load_manifest
 
@@ -120,6 +120,28 @@ def test_a_step_killed_midway_leaves_no_result(tmp_path):
     outcomes = run_plan([_step("a"), _step("b")], tmp_path, log=lambda s: None)
     assert [o.status for o in outcomes] == ["done", "ran"]
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["manifest.json", "summary.json", "x.txt"]
+
+
+def test_pack_holds_every_finished_step_after_each_step(tmp_path):
+    import tarfile
+
+    packed = []
+
+    def pack_then_stop(step, folder):
+        packed.append(pack_results(tmp_path / "r", tmp_path / "out.tgz"))
+        if step.name == "b":
+            raise KeyboardInterrupt  # the command is killed after step b
+
+    def dies(ctx):
+        raise AssertionError("step c must not run")
+
+    with pytest.raises(KeyboardInterrupt):
+        run_plan([_step("a"), _step("b"), _step("c", run=dies)], tmp_path / "r", on_done=pack_then_stop,
+                 log=lambda s: None)
+    assert packed == [["a"], ["a", "b"]]
+    with tarfile.open(tmp_path / "out.tgz") as tar:
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    assert load_manifest(tmp_path / "unpacked" / "b")["step"] == "b"  # hashes check out after the round trip
 
 
 def test_budget_runs_the_steps_that_fit_in_order(tmp_path):

@@ -3,6 +3,7 @@
     python -m routelib.gpu --list                       # the steps, their estimates and what is done
     python -m routelib.gpu --budget 540                 # run the steps that fit 540 s, in order
     python -m routelib.gpu --only 01_moe_kernels        # one step
+    python -m routelib.gpu --budget 480 --pack $OUT/gpu.tgz   # a lent GPU: every finished step also in one tarball
     python -m routelib.gpu --smoke                      # every step at toy sizes on any device (CI)
     python -m routelib.gpu --render                     # README's GPU section from the results folder
 """
@@ -21,7 +22,7 @@ SMOKE_RESULTS = "runs/gpu_smoke"  # smoke results: git-ignored, never rendered
 def main(argv: list[str] | None = None) -> int:
     from routelib.errors import ConfigError
     from routelib.gpu import render as renderer
-    from routelib.gpu.plan import is_done, run_plan
+    from routelib.gpu.plan import is_done, pack_results, run_plan
     from routelib.gpu.steps import build_plan
 
     p = argparse.ArgumentParser(prog="python -m routelib.gpu", description=__doc__.splitlines()[0],
@@ -32,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoints", default=None, help="checkpoints chained steps hand on (default: beside the results, "
                    "<results>_checkpoints under runs/)")
     p.add_argument("--only", default=None, help="run this one step")
+    p.add_argument("--pack", default=None, help="after each finished step, (re)write all finished steps into this "
+                   ".tar.gz (unpack with: tar xzf FILE -C data/reference/gpu)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--list", action="store_true", help="print the plan and exit")
     p.add_argument("--render", action="store_true", help="re-render README's GPU section from the results and exit")
@@ -53,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{a.readme}: GPU section {'updated' if changed else 'unchanged'}")
             return 0
         checkpoints = a.checkpoints or paths.RUNS_DIR / f"{results.name}_checkpoints"
+        on_done = (lambda step, folder: pack_results(results, a.pack)) if a.pack else None
         outcomes = run_plan(plan, results, checkpoints=checkpoints, budget_s=a.budget, only=a.only, smoke=a.smoke,
-                            device=a.device)
+                            device=a.device, on_done=on_done)
     except ConfigError as err:
         p.error(str(err))
     ran = [o for o in outcomes if o.status == "ran"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,6 +105,20 @@ def _finish(step: Step, ctx: Context, params: dict, wall_s: float) -> None:
         shutil.rmtree(final)
     os.replace(ctx.out, final)
     fsync_path(ctx.results, strict=False)
+
+
+def pack_results(results: str | os.PathLike, target: str | os.PathLike) -> list[str]:
+    """Write every finished step folder of ``results`` into one gzipped tar at ``target``, atomically
+    (a machine whose only way out is a few files, e.g. the lent GPU's ``$OUT``, keeps all finished
+    steps even if the command is killed). Returns the step names packed."""
+    results, target = Path(results), Path(target)
+    names = sorted(p.name for p in results.iterdir() if p.is_dir() and (p / MANIFEST).is_file())
+    tmp = target.with_name(target.name + ".tmp")
+    with tarfile.open(tmp, "w:gz") as tar:
+        for name in names:
+            tar.add(results / name, arcname=name)
+    os.replace(tmp, target)
+    return names
 
 
 @dataclass
