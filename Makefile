@@ -24,7 +24,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK = 1
 TEST_CMD = $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env \
 	--nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=1200
 
-.PHONY: setup run test unit notebooks tokenizer clean-venv lock test-latest
+.PHONY: setup run test unit notebooks tokenizer gpu gpu-smoke clean-venv lock test-latest
 
 setup: $(STAMP)
 
@@ -71,6 +71,16 @@ notebooks: setup
 # Rebuild the shipped BPE tokenizer in data/ from the corpus.
 tokenizer: setup
 	$(PY) -m routelib.data.tokenizer --rebuild
+
+# The GPU plan (routelib.gpu): run the steps that fit BUDGET seconds (all if unset) into
+# data/reference/gpu/, then re-render README's GPU section. A GPU machine: make gpu EXTRAS=notebooks,dev,gpu BUDGET=540
+gpu: setup
+	$(PY) -m routelib.gpu $(if $(BUDGET),--budget $(BUDGET))
+	$(PY) -m routelib.gpu --render
+
+# Every step of the GPU plan at toy sizes on this machine (results in runs/gpu_smoke/).
+gpu-smoke: setup
+	$(PY) -m routelib.gpu --smoke
 
 clean-venv:
 	rm -rf $(VENV)

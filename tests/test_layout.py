@@ -1,6 +1,7 @@
 """The package layout: no import circles anywhere in routelib (module-level or inside functions),
 and no import from a library module up into a notebook's study or view (``routelib.studies``,
-``routelib.views``). Imports are read from the source (AST), so lazy imports count too."""
+``routelib.views``), nor from either into the top layer (``routelib.notebooks``, the GPU plan
+``routelib.gpu``). Imports are read from the source (AST), so lazy imports count too."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import routelib
 
 PACKAGE = Path(routelib.__file__).parent
 UPPER = ("routelib.studies", "routelib.views")  # a notebook's logic and views: nothing below imports them
-TOP = ("routelib.notebooks",)  # the notebook runner sits above everything
+TOP = ("routelib.notebooks", "routelib.gpu")  # the notebook runner and the GPU plan sit above everything
 
 
 def module_name(path: Path) -> str:
