@@ -30,8 +30,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from routelib.errors import RoutelibError
@@ -50,6 +52,16 @@ class MoELayer:
     gate: torch.Tensor  # (E, I, H) SwiGLU gate projection (the SiLU branch) of every expert
     up: torch.Tensor  # (E, I, H) SwiGLU up projection
     down: torch.Tensor  # (E, H, I) down projection back to the residual stream
+    experts_name: str = ""  # qualified name of the experts module
+    act: Callable[[torch.Tensor], torch.Tensor] = F.silu  # the activation on the gate branch
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate.shape[0]
+
+    def expert_output(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """(T, H): expert ``e`` applied to ``x`` (T, H) from these weights alone: down(act(gate x) * up x)."""
+        return (self.act(x @ self.gate[e].T) * (x @ self.up[e].T)) @ self.down[e].T
 
     def expert_input(self) -> torch.Tensor:
         """(E, 2I, H): each expert's read-in matrix, gate and up rows stacked (what it reads from H)."""
@@ -127,7 +139,9 @@ def moe_weights(model: nn.Module) -> MoEWeights:
         if gate.shape[0] != weight.shape[0]:
             raise UnsupportedMoEError(f"{arch}: router {name} scores {weight.shape[0]} experts but "
                                       f"{gate.shape[0]} experts sit beside it")
-        layers.append(MoELayer(index, name, weight.detach(), gate, up, down))
+        experts_name = f"{name.rsplit('.', 1)[0]}.experts" if "." in name else "experts"
+        layers.append(MoELayer(index, name, weight.detach(), gate, up, down, experts_name,
+                               getattr(experts, "act_fn", F.silu)))
     top_k = int(getattr(config, "num_experts_per_tok", 0) or 0)
     return MoEWeights(arch, str(getattr(config, "model_type", "")), top_k, layers)
 

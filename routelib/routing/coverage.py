@@ -1,0 +1,489 @@
+"""Which Hugging Face MoE architectures routelib serves, proven on tiny random models.
+
+Driven by transformers' own registry: every causal-LM model type
+(``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``) whose config declares routed experts (a config field, here
+or in a sub-config, whose name mentions experts). For each, :func:`tiny_model` builds a random model
+offline from the config's own defaults, shrunk by a generic rule (:func:`shrink`) plus a small
+per-architecture override table (:data:`OVERRIDES`); :func:`check_type` then
+
+1. collects the routing of a prompt and a few generated tokens with :func:`routelib.routing.collect.collect`
+   while forward hooks on every experts module record what the experts actually received in that
+   same pass (the ids and gate weights the model handed them, see :mod:`.ground_truth`), and
+   compares the trace, token by token and layer by layer, with those;
+2. reads the weights with :func:`routelib.routing.weights.moe_weights` and checks that they
+   reproduce each expert's output, computed by the model's own experts module.
+
+A future transformers that adds a type adds a row, with no change here. Architectures that cannot
+be served are listed with the reason (:data:`UNSERVED`), and the library raises an error naming them.
+
+``python -m routelib.routing.coverage [--readme README.md]`` prints the table (and writes it into
+README between the marker comments); ``tests/test_routing_coverage.py`` runs the same checks.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from routelib.errors import RoutelibError
+
+# ----------------------------------------------------------------------------------------------
+# the registry and tiny configs
+
+EXPERT_FIELD = re.compile(r"expert", re.IGNORECASE)  # a config field naming experts declares an MoE
+LAYER_COUNT_KEYS = ("num_hidden_layers", "num_layers", "n_layers", "n_layer")
+TINY_LAYERS = 2  # decoder layers of every tiny model (more where its layer types need more)
+# (field-name pattern, tiny value): integers above the value are set to it; None expert fields get it
+SIZES = (
+    (r"hidden_size|d_model|n_embd", 64),
+    (r"\w+_hidden_size|hidden_size_\w+", 16),  # router MLPs, per-layer inputs
+    (r"\w*(intermediate_size|ffn_hidden_size|ffn_dim)", 24),  # 2 x 24 != 64: fused layouts stay readable
+    (r"num_hidden_layers|num_layers|n_layers|n_layer", TINY_LAYERS),
+    (r"\w*(num_attention_heads|n_heads|n_head|index_n_heads|indexer_n_heads)", 4),
+    (r"\w*(num_key_value_heads|kv_n_heads|num_kv_heads|indexer_kv_heads)", 2),
+    (r"qk_rope_head_dim|qk_nope_head_dim", 8),
+    (r"\w*head_dim", 16),
+    (r"kv_lora_rank|q_lora_rank", 16),
+    (r"num_local_experts|num_experts|n_routed_experts|moe_num_experts", 8),
+    (r"num_experts_per_tok|moe_topk|top_k_experts|num_experts_per_token|moe_top_k", 2),
+    (r"n_shared_experts|num_shared_experts|moe_num_shared_experts", 1),
+    (r"n_group|num_expert_group", 2),
+    (r"topk_group", 1),
+    (r"max_position_embeddings|max_seq_len", 256),
+    (r"vocab_size\w*", 8192),
+)
+MOE_SWITCHES = re.compile(r"is_moe|enable_moe_block|use_moe")  # booleans that turn the experts on
+
+# Per-architecture fields the generic shrinker cannot guess (dotted keys reach sub-configs).
+OVERRIDES: dict[str, dict[str, Any]] = {
+    "dbrx": {"attn_config.rope_theta": 10000.0, "attn_config.clip_qkv": 8.0},  # no defaults for these
+    "jamba": {"attn_layer_offset": 0, "attn_layer_period": 2, "expert_layer_offset": 1, "expert_layer_period": 2},
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},
+    "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention"],  # default: no attention layer
+                         "mamba_n_heads": 4, "mamba_d_head": 32, "mamba_d_state": 16},
+    **dict.fromkeys(("qwen4_exp", "qwen4_exp_text"), {  # its indexed-attention layers need all five fields
+        "indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 8,
+        "indexer_compress_ratio": 2}),
+}
+
+
+def moe_model_types() -> dict[str, str]:
+    """{model_type: causal-LM class name} for every causal-LM model type of the installed transformers
+    whose config declares experts (a field, or a sub-config's field, whose name mentions experts)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    found = {}
+    for model_type, class_name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items():
+        config_class = CONFIG_MAPPING[model_type] if model_type in CONFIG_MAPPING else None
+        if config_class is not None and any(EXPERT_FIELD.search(k) for k in _field_names(config_class)):
+            found[model_type] = class_name
+    return found
+
+
+def _field_names(config_class) -> list[str]:
+    """Field names of a config class and of its sub-configs (from the class, no instance needed)."""
+    import dataclasses
+    import inspect
+
+    names = []
+    classes = [config_class, *getattr(config_class, "sub_configs", {}).values()]
+    for cls in classes:
+        if dataclasses.is_dataclass(cls):
+            names += [f.name for f in dataclasses.fields(cls)]
+        names += list(inspect.signature(cls.__init__).parameters)
+    return names
+
+
+def shrink(config, depth: int = 0):
+    """``config`` made tiny in place (and returned): every integer field matching :data:`SIZES` is
+    capped at its tiny value (expert fields left None get it), MoE switches are turned on, per-layer
+    lists are cut to the tiny depth keeping every distinct layer type, dense-prefix counts and
+    layer-index lists keep at least one MoE layer, out-of-vocabulary special ids are clamped;
+    sub-configs are shrunk the same way."""
+    depth_before = _layer_count(config)
+    for key, value in list(vars(config).items()):
+        if key.startswith("_"):
+            continue
+        if hasattr(value, "to_dict") and depth < 2:
+            shrink(value, depth + 1)
+            continue
+        if isinstance(value, bool) or value is None:
+            if value is False and MOE_SWITCHES.fullmatch(key):
+                setattr(config, key, True)
+            if value is None and (EXPERT_FIELD.search(key) or key == "head_dim" or key.startswith("moe_")):
+                tiny = _tiny_value(key)
+                if tiny is not None:
+                    setattr(config, key, tiny)
+            continue
+        if isinstance(value, int):
+            tiny = _tiny_value(key)
+            if tiny is not None and (value > tiny or key.startswith("vocab_size")):
+                setattr(config, key, tiny)
+    depth_after = _layer_count(config)
+    if depth_before and depth_after:
+        _cut_layer_lists(config, depth_before, depth_after)
+    own = vars(config)  # stored fields only (some configs refuse global reads of per-layer fields)
+    if isinstance(own.get("kv_lora_rank"), int):  # multi-head latent attention
+        rope, nope = own.get("qk_rope_head_dim"), own.get("qk_nope_head_dim")
+        if isinstance(rope, int) and "head_dim" in own:
+            config.head_dim = rope  # its rotary embedding covers the rope part only
+        if isinstance(rope, int) and isinstance(nope, int) and "qk_head_dim" in own:
+            config.qk_head_dim = rope + nope
+        if isinstance(own.get("num_key_value_heads"), int):
+            config.num_key_value_heads = own["num_attention_heads"]  # one latent KV per query head
+    if isinstance(getattr(config, "first_k_dense_replace", None), int):
+        config.first_k_dense_replace = min(config.first_k_dense_replace, 1)
+    vocab = getattr(config, "vocab_size", None)
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = getattr(config, key, None)
+        if isinstance(vocab, int) and isinstance(value, int) and value >= vocab:
+            setattr(config, key, vocab - 1)
+        elif isinstance(vocab, int) and isinstance(value, list):
+            setattr(config, key, [min(v, vocab - 1) for v in value])
+    return config
+
+
+def _tiny_value(key: str) -> int | None:
+    for pattern, tiny in SIZES:
+        if re.fullmatch(pattern, key):
+            return tiny
+    return None
+
+
+def _layer_count(config) -> int | None:
+    return next((getattr(config, k) for k in LAYER_COUNT_KEYS if isinstance(getattr(config, k, None), int)), None)
+
+
+def _cut_layer_lists(config, before: int, after: int) -> None:
+    """Per-layer lists (length ``before``) cut to ``after`` layers, keeping every distinct string
+    (layer type) at the end -- the depth grows if there are more types than layers; lists of layer
+    indices (``mlp_only_layers``) keep only indices below the last layer, so the last one is MoE."""
+    for key, value in list(vars(config).items()):
+        if key.startswith("_") or not isinstance(value, list):
+            continue
+        if len(value) == before and before != after:
+            kinds = list(dict.fromkeys(v for v in value if isinstance(v, str)))
+            depth = max(after, len(kinds))
+            cut = value[:depth]
+            missing = [k for k in kinds if k not in cut]
+            if missing:
+                cut = cut[:depth - len(missing)] + missing
+            setattr(config, key, cut)
+            if depth > after:
+                for k in LAYER_COUNT_KEYS:
+                    if isinstance(getattr(config, k, None), int):
+                        setattr(config, k, depth)
+                after = depth
+        elif key.endswith("_layers") and value and all(isinstance(v, int) for v in value):
+            setattr(config, key, [v for v in value if v < after - 1])
+
+
+def tiny_config(model_type: str):
+    """The config of a tiny random ``model_type`` model: the config class's own defaults, shrunk
+    (:func:`shrink`), then :data:`OVERRIDES`; a composite config whose causal-LM class takes the
+    text config alone gives that text config."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+    config = shrink(CONFIG_MAPPING[model_type]())
+    if not isinstance(config, cls.config_class) and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    for key, value in OVERRIDES.get(model_type, {}).items():
+        target = config
+        *path, last = key.split(".")
+        for part in path:
+            target = getattr(target, part)
+        setattr(target, last, value)
+    return cls, config
+
+
+def tiny_model(model_type: str, seed: int = 0) -> nn.Module:
+    """A tiny random ``model_type`` causal LM in eval mode (float32, eager attention, offline)."""
+    cls, config = tiny_config(model_type)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return cls(config).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# ground truth: what the experts modules received
+
+PROMPT = "def add(a, b):\n    return a + b\n\nprint(add(2,"  # a short prompt (bpe8k: 16 tokens)
+NEW_TOKENS = 4  # generated tokens per check
+
+
+def experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every experts module (a module named ``experts``), in model order."""
+    return [(n, m) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] == "experts"]
+
+
+class ExpertInputs:
+    """Forward pre-hooks on every experts module keeping, per call, the expert ids (int, (N, k)) and
+    the gate weights (float, (N, k)) the module was called with -- the routing as the model applied it."""
+
+    def __init__(self, model: nn.Module):
+        self.modules = experts_modules(model)
+        self.calls: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in self.modules]
+        self._handles = []
+
+    def __enter__(self):
+        for i, (_, module) in enumerate(self.modules):
+            self._handles.append(module.register_forward_pre_hook(self._hook(i), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+
+    def _hook(self, i: int):
+        def hook(module, args, kwargs):
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            ids = next((t for t in tensors if not t.is_floating_point() and t.ndim == 2), None)
+            weights = next((t for t in tensors if ids is not None and t.is_floating_point() and t.shape == ids.shape),
+                           None)
+            if ids is None or weights is None:
+                raise RoutelibError(f"experts module {self.modules[i][0]} ({type(module).__name__}) was called "
+                                    f"without (ids, weights) of one shape: cannot read what it received")
+            self.calls[i].append((ids.detach().clone(), weights.detach().float().clone()))
+        return hook
+
+    def arrays(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids (N, L, k), weights (N, L, k)) over all calls, one row per token routed."""
+        ids = torch.stack([torch.cat([c[0] for c in calls]) for calls in self.calls], dim=1)
+        weights = torch.stack([torch.cat([c[1] for c in calls]) for calls in self.calls], dim=1)
+        return ids, weights
+
+
+# ----------------------------------------------------------------------------------------------
+# the checks
+
+# Architectures routelib cannot serve, with the transformers-side reason (the library raises an
+# error saying so); the coverage test expects that error and lists them in the README table.
+UNSERVED_COLLECTION: dict[str, str] = {
+    "dbrx": "not yet: its router returns bare logits, top-k in ffn_config.moe_top_k",
+    "doge": "not yet: product-key routing",
+    "gemma4": "not yet: the expert count lives in text_config",
+    "jetmoe": "not yet: its router returns (sorted_index, batch_index, gates, expert_size, logits)",
+    "llama4": "not yet: experts receive sigmoid-scaled inputs, not (ids, weights)",
+    "llama4_text": "not yet: experts receive sigmoid-scaled inputs, not (ids, weights)",
+    "longcat_flash": "not yet: zero-computation experts (ids >= n_routed_experts)",
+    "deepseek_v4": "not yet: its hash-routed layers are not declared as router outputs",
+    "hunyuan_v1_moe": "not yet: recorded gate weights differ from the experts' inputs",
+    "inkling2_text": "not yet: the tiny model fails inside transformers",
+    "inkling2_loop_text": "not yet: the tiny model fails inside transformers",
+}
+UNSERVED_WEIGHTS: dict[str, str] = {
+    k: "not yet" for k in ("afmoe", "aria_text", "dbrx", "doge", "gemma4", "gemma4_text", "gpt_oss", "hunyuan_v1_moe",
+                           "inkling_text", "jetmoe", "llama4", "llama4_text", "longcat_flash", "nemotron_h", "zaya",
+                           "inkling2_text", "inkling2_loop_text", "minimax_m3_vl_text")}
+
+EXACT, UNSERVED, WRONG, ERROR = "exact", "not served", "wrong", "error"
+
+
+@dataclass
+class Coverage:
+    model_type: str  # transformers model_type
+    architecture: str  # the causal-LM class
+    collection: str  # EXACT, UNSERVED (a routelib error naming it), WRONG (a mismatch) or ERROR (a crash)
+    collection_note: str  # what was checked, or the error / mismatch
+    weights: str  # the same statuses for moe_weights
+    weights_note: str
+    tokens: int = 0  # tokens checked (prompt + generated)
+    layers: int = 0  # MoE layers checked
+
+
+def _tokenizer():
+    from routelib.data.tokenizer import load_tokenizer
+
+    return load_tokenizer("bpe8k")
+
+
+def check_collection(model: nn.Module, tokenizer) -> tuple[int, int, float]:
+    """Collect the routing of :data:`PROMPT` + :data:`NEW_TOKENS` generated tokens with
+    :func:`collect` while :class:`ExpertInputs` records what the experts received; raises
+    AssertionError on any difference. Returns (tokens, MoE layers, largest gate-weight difference)."""
+    import tempfile
+
+    import numpy as np
+
+    from routelib.routing.collect import collect
+    from routelib.routing.traces import load_traces, trace_arrays
+
+    with tempfile.TemporaryDirectory() as out, ExpertInputs(model) as received:
+        collect(model, tokenizer, {"p": PROMPT}, out, dataset="coverage", max_new_tokens=NEW_TOKENS, batch_size=1,
+                stop_at_eos=False, progress=False)
+        df = load_traces(out)
+    traces = trace_arrays(df)
+    ids, weights = received.arrays()  # (N, L, k) each, the experts' own inputs
+    if traces.experts.shape != tuple(ids.shape):
+        raise AssertionError(f"trace holds {traces.experts.shape} (tokens, layers, k), the experts received "
+                             f"{tuple(ids.shape)}")
+    if (df["phase"] == "generated").sum() != NEW_TOKENS:
+        raise AssertionError(f"{(df['phase'] == 'generated').sum()} generated tokens, expected {NEW_TOKENS}")
+    order_t = np.argsort(traces.experts, axis=-1, kind="stable")  # compare slots as sets: sort by id
+    order_r = torch.argsort(ids, dim=-1, stable=True)
+    got_ids = np.take_along_axis(traces.experts, order_t, -1)
+    got_w = np.take_along_axis(traces.weights, order_t, -1)
+    want_ids = torch.gather(ids, -1, order_r).numpy()
+    want_w = torch.gather(weights, -1, order_r).numpy()
+    bad = np.argwhere((got_ids != want_ids).any(-1))
+    if len(bad):
+        t, layer = bad[0]
+        raise AssertionError(f"{len(bad)} (token, layer) cells with other experts than the experts received; "
+                             f"first: token {t}, layer {layer}: {got_ids[t, layer]} vs {want_ids[t, layer]}")
+    diff = float(np.abs(got_w - want_w).max())
+    if not np.allclose(got_w, want_w, rtol=1e-5, atol=1e-6):
+        raise AssertionError(f"gate weights differ from what the experts received by up to {diff:.3g}")
+    return int(ids.shape[0]), int(ids.shape[1]), diff
+
+
+def check_weights(model: nn.Module, seed: int = 0) -> tuple[int, float]:
+    """Every expert's output computed from :func:`moe_weights` equals the model's own experts module
+    called with that expert alone (gate weight 1) on random inputs. Returns (layers, largest error)."""
+    from routelib.routing.weights import moe_weights
+
+    w = moe_weights(model)
+    named = dict(model.named_modules())
+    gen = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for layer in w.layers:
+        experts = named[layer.experts_name]
+        x = torch.randn(5, w.hidden_size, generator=gen)  # (T, H)
+        for e in range(layer.num_experts):
+            with torch.no_grad():
+                ref = experts(x, torch.full((5, 1), e), torch.ones(5, 1))  # (T, H)
+                ours = layer.expert_output(e, x)
+            err = float((ours - ref).abs().max())
+            worst = max(worst, err)
+            if not torch.allclose(ours, ref, rtol=1e-4, atol=1e-5):
+                raise AssertionError(f"layer {layer.index}, expert {e}: output from the read weights differs "
+                                     f"from {type(experts).__name__} by {err:.3g}")
+    return len(w.layers), worst
+
+
+def _status(fn, *args) -> tuple[str, str, Any]:
+    try:
+        return EXACT, "", fn(*args)
+    except AssertionError as err:
+        return WRONG, str(err), None
+    except RoutelibError as err:
+        return UNSERVED, str(err), None
+    except Exception as err:  # a crash inside transformers or routelib: reported, never hidden
+        return ERROR, f"{type(err).__name__}: {err}", None
+
+
+def check_type(model_type: str, tokenizer=None) -> Coverage:
+    """Both checks on a tiny random ``model_type`` model (see the module docstring)."""
+    tokenizer = tokenizer or _tokenizer()
+    cls, _ = tiny_config(model_type)
+    model = tiny_model(model_type)
+    c_status, c_note, c_out = _status(check_collection, model, tokenizer)
+    w_status, w_note, w_out = _status(check_weights, model)
+    tokens, layers = (c_out[0], c_out[1]) if c_out else (0, 0)
+    if c_status == EXACT:
+        c_note = (f"{tokens} tokens ({tokens - NEW_TOKENS} prompt + {NEW_TOKENS} generated) x {layers} MoE layers: "
+                  f"ids and gate weights equal what the experts received")
+    if w_status == EXACT:
+        w_note = f"{w_out[0]} MoE layers: every expert's output reproduced"
+    return Coverage(model_type, cls.__name__, c_status, c_note, w_status, w_note, tokens, layers)
+
+
+def run_all(model_types=None, progress: bool = False) -> list[Coverage]:
+    """:func:`check_type` for every type of :func:`moe_model_types` (or the given ones)."""
+    tokenizer = _tokenizer()
+    results = []
+    for model_type in model_types or moe_model_types():
+        results.append(check_type(model_type, tokenizer))
+        if progress:
+            r = results[-1]
+            print(f"{model_type}: collection {r.collection}, weights {r.weights}", flush=True)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# the README table
+
+TABLE_BEGIN = "<!-- moe-coverage:begin (generated by python -m routelib.routing.coverage --readme README.md) -->"
+TABLE_END = "<!-- moe-coverage:end -->"
+
+
+def _cell(status: str, note: str) -> str:
+    return "yes" if status == EXACT else f"**{status}**"
+
+
+def coverage_table(results: list[Coverage]) -> str:
+    """The markdown table: one row per model type, sorted by model type."""
+    import transformers
+
+    rows = [f"Every causal-LM model type of transformers {transformers.__version__} whose config declares experts "
+            f"({len(results)} types), as a tiny random model: collection served = the recorded top-k ids and gate "
+            f"weights of the prompt and {NEW_TOKENS} generated tokens equal what the experts modules received; "
+            f"weights served = `moe_weights` reproduces every expert's output.",
+            "",
+            "| model type | architecture | collection | weights | note |",
+            "|---|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: r.model_type):
+        notes = []
+        if r.collection != EXACT:
+            notes.append("collection: " + _one_line(r.collection_note))
+        if r.weights != EXACT:
+            notes.append("weights: " + _one_line(r.weights_note))
+        rows.append(f"| `{r.model_type}` | {r.architecture} | {_cell(r.collection, r.collection_note)} | "
+                    f"{_cell(r.weights, r.weights_note)} | {'; '.join(notes)} |")
+    served = sum(r.collection == EXACT for r in results), sum(r.weights == EXACT for r in results)
+    rows += ["", f"Collection served: {served[0]} of {len(results)}; weights served: {served[1]} of {len(results)}."]
+    return "\n".join(rows)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def readme_table(readme_text: str) -> str:
+    """The text between the README's coverage markers (ValueError if they are missing)."""
+    try:
+        start = readme_text.index(TABLE_BEGIN) + len(TABLE_BEGIN)
+        end = readme_text.index(TABLE_END, start)
+    except ValueError:
+        raise ValueError(f"README has no {TABLE_BEGIN!r} ... {TABLE_END!r} markers") from None
+    return readme_text[start:end].strip("\n")
+
+
+def write_readme_table(readme_path, table: str) -> None:
+    """Replace the text between the README's coverage markers by ``table``."""
+    from pathlib import Path
+
+    path = Path(readme_path)
+    text = path.read_text()
+    old = readme_table(text)
+    start = text.index(TABLE_BEGIN) + len(TABLE_BEGIN)
+    end = text.index(TABLE_END, start)
+    path.write_text(text[:start] + "\n" + table + "\n" + text[end:])
+    del old
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m routelib.routing.coverage", description=__doc__.split("\n\n")[0])
+    p.add_argument("--readme", default=None, help="write the table into this README between the markers")
+    p.add_argument("--types", default=None, help="comma-separated model types (default: all)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    types = args.types.split(",") if args.types else None
+    table = coverage_table(run_all(types, progress=True))
+    print(table)
+    if args.readme:
+        write_readme_table(args.readme, table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
