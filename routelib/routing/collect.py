@@ -153,16 +153,25 @@ def find_routers(model: nn.Module) -> Routers:
                 if hit:
                     found.append((name, module))
                     break
+    structural = []  # a 'gate'/'router' child next to an 'experts' child
+    for name, module in model.named_modules():
+        children = dict(module.named_children())
+        if "experts" not in children:
+            continue
+        for key in ("gate", "router"):
+            if key in children and isinstance(children[key], nn.Module):
+                structural.append((name, f"{name}.{key}" if name else key, children[key]))
+                break
     if not found:
         source = "structural search: a 'gate'/'router' module next to an 'experts' module"
-        for name, module in model.named_modules():
-            children = dict(module.named_children())
-            if "experts" not in children:
-                continue
-            for key in ("gate", "router"):
-                if key in children and isinstance(children[key], nn.Module):
-                    found.append((f"{name}.{key}" if name else key, children[key]))
-                    break
+        found = [(n, m) for _, n, m in structural]
+    else:  # MoE blocks whose router class is not the declared one (DeepSeek-V4's hash-routed layers)
+        covered = {n.rsplit(".", 1)[0] if "." in n else "" for n, _ in found}
+        extra = [(n, m) for block, n, m in structural if block not in covered]
+        if extra:
+            order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+            found = sorted(found + extra, key=lambda item: order[item[0]])
+            source += " + structural search (MoE blocks with another router class)"
     if not found:
         config = getattr(model, "config", None)
         arch = type(model).__name__
@@ -197,15 +206,63 @@ def topk_from_logits(logits: torch.Tensor, top_k: int, renormalize: bool = True)
 
 def split_router_output(output) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(logits, weights, ids) from one router output: a tensor of logits, or a tuple holding the
-    logits (float, last dim E), the top-k weights (float, same shape as the ids) and the ids (int)."""
+    logits (float, last dim E), the top-k weights (float, same shape as the ids) and the ids (int) --
+    or JetMoE's grouped layout ``(sorted slot index, token index, gates, expert sizes, logits)``, which
+    is put back into per-token (N, k) ids and weights."""
     if isinstance(output, torch.Tensor):
         return output, None, None
+    if any(isinstance(o, (list, tuple)) for o in output) and len(output) == 5:
+        return _ungroup(*output)
     tensors = [t for t in output if isinstance(t, torch.Tensor)]
     ids = next((t for t in tensors if not t.is_floating_point()), None)
     floats = [t for t in tensors if t.is_floating_point()]
     weights = next((t for t in floats if ids is not None and t.shape == ids.shape), None)
     logits = next((t for t in floats if t is not weights), None)
     return logits, weights, ids
+
+
+def _ungroup(sorted_slots: torch.Tensor, token_index: torch.Tensor, gates: torch.Tensor, expert_sizes,
+             logits: torch.Tensor):
+    """JetMoE's router output in expert-sorted order -> (logits (N, E), weights (N, k), ids (N, k)).
+    ``sorted_slots[i]`` is the flat (token * k + slot) index of the i-th assignment in expert order,
+    ``expert_sizes[e]`` the number of assignments of expert e, ``gates[i]`` that assignment's weight."""
+    n, k = logits.shape[0], sorted_slots.numel() // max(logits.shape[0], 1)
+    sizes = torch.as_tensor(list(expert_sizes), device=sorted_slots.device)
+    expert_of = torch.repeat_interleave(torch.arange(len(sizes), device=sorted_slots.device), sizes)  # (N*k,)
+    ids = torch.empty_like(sorted_slots)
+    ids[sorted_slots] = expert_of
+    weights = torch.empty_like(gates)
+    weights[sorted_slots] = gates
+    return logits, weights.view(n, k), ids.view(n, k)
+
+
+TOP_K_KEYS = ("num_experts_per_tok", "moe_top_k", "top_k_experts", "moe_topk", "num_experts_per_token")
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def config_value(config, keys: Sequence[str]):
+    """The first positive integer among ``keys`` in ``config`` or its sub-configs (text_config,
+    DBRX's ffn_config, ...); None if none."""
+    seen, todo = set(), [config]
+    while todo:
+        cfg = todo.pop(0)
+        if cfg is None or id(cfg) in seen:
+            continue
+        seen.add(id(cfg))
+        for key in keys:
+            value = vars(cfg).get(key) if hasattr(cfg, "__dict__") else None
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+        todo += [v for v in vars(cfg).values() if hasattr(v, "to_dict")] if hasattr(cfg, "__dict__") else []
+    return None
+
+
+def _weights_and_ids(output, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, ids) from a routing method's tuple: the int tensor and the float tensor of its shape."""
+    _, weights, ids = split_router_output(output)
+    if weights is None or ids is None:
+        raise RoutelibError(f"the routing method beside router {name} returned no (weights, ids) pair")
+    return weights, ids
 
 
 class RoutingRecorder:
@@ -219,8 +276,13 @@ class RoutingRecorder:
         self.model = model
         self.routers = routers or find_routers(model)
         self.keep_logits = keep_logits
-        self.top_k_config = getattr(model.config, "num_experts_per_tok", None)
+        self.top_k_config = config_value(model.config, TOP_K_KEYS)
         self.renormalize = _norm_topk(model.config)
+        named = dict(model.named_modules())
+        # the MoE block's own routing method, where the router returns bare logits (DBRX)
+        self.route_methods = [getattr(named.get(n.rsplit(".", 1)[0] if "." in n else ""), "route_tokens_to_experts",
+                                      None) for n in self.routers.names]
+        self.num_experts: int | None = None  # width of the router scores (ids range over it), from gather
         self._outputs: list[list[Any]] = [[] for _ in self.routers.modules]
         self._handles: list[Any] = []
         self.weights_source: str | None = None
@@ -253,6 +315,10 @@ class RoutingRecorder:
         experts, weights, probs = [], [], []
         for layer, store in enumerate(self._outputs):
             parts = [split_router_output(o) for o in store]
+            route = self.route_methods[layer]
+            derived_by_model = bool(parts) and parts[0][2] is None and route is not None
+            if derived_by_model:  # the MoE block's own routing code on each recorded (N, E) logits
+                parts = [(p[0], *_weights_and_ids(route(p[0]), self.routers.names[layer])) for p in parts]
             rows = sum((p[2] if p[2] is not None else p[0]).shape[0] for p in parts) if parts else 0
             if rows != batch_size * seq_len:
                 raise RoutelibError(
@@ -267,7 +333,9 @@ class RoutingRecorder:
             logits = cat([p[0] for p in parts]) if parts[0][0] is not None else None
             if parts[0][2] is not None:
                 ids, w = cat([p[2] for p in parts]), cat([p[1] for p in parts]).float()
-                self.weights_source = "router output: the top-k ids and gate weights the model applied"
+                self.weights_source = ("the MoE block's route_tokens_to_experts on the recorded router logits"
+                                       if derived_by_model else
+                                       "router output: the top-k ids and gate weights the model applied")
             else:
                 if self.top_k_config is None:
                     raise RoutelibError(f"router {self.routers.names[layer]} returns only logits and the "
@@ -276,7 +344,9 @@ class RoutingRecorder:
                 self.weights_source = (f"derived from router logits: softmax, top-{self.top_k_config}"
                                        + (", renormalised" if self.renormalize else ""))
             experts.append(ids.to("cpu"))
-            weights.append(w.to("cpu"))
+            weights.append(w.float().to("cpu"))
+            if logits is not None:
+                self.num_experts = int(logits.shape[-1])
             if self.keep_logits:
                 if logits is None:
                     raise RoutelibError(f"full_distribution: router {self.routers.names[layer]} returns no logits")
@@ -725,7 +795,7 @@ def collect(model, tokenizer, prompts: Sequence[str] | Mapping[str, str], out_di
                 input_ids, attention_mask = left_pad(encoded, pad_id, device)
                 sequences, experts, weights, probs = generate_with_routing(
                     model, input_ids, attention_mask, gen_config, recorder)
-                num_experts = probs.shape[-1] if probs is not None else _num_experts(model, routers)
+                num_experts = probs.shape[-1] if probs is not None else _num_experts(model, routers, recorder)
                 keep = _kept_columns(sequences, attention_mask, eos_ids, stop_at_eos)  # (B, P+G)
                 table = _batch_table(dataset, [ids[i] for i in chunk], chunk, sequences, attention_mask.shape[1], keep,
                                      experts, weights, probs, num_experts, texts_of)
@@ -735,6 +805,9 @@ def collect(model, tokenizer, prompts: Sequence[str] | Mapping[str, str], out_di
                           "full_distribution": full_distribution, "experts_dtype": T.EXPERTS_DTYPE,
                           "weights_dtype": T.WEIGHTS_DTYPE, "probs_dtype": T.PROBS_DTYPE if full_distribution else None,
                           "weights_source": recorder.weights_source}
+                zero = zero_computation_experts(model, int(num_experts))
+                if zero:  # ids the router may pick that run no expert (the token passes through)
+                    layout["zero_computation_experts"] = zero
                 if manifest["layout"] is None:
                     manifest["layout"] = layout
                 else:
@@ -759,15 +832,26 @@ def collect(model, tokenizer, prompts: Sequence[str] | Mapping[str, str], out_di
     return manifest
 
 
-def _num_experts(model, routers: Routers) -> int:
-    for key in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"):
-        value = getattr(model.config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
+def _num_experts(model, routers: Routers, recorder: "RoutingRecorder | None" = None) -> int:
+    """Experts per layer: the width of the router scores seen (ids range over it; LongCat-Flash's
+    include its zero-computation experts), else the config (or a sub-config), else a router weight."""
+    if recorder is not None and recorder.num_experts:
+        return recorder.num_experts
+    value = config_value(model.config, EXPERT_COUNT_KEYS)
+    if value:
+        return value
     weight = getattr(routers.modules[0], "weight", None)
     if weight is not None:
         return int(weight.shape[0])
-    raise RoutelibError("cannot tell the number of experts: no config field and no router weight")
+    raise RoutelibError(f"{type(model).__name__}: cannot tell the number of experts: no config field, no router "
+                        f"logits and no router weight")
+
+
+def zero_computation_experts(model, num_experts: int) -> list[int]:
+    """Ids of experts that compute nothing (LongCat-Flash's ``zero_expert_num`` identity experts,
+    numbered after the ``n_routed_experts`` real ones); empty for other models."""
+    zero = config_value(model.config, ("zero_expert_num",)) or 0
+    return list(range(num_experts - zero, num_experts)) if zero else []
 
 
 # ----------------------------------------------------------------------------------------------
