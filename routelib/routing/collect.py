@@ -106,11 +106,13 @@ class Routers:
     modules: list[nn.Module]  # the router modules
     moe_layers: list[int]  # decoder-layer index of each router (from its name), in order
     source: str  # how they were found
+    logits_index: list[int | None] = field(default_factory=list)  # where the logits sit in each router's
+    # output tuple, as transformers' OutputRecorder(index=...) declares it (None: not declared)
 
 
-def _recorder_specs(model: nn.Module) -> list[tuple[Any, str | None, str | None]]:
-    """(target class or class name, layer_name, class_name) for every 'router_logits' recorder the
-    model's classes declare in ``_can_record_outputs``."""
+def _recorder_specs(model: nn.Module) -> list[tuple[Any, str | None, str | None, int | None]]:
+    """(target class or class name, layer_name, class_name, output index) for every 'router_logits'
+    recorder the model's classes declare in ``_can_record_outputs``."""
     specs = []
     for module in model.modules():
         declared = getattr(type(module), "_can_record_outputs", None) or {}
@@ -119,10 +121,10 @@ def _recorder_specs(model: nn.Module) -> list[tuple[Any, str | None, str | None]
             continue
         for item in entry if isinstance(entry, (list, tuple)) else [entry]:
             if isinstance(item, (type, str)):
-                specs.append((item, None, None))
+                specs.append((item, None, None, None))
             else:  # an OutputRecorder
                 specs.append((getattr(item, "target_class", None), getattr(item, "layer_name", None),
-                              getattr(item, "class_name", None)))
+                              getattr(item, "class_name", None), getattr(item, "index", None)))
     return specs
 
 
@@ -140,11 +142,12 @@ def find_routers(model: nn.Module) -> Routers:
     """
     specs = _recorder_specs(model)
     found: list[tuple[str, nn.Module]] = []
+    declared_index: dict[str, int | None] = {}
     source = ""
     if specs:
         source = "transformers _can_record_outputs['router_logits']"
         for name, module in model.named_modules():
-            for target, layer_name, class_name in specs:
+            for target, layer_name, class_name, index in specs:
                 hit = (isinstance(target, type) and isinstance(module, target)) or \
                       (isinstance(target, str) and type(module).__name__ == target) or \
                       (class_name is not None and name.endswith(class_name))
@@ -152,6 +155,7 @@ def find_routers(model: nn.Module) -> Routers:
                     hit = f".{layer_name.strip('.')}." in f".{name}."
                 if hit:
                     found.append((name, module))
+                    declared_index[name] = index
                     break
     structural = []  # a 'gate'/'router' child next to an 'experts' child
     for name, module in model.named_modules():
@@ -182,7 +186,8 @@ def find_routers(model: nn.Module) -> Routers:
             f"next to an 'experts' module. Routing can only be collected from MoE models (Mixtral, "
             f"OLMoE, Qwen2/3-MoE, ...).")
     names = [n for n, _ in found]
-    return Routers(names, [m for _, m in found], [_layer_index(n, i) for i, n in enumerate(names)], source)
+    return Routers(names, [m for _, m in found], [_layer_index(n, i) for i, n in enumerate(names)], source,
+                   [declared_index.get(n) for n in names])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,11 +209,14 @@ def topk_from_logits(logits: torch.Tensor, top_k: int, renormalize: bool = True)
     return weights, ids
 
 
-def split_router_output(output) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+def split_router_output(output, logits_index: int | None = None, top_k: int | None = None
+                        ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(logits, weights, ids) from one router output: a tensor of logits, or a tuple holding the
-    logits (float, last dim E), the top-k weights (float, same shape as the ids) and the ids (int) --
-    or JetMoE's grouped layout ``(sorted slot index, token index, gates, expert sizes, logits)``, which
-    is put back into per-token (N, k) ids and weights."""
+    logits (float, last dim E; at ``logits_index`` where transformers declares it), the top-k weights
+    (float, same shape as the ids) and the ids (int). Two other layouts are put back into per-token
+    (N, k) ids and weights: JetMoE's grouped ``(sorted slot index, token index, gates, expert sizes,
+    logits)``, and Llama-4's dense scores ``(scores (N, E), logits)`` whose rows are zero except at the
+    ``top_k`` chosen experts (each expert's input is scaled by its score)."""
     if isinstance(output, torch.Tensor):
         return output, None, None
     if any(isinstance(o, (list, tuple)) for o in output) and len(output) == 5:
@@ -217,7 +225,15 @@ def split_router_output(output) -> tuple[torch.Tensor | None, torch.Tensor | Non
     ids = next((t for t in tensors if not t.is_floating_point()), None)
     floats = [t for t in tensors if t.is_floating_point()]
     weights = next((t for t in floats if ids is not None and t.shape == ids.shape), None)
-    logits = next((t for t in floats if t is not weights), None)
+    if logits_index is not None and isinstance(output[logits_index], torch.Tensor):
+        logits = output[logits_index]
+    else:
+        logits = next((t for t in floats if t is not weights), None)
+    if ids is None and logits is not None and top_k:
+        dense = next((t for t in floats if t is not logits and t.shape == logits.shape), None)
+        if dense is not None and bool(((dense != 0).sum(-1) <= top_k).all()):
+            weights, ids = torch.topk(dense.float(), top_k, dim=-1)  # the k non-zero scores, descending
+            weights = weights.to(dense.dtype)
     return logits, weights, ids
 
 
@@ -314,7 +330,8 @@ class RoutingRecorder:
         on the CPU, from the router outputs recorded since :meth:`reset`; T must be ``seq_len``."""
         experts, weights, probs = [], [], []
         for layer, store in enumerate(self._outputs):
-            parts = [split_router_output(o) for o in store]
+            parts = [split_router_output(o, self.routers.logits_index[layer] if self.routers.logits_index else None,
+                                         self.top_k_config) for o in store]
             route = self.route_methods[layer]
             derived_by_model = bool(parts) and parts[0][2] is None and route is not None
             if derived_by_model:  # the MoE block's own routing code on each recorded (N, E) logits

@@ -227,21 +227,56 @@ def experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 class ExpertInputs:
     """Forward pre-hooks on every experts module keeping, per call, the expert ids (int, (N, k)) and
-    the gate weights (float, (N, k)) the module was called with -- the routing as the model applied it."""
+    the gate weights (float, (N, k)) the module was called with -- the routing as the model applied it.
+
+    Experts called with their inputs already scaled (Llama-4: one (E*N, H) block per expert, expert
+    e's rows = its gate weight x the token's hidden state) are read from those inputs: a pre-hook on
+    the MoE block keeps the hidden states (N, H); expert e received token t at weight s when its
+    block row is s x h_t (s = 0: not routed)."""
 
     def __init__(self, model: nn.Module):
         self.modules = experts_modules(model)
+        named = dict(model.named_modules())
+        order = {n: i for i, n in enumerate(named)}
+        # JetMoE: no module receives per-token routing; its routers' own grouped outputs are read instead
+        self.grouped = [(n, m) for n, m in named.items() if n.rsplit(".", 1)[-1] == "router"
+                        and type(m).__name__.endswith("TopKGating")]
+        self.modules = sorted(self.modules + self.grouped, key=lambda item: order[item[0]])
+        self.parents = [named[n.rsplit(".", 1)[0] if "." in n else ""] for n, _ in self.modules]
         self.calls: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in self.modules]
+        self._hidden: list[torch.Tensor | None] = [None for _ in self.modules]
         self._handles = []
 
     def __enter__(self):
-        for i, (_, module) in enumerate(self.modules):
+        grouped = {n for n, _ in self.grouped}
+        for i, (name, module) in enumerate(self.modules):
+            if name in grouped:
+                self._handles.append(module.register_forward_hook(self._grouped_hook(i)))
+                continue
+            self._handles.append(self.parents[i].register_forward_pre_hook(self._parent_hook(i), with_kwargs=True))
             self._handles.append(module.register_forward_pre_hook(self._hook(i), with_kwargs=True))
         return self
+
+    def _grouped_hook(self, i: int):
+        def hook(module, args, output):
+            _, token_index, gates, expert_sizes, logits = output  # assignments in expert order
+            n = logits.shape[0]
+            expert_of = torch.repeat_interleave(torch.arange(len(expert_sizes)), torch.as_tensor(list(expert_sizes)))
+            order = torch.argsort(token_index * len(expert_sizes) + expert_of, stable=True)  # by token, then expert
+            ids = expert_of[order].view(n, -1)  # (N, k)
+            weights = gates[order].view(n, -1)  # (N, k)
+            self.calls[i].append((ids.clone(), weights.detach().float().clone()))
+        return hook
 
     def __exit__(self, *exc):
         for h in self._handles:
             h.remove()
+
+    def _parent_hook(self, i: int):
+        def hook(module, args, kwargs):
+            first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+            self._hidden[i] = None if first is None else first.detach().reshape(-1, first.shape[-1])  # (N, H)
+        return hook
 
     def _hook(self, i: int):
         def hook(module, args, kwargs):
@@ -249,16 +284,35 @@ class ExpertInputs:
             ids = next((t for t in tensors if not t.is_floating_point() and t.ndim == 2), None)
             weights = next((t for t in tensors if ids is not None and t.is_floating_point() and t.shape == ids.shape),
                            None)
+            if ids is None and len(tensors) == 1 and self._hidden[i] is not None:
+                ids, weights = self._from_scaled_inputs(tensors[0], self._hidden[i])
             if ids is None or weights is None:
                 raise RoutelibError(f"experts module {self.modules[i][0]} ({type(module).__name__}) was called "
                                     f"without (ids, weights) of one shape: cannot read what it received")
             self.calls[i].append((ids.detach().clone(), weights.detach().float().clone()))
         return hook
 
+    @staticmethod
+    def _from_scaled_inputs(routed_in: torch.Tensor, hidden: torch.Tensor):
+        """(ids (N, k), weights (N, k)) from per-expert scaled copies of the hidden states."""
+        n = hidden.shape[0]
+        if routed_in.ndim != 2 or routed_in.shape[0] % n:
+            return None, None
+        blocks = routed_in.float().view(-1, n, hidden.shape[1])  # (E, N, H)
+        h = hidden.float()  # (N, H)
+        scale = (blocks * h).sum(-1) / (h * h).sum(-1).clamp_min(1e-30)  # (E, N): least-squares s in s * h_t
+        routed = (blocks != 0).any(-1)  # (E, N)
+        k = int(routed.sum(0).max())
+        if k == 0 or not bool((routed.sum(0) == k).all()):
+            return None, None
+        weights, ids = torch.topk(torch.where(routed, scale, torch.full_like(scale, -torch.inf)).T, k, dim=-1)
+        return ids, weights
+
     def arrays(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids (N, L, k), weights (N, L, k)) over all calls, one row per token routed."""
-        ids = torch.stack([torch.cat([c[0] for c in calls]) for calls in self.calls], dim=1)
-        weights = torch.stack([torch.cat([c[1] for c in calls]) for calls in self.calls], dim=1)
+        used = [calls for calls in self.calls if calls]  # experts modules never called (JetMoE's MoA) drop out
+        ids = torch.stack([torch.cat([c[0] for c in calls]) for calls in used], dim=1)
+        weights = torch.stack([torch.cat([c[1] for c in calls]) for calls in used], dim=1)
         return ids, weights
 
 
@@ -274,11 +328,6 @@ UNSERVED_COLLECTION: dict[str, str] = {
     "inkling2_text": "the tiny model fails inside transformers during generation (IndexError; not yet investigated)",
     "inkling2_loop_text": "the tiny model fails inside transformers during generation (IndexError; not yet "
                           "investigated)",
-    "jetmoe": "its grouped router output is put back per token, but no module receives per-token (ids, weights), "
-              "so this check has no ground truth yet",
-    "llama4": "its experts receive inputs scaled by sigmoid(router logit), not (ids, weights); the recorded "
-              "weights are re-derived (softmax, top-1: 1.0) and are wrong",
-    "llama4_text": "as llama4",
 }
 UNSERVED_WEIGHTS: dict[str, str] = {
     "dbrx": "DbrxExperts keeps its weights in a layout this reader does not read yet",
