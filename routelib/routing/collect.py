@@ -185,9 +185,23 @@ def find_routers(model: nn.Module) -> Routers:
             f"router outputs (_can_record_outputs['router_logits']) and has no 'gate'/'router' module "
             f"next to an 'experts' module. Routing can only be collected from MoE models (Mixtral, "
             f"OLMoE, Qwen2/3-MoE, ...).")
+    for name, module in found:
+        _refuse_unobservable(model, name, module)
     names = [n for n, _ in found]
     return Routers(names, [m for _, m in found], [_layer_index(n, i) for i, n in enumerate(names)], source,
                    [declared_index.get(n) for n in names])
+
+
+def _refuse_unobservable(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Raise :class:`NoMoELayersError` for MoE layers whose expert choices no module exposes: Doge's
+    product-key layer (DogeCDMoE) picks its experts inside its own forward and returns only
+    (2, tokens, keys) key logits, split across tokens in a full forward."""
+    if isinstance(getattr(module, "down_embed", None), nn.Embedding) and hasattr(module, "router_gate"):
+        raise NoMoELayersError(
+            f"{type(model).__name__}: {name} ({type(module).__name__}) routes by product keys inside its forward "
+            f"and exposes only key logits of shape (2, tokens, keys), which its view() mixes across tokens in a full "
+            f"forward (transformers notes its routing is not causal there); its expert ids and weights are not "
+            f"observable, so routelib does not serve this architecture")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,9 +238,13 @@ def split_router_output(output, logits_index: int | None = None, top_k: int | No
     tensors = [t for t in output if isinstance(t, torch.Tensor)]
     ids = next((t for t in tensors if not t.is_floating_point()), None)
     floats = [t for t in tensors if t.is_floating_point()]
-    weights = next((t for t in floats if ids is not None and t.shape == ids.shape), None)
-    if logits_index is not None and isinstance(output[logits_index], torch.Tensor):
-        logits = output[logits_index]
+    declared = output[logits_index] if logits_index is not None else None
+    # the weights: the last float tensor of the ids' shape that is not the declared logits (when
+    # E == k, the logits have the ids' shape too; (logits, weights, ids) is the usual order)
+    weights = next((t for t in reversed(floats) if ids is not None and t.shape == ids.shape and t is not declared),
+                   None)
+    if isinstance(declared, torch.Tensor):
+        logits = declared
     else:
         logits = next((t for t in floats if t is not weights), None)
     if ids is None and logits is not None and top_k:
