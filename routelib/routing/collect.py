@@ -291,6 +291,58 @@ def config_value(config, keys: Sequence[str]):
     return None
 
 
+# What a router's recorded scores are, and the full distribution (``probs``) stored for each kind.
+SCORE_KINDS = {
+    "softmax": "logits; probs = softmax(logits) (a distribution over the experts)",
+    "sigmoid": "logits; probs = sigmoid(logits) (independent scores in (0, 1), not a distribution)",
+    "sqrtsoftplus": "logits; probs = sqrt(softplus(logits)) (independent non-negative scores, DeepSeek-V4)",
+    "probabilities": "already a distribution over the experts; probs = the router's output as is",
+}
+
+
+SCORE_TRANSFORMS = {  # kind -> logits (N, E) -> scores (N, E)
+    "softmax": lambda t: torch.softmax(t, dim=-1),
+    "sigmoid": torch.sigmoid,
+    "sqrtsoftplus": lambda t: torch.sqrt(torch.nn.functional.softplus(t)),  # DeepSeek-V4
+}
+
+
+def score_kind(scores: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> str:
+    """The kind of a router's recorded scores (N, E), told from the data: ``"probabilities"`` when every
+    row is non-negative and sums to 1; else the transform f in (softmax, sigmoid) under which the gate
+    weights the model applied (N, k) are proportional, row by row, to f(scores) at the chosen ids
+    (renormalising and scaling keep proportions) -- or, with one expert per token, equal to them.
+    ``"unknown"`` when neither fits (e.g. per-expert scales), or top-1 weights are all 1 (renormalised:
+    nothing to tell from)."""
+    x = scores.detach().double().reshape(-1, scores.shape[-1])  # (N, E)
+    w = weights.detach().double().reshape(-1, weights.shape[-1])  # (N, k)
+    i = ids.reshape(-1, ids.shape[-1]).long()
+    if bool((x >= 0).all()) and torch.allclose(x.sum(-1), torch.ones_like(x[:, 0]), atol=1e-4):
+        return "probabilities"
+    fits = []
+    for kind, f in SCORE_TRANSFORMS.items():
+        picked = f(x).gather(-1, i)  # (N, k)
+        if w.shape[-1] == 1:
+            ok = torch.allclose(w, picked, rtol=1e-3, atol=1e-6)
+        else:
+            ratio = w / picked.clamp_min(1e-300)
+            spread = (ratio.max(-1).values - ratio.min(-1).values) / ratio.abs().mean(-1).clamp_min(1e-300)
+            ok = bool((spread < 1e-3).all())
+        if ok:
+            fits.append(kind)
+    return fits[0] if len(fits) == 1 else "unknown"
+
+
+def scores_to_probs(scores: torch.Tensor, kind: str) -> torch.Tensor:
+    """The full distribution stored for ``full_distribution`` from recorded scores of ``kind``."""
+    if kind in SCORE_TRANSFORMS:
+        return SCORE_TRANSFORMS[kind](scores.float())
+    if kind == "probabilities":
+        return scores.float()
+    raise RoutelibError(f"router scores of kind {kind!r}: cannot tell whether they are logits for a softmax, for a "
+                        f"sigmoid, or probabilities, so full_distribution has nothing faithful to store")
+
+
 def _weights_and_ids(output, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights, ids) from a routing method's tuple: the int tensor and the float tensor of its shape."""
     _, weights, ids = split_router_output(output)
@@ -317,6 +369,7 @@ class RoutingRecorder:
         self.route_methods = [getattr(named.get(n.rsplit(".", 1)[0] if "." in n else ""), "route_tokens_to_experts",
                                       None) for n in self.routers.names]
         self.num_experts: int | None = None  # width of the router scores (ids range over it), from gather
+        self.score_kinds: list[str | None] = [None] * len(self.routers.names)  # per router, from the first batch
         self._outputs: list[list[Any]] = [[] for _ in self.routers.modules]
         self._handles: list[Any] = []
         self.weights_source: str | None = None
@@ -382,10 +435,16 @@ class RoutingRecorder:
             weights.append(w.float().to("cpu"))
             if logits is not None:
                 self.num_experts = int(logits.shape[-1])
+                if self.score_kinds[layer] is None:
+                    self.score_kinds[layer] = "softmax" if parts[0][2] is None else score_kind(logits, w, ids)
             if self.keep_logits:
                 if logits is None:
                     raise RoutelibError(f"full_distribution: router {self.routers.names[layer]} returns no logits")
-                probs.append(torch.softmax(logits.float(), dim=-1).to("cpu"))
+                try:
+                    probs.append(scores_to_probs(logits, self.score_kinds[layer]).to("cpu"))
+                except RoutelibError as err:
+                    raise RoutelibError(f"full_distribution: {type(self.model).__name__} router "
+                                        f"{self.routers.names[layer]}: {err}") from None
         experts_t = torch.stack(experts, dim=2)  # (B, T, L, k)
         weights_t = torch.stack(weights, dim=2)  # (B, T, L, k)
         probs_t = torch.stack(probs, dim=2) if self.keep_logits else None  # (B, T, L, E)
@@ -769,7 +828,9 @@ def collect(model, tokenizer, prompts: Sequence[str] | Mapping[str, str], out_di
     batch_size: prompts per ``generate`` call (left-padded) and per shard.
     greedy: greedy decoding (the default); False samples with the model's generation config
         (seed it yourself; a resumed sampled run is not reproducible).
-    full_distribution: also store softmax(router logits) of every layer (``probs``, float16).
+    full_distribution: also store every layer's full router distribution (``probs``, float16): softmax of
+        the logits, sigmoid (or DeepSeek-V4's sqrt-softplus) of such routers' logits, or the output of routers
+        that already give probabilities; ``layout["router_scores"]`` says which (:func:`score_kind`).
     resume: skip problems already in ``out_dir`` (same settings required); False deletes this
         dataset's shards in ``out_dir`` first.
     stop_at_eos: stop a sequence at its first EOS (kept in the traces); False generates exactly
@@ -840,6 +901,9 @@ def collect(model, tokenizer, prompts: Sequence[str] | Mapping[str, str], out_di
                           "full_distribution": full_distribution, "experts_dtype": T.EXPERTS_DTYPE,
                           "weights_dtype": T.WEIGHTS_DTYPE, "probs_dtype": T.PROBS_DTYPE if full_distribution else None,
                           "weights_source": recorder.weights_source}
+                kinds = sorted(set(k for k in recorder.score_kinds if k))
+                layout["router_scores"] = kinds[0] if len(kinds) == 1 else recorder.score_kinds
+                layout["router_scores_meaning"] = {k: SCORE_KINDS.get(k, "not told from the data") for k in kinds}
                 zero = zero_computation_experts(model, int(num_experts))
                 if zero:  # ids the router may pick that run no expert (the token passes through)
                     layout["zero_computation_experts"] = zero

@@ -53,6 +53,7 @@ SIZES = (
     (r"num_experts_per_tok|moe_topk|top_k_experts|num_experts_per_token|moe_top_k", 2),
     (r"n_shared_experts|num_shared_experts|moe_num_shared_experts", 1),
     (r"n_group|num_expert_group", 2),
+    (r"zero_expert_num", 2),
     (r"topk_group", 1),
     (r"max_position_embeddings|max_seq_len", 256),
     (r"\w*vocab_size\w*", 8192),
@@ -213,7 +214,13 @@ def tiny_model(model_type: str, seed: int = 0) -> nn.Module:
     cls, config = tiny_config(model_type)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
-    return cls(config).eval()
+    model = cls(config).eval()
+    std = float(getattr(config, "initializer_range", None) or 0.02)
+    with torch.no_grad():  # zero-initialised routers (AFMoE) would tie every expert: give them random rows
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and re.search(r"(^|\.)(router|gate)(\.|$)", name) and not p.any():
+                p.normal_(0.0, std)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,9 +368,9 @@ def check_collection(model: nn.Module, tokenizer) -> tuple[int, int, float]:
     from routelib.routing.collect import collect
     from routelib.routing.traces import load_traces, trace_arrays
 
+    run = dict(dataset="coverage", max_new_tokens=NEW_TOKENS, batch_size=1, stop_at_eos=False, progress=False)
     with tempfile.TemporaryDirectory() as out, ExpertInputs(model) as received:
-        collect(model, tokenizer, {"p": PROMPT}, out, dataset="coverage", max_new_tokens=NEW_TOKENS, batch_size=1,
-                stop_at_eos=False, progress=False)
+        collect(model, tokenizer, {"p": PROMPT}, out, **run)
         df = load_traces(out)
     traces = trace_arrays(df)
     ids, weights = received.arrays()  # (N, L, k) each, the experts' own inputs
@@ -387,9 +394,42 @@ def check_collection(model: nn.Module, tokenizer) -> tuple[int, int, float]:
     if not np.allclose(got_w, want_w, rtol=1e-5, atol=1e-6):
         raise AssertionError(f"gate weights differ from what the experts received by up to {diff:.3g}")
     layout = df.attrs["manifest"]["layout"]
+    kinds = [layout["router_scores"]] if isinstance(layout["router_scores"], str) else layout["router_scores"]
+    note = f"router scores: {'/'.join(dict.fromkeys(kinds))}"
+    note += _check_full_distribution(model, tokenizer, run, kinds, traces.experts)
     zero = layout.get("zero_computation_experts")
-    note = f"ids {zero[0]}-{zero[-1]} are zero-computation experts (in the layout)" if zero else ""
+    note += f"; ids {zero[0]}-{zero[-1]} are zero-computation experts (in the layout)" if zero else ""
     return int(ids.shape[0]), int(ids.shape[1]), diff, note
+
+
+def _check_full_distribution(model, tokenizer, run: dict, kinds: list[str], experts) -> str:
+    """Collect again with ``full_distribution``: the same experts, and probs of the recorded kind
+    (in [0, 1]; summing to 1 for softmax and probabilities); for scores of unknown kind, the refusal
+    must name the model. Returns a note for the table ("" when the distribution is stored)."""
+    import tempfile
+
+    import numpy as np
+
+    from routelib.routing.collect import collect
+    from routelib.routing.traces import load_traces, trace_arrays
+
+    with tempfile.TemporaryDirectory() as out:
+        try:
+            collect(model, tokenizer, {"p": PROMPT}, out, full_distribution=True, **run)
+        except RoutelibError as err:
+            if "unknown" in kinds and type(model).__name__ in str(err):
+                return " (kind not told from the data: full_distribution refused)"
+            raise
+        again = trace_arrays(load_traces(out))
+    if not np.array_equal(again.experts, experts):
+        raise AssertionError("full_distribution changed the recorded experts")
+    probs = again.probs.astype(np.float32)  # (N, L, E)
+    if not (np.isfinite(probs).all() and probs.min() >= 0 and probs.max() <= 1 + 1e-3):
+        raise AssertionError(f"full distribution of {kinds} router scores is not in [0, 1]")
+    for layer, kind in enumerate(kinds * (probs.shape[1] if len(kinds) == 1 else 1)):
+        if kind in ("softmax", "probabilities") and not np.allclose(probs[:, layer].sum(-1), 1, atol=1e-2):
+            raise AssertionError(f"full distribution of {kind} router scores (layer {layer}) does not sum to 1")
+    return ""
 
 
 def check_weights(model: nn.Module, seed: int = 0) -> tuple[int, float]:
