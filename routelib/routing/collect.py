@@ -6,8 +6,10 @@ token of every sequence -- the prompt tokens and the generated ones, flagged by 
 MoE layer the top-k expert ids and their gate weights (optionally the full router distribution),
 with token id and text, position, problem id and dataset. Traces are written as Parquet shards (one
 per batch of problems) plus a ``manifest.json``; see :mod:`routelib.routing.traces` for the format
-and ``load_traces`` to read them back. It serves Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE (any
-transformers model that declares router outputs) and routelib's own export (``data/moe-subject``).
+and ``load_traces`` to read them back. It serves every MoE causal LM of transformers 5.24 but Doge
+(product-key routing, refused by name) -- checked against what each model's experts receive by
+``tests/test_routing_coverage.py`` (:mod:`routelib.routing.coverage`; the README table) -- and
+routelib's own export (``data/moe-subject``).
 
 How the routing is read
 -----------------------
@@ -23,8 +25,13 @@ decode step with the full-length mask against one step's logits and fails with a
 (Mixtral, transformers 5.23; huggingface/transformers#30731, open since 2024). Models that declare
 no router output are searched structurally (a ``gate``/``router`` child next to an ``experts``
 child); if such a router returns bare logits, the top-k and weights are derived as softmax -> top-k
--> renormalise (when ``config.norm_topk_prob`` is true or absent) and the manifest says so. A model
-with neither raises :class:`NoMoELayersError` naming its architecture.
+-> renormalise (when ``config.norm_topk_prob`` is true or absent) and the manifest says so -- unless
+the MoE block has its own ``route_tokens_to_experts`` (DBRX), which is then run on the recorded
+logits. Other router outputs are put back per token: JetMoE's expert-sorted tuple and Llama-4's dense
+sigmoid scores (logits at the ``OutputRecorder(index=...)`` transformers declares). The kind of the
+router's scores (softmax, sigmoid, probabilities, ...) is told from the weights the model applied
+(:func:`score_kind`), recorded in the layout, and decides the stored ``full_distribution``. A model
+with no router raises :class:`NoMoELayersError` naming its architecture.
 
 Exactly once, with the KV cache on
 ----------------------------------

@@ -216,10 +216,15 @@ def tiny_model(model_type: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     model = cls(config).eval()
     std = float(getattr(config, "initializer_range", None) or 0.02)
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # zero-initialised routers (AFMoE) would tie every expert: give them random rows
         for name, p in model.named_parameters():
             if p.ndim == 2 and re.search(r"(^|\.)(router|gate)(\.|$)", name) and not p.any():
-                p.normal_(0.0, std)
+                p.normal_(0.0, std, generator=gen)
+        for name, b in model.named_buffers():  # an all-zero token -> expert table (DeepSeek-V4's hash routing)
+            if b.ndim == 2 and not b.is_floating_point() and not b.any() and re.search(r"(^|\.)(router|gate)\.", name):
+                experts = int(getattr(config, "num_local_experts", None) or getattr(config, "n_routed_experts", 8))
+                b.copy_(torch.stack([torch.randperm(experts, generator=gen)[: b.shape[1]] for _ in range(b.shape[0])]))
     return model
 
 

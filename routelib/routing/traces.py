@@ -402,3 +402,17 @@ def trace_arrays(df, manifest: dict | None = None) -> TraceArrays:
     weights = stack("weights", top_k, np.float32)
     probs = stack("probs", num_experts, np.float16) if "probs" in df.columns else None
     return TraceArrays(experts, weights, probs)
+
+
+def router_scores(manifest: dict) -> list[str]:
+    """The kind of each MoE layer's router scores ("softmax", "sigmoid", "sqrtsoftplus",
+    "probabilities", "unknown"); layouts written before the kind was recorded mean "softmax"."""
+    num_layers = _layout(manifest)[0]
+    kind = manifest["layout"].get("router_scores", "softmax")
+    return [kind] * num_layers if isinstance(kind, str) else list(kind)
+
+
+def zero_computation_experts(manifest: dict) -> list[int]:
+    """Expert ids that run no computation (LongCat-Flash: the token passes through, scaled by its
+    weight); they are counted like any expert by the analyses, which take E = ``num_experts`` (all ids)."""
+    return list(manifest["layout"].get("zero_computation_experts", []))

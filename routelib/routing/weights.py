@@ -7,20 +7,21 @@ experts module beside it, and returns plain tensors -- router (E, H) and, per ex
 weights gate (I, H), up (I, H), down (H, I). No tracing library is needed: the weights are
 parameters, read once; activations come from the collection hooks.
 
-=====================  =====================================  =====================================
-architecture           router                                 experts
-=====================  =====================================  =====================================
-Mixtral (and our       ``layers[i].mlp.gate`` (transformers   fused ``experts.gate_up_proj``
-export)                5; ``block_sparse_moe`` in 4.x)        (E, 2I, H) + ``down_proj`` (E, H, I);
-                                                              4.x: ``experts[e].w1/w3/w2``
-OLMoE                  ``layers[i].mlp.gate``                 fused, as Mixtral; 4.x:
-                                                              ``experts[e].gate/up/down_proj``
-Qwen2-MoE / Qwen3-MoE  ``layers[i].mlp.gate`` (MoE layers     fused, as Mixtral (Qwen2-MoE's shared
-                       only; ``mlp_only_layers`` are dense)   expert is not one of the E experts and
-                                                              is left out)
-=====================  =====================================  =====================================
+Layouts read (every MoE type of the installed transformers is checked by
+``tests/test_routing_coverage.py``; the README table lists the result):
 
-Anything else raises :class:`UnsupportedMoEError` naming the architecture and the module found.
+- router: the router's own ``weight`` (E, H), or its one linear child (AFMoE ``router.gate``,
+  Gemma-4 ``router.proj``, HunYuan ``gate.wg``, DBRX ``router.layer``, LongCat ``router.classifier``);
+  rows scoring LongCat-Flash's zero-computation experts are dropped, Inkling's shared-expert rows are
+  kept apart (``shared_router``); a router MLP (Zaya) has no matrix: ``router`` is None;
+- experts: fused ``gate_up_proj`` (E, 2I, H) + ``down_proj`` (E, H, I) or their transposes (Aria,
+  Llama-4, GPT-OSS), gate/up in halves or interleaved (GPT-OSS; found by probing its ``_apply_gate``,
+  kept as ``glu``), biases; non-gated ``up_proj`` + ``down_proj`` (Nemotron-H: ``gate`` None); DBRX's
+  ``w1/v1/w2``; JetMoE's ``input_linear``/``output_linear`` (its attention-expert routers are skipped,
+  ``MoEWeights.skipped`` says so); transformers 4.x per-expert ``w1/w3/w2`` or ``gate/up/down_proj``.
+
+:meth:`MoELayer.expert_output` recomputes an expert from these tensors alone. Anything else raises
+:class:`UnsupportedMoEError` naming the architecture and the module found.
 Checkpoints of ``routelib.models.LM`` (notebook 03's training run) are turned into the equivalent
 transformers Mixtral in memory by :func:`hf_from_checkpoint`, so every analysis has one code path.
 """
