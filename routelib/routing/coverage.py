@@ -554,8 +554,10 @@ def coverage_table(results: list[Coverage]) -> str:
             notes.append("collection: " + _one_line(r.collection_note))
         elif r.collection_note:
             notes.append(_one_line(r.collection_note))
-        if r.weights_note:
+        if r.weights_note and r.weights_note != r.collection_note:
             notes.append("weights: " + _one_line(r.weights_note))
+        elif r.weights_note:
+            notes[-1] = "collection and weights: " + _one_line(r.weights_note)
         rows.append(f"| `{r.model_type}` | {r.architecture} | {_cell(r.collection, r.collection_note)} | "
                     f"{_cell(r.weights, r.weights_note)} | {'; '.join(notes)} |")
     served = sum(r.collection == EXACT for r in results), sum(r.weights == EXACT for r in results)
