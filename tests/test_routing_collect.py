@@ -217,6 +217,7 @@ def test_full_distribution(mixtral, tokenizer, tmp_path):
     np.testing.assert_allclose(a.probs.astype(np.float32).sum(-1), 1.0, atol=2e-3)
     top = np.argsort(-a.probs.astype(np.float32), axis=-1, kind="stable")[..., :2]
     assert (np.sort(top, -1) == np.sort(a.experts, -1)).mean() > 0.99  # float16 ties aside
+    assert df.attrs["manifest"]["layout"]["router_scores"] == "softmax"
 
 
 def test_no_moe_layers_is_a_clear_error(tokenizer, tmp_path):
@@ -277,3 +278,40 @@ def test_cli_writes_manifest_with_the_exact_command_and_overhead(tmp_path, token
                                      "gsm8k/test/0", "gsm8k/test/1", "gsm8k/test/2"}
     assert manifest["totals"]["generated_tokens"] == 3 * 3 + 3 * 2
     assert {"generate_ms", "collection_ms", "overhead"} <= set(manifest["overhead"])
+
+
+def test_router_outputs_of_other_layouts_are_put_back_per_token():
+    """JetMoE's expert-sorted output and Llama-4's dense scores become the same (N, k) ids and weights
+    that each model's own definition gives (top-k of the logits; softmax over them / their sigmoid)."""
+    from transformers.models.jetmoe.modeling_jetmoe import JetMoeTopKGating
+    from transformers.models.llama4.configuration_llama4 import Llama4TextConfig
+    from transformers.models.llama4.modeling_llama4 import Llama4Router
+
+    torch.manual_seed(0)
+    x = torch.randn(7, 16)
+    gating = JetMoeTopKGating(16, 6, 2)
+    logits, weights, ids = C.split_router_output(gating(x))
+    top, want_ids = logits.topk(2, dim=-1)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(weights, torch.softmax(top, dim=-1))
+    router = Llama4Router(Llama4TextConfig(hidden_size=16, num_local_experts=6, num_experts_per_tok=2))
+    logits, weights, ids = C.split_router_output(router(x), logits_index=1, top_k=2)
+    top, want_ids = logits.topk(2, dim=-1)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(weights, torch.sigmoid(top))
+
+
+def test_score_kind_is_told_from_the_weights_the_model_applied():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(50, 8, generator=gen)  # (N, E)
+    ids = logits.topk(2, dim=-1).indices
+    soft = torch.softmax(logits, -1).gather(-1, ids)
+    sig = torch.sigmoid(logits).gather(-1, ids)
+    assert C.score_kind(logits, soft / soft.sum(-1, keepdim=True), ids) == "softmax"  # renormalised
+    assert C.score_kind(logits, 2.5 * sig / sig.sum(-1, keepdim=True), ids) == "sigmoid"  # DeepSeek-style
+    assert C.score_kind(torch.softmax(logits, -1), soft, ids) == "probabilities"  # Gemma-4
+    top1 = logits.topk(1, dim=-1).indices
+    assert C.score_kind(logits, torch.ones(50, 1), top1) == "unknown"  # renormalised top-1: nothing to tell
+    torch.testing.assert_close(C.scores_to_probs(logits, "sigmoid"), torch.sigmoid(logits))
+    with pytest.raises(C.RoutelibError, match="unknown"):
+        C.scores_to_probs(logits, "unknown")

@@ -178,3 +178,13 @@ def test_shipped_traces_validate():
     assert m["command"].startswith("python -m routelib.routing.collect --model data/moe-subject")
     size = sum(p.stat().st_size for p in SHIPPED.iterdir())
     assert size <= 20e6 and m["totals"]["bytes"] <= size
+
+
+def test_old_layouts_read_as_softmax_without_zero_computation_experts():
+    from routelib import paths
+
+    manifest = T.read_manifest(paths.in_repo("routing_data_collected/moe-subject"))
+    assert T.router_scores(manifest) == ["softmax"] * manifest["layout"]["num_moe_layers"]
+    assert T.zero_computation_experts(manifest) == []
+    assert T.router_scores({"layout": {"num_moe_layers": 2, "top_k": 2, "num_experts": 4,
+                                       "router_scores": ["sigmoid", "softmax"]}}) == ["sigmoid", "softmax"]

@@ -25,12 +25,20 @@ experts        fixed_size_list<int16>[L*k]                 top-k expert ids, row
 weights        fixed_size_list<float32>[L*k]               the gate weight the model multiplied that expert's
                                                            output by (renormalised over the top-k where the
                                                            model does so, e.g. Mixtral)
-probs          fixed_size_list<float16>[L*E] (optional)    the full router distribution softmax(logits), row-major
-                                                           (layer, expert); only with ``full_distribution``
+probs          fixed_size_list<float16>[L*E] (optional)    the full router distribution, row-major (layer, expert);
+                                                           only with ``full_distribution``: softmax(logits),
+                                                           sigmoid(logits) or the router's own probabilities,
+                                                           as ``layout["router_scores"]`` says
 =============  ==========================================  ==========================================
 
 L = number of MoE layers (``manifest["layout"]["num_moe_layers"]``; ``moe_layers`` gives their
-decoder-layer indices), k = experts per token, E = experts per layer. Lists are flat, not nested,
+decoder-layer indices), k = experts per token, E = experts per layer -- the width of the router's
+scores, so expert ids lie in [0, E). Layouts written since transformers-wide coverage (issue 17) also
+record ``router_scores`` (the kind of the router's scores: "softmax", "sigmoid", "sqrtsoftplus",
+"probabilities" or "unknown", one value or one per layer) and, for LongCat-Flash,
+``zero_computation_experts`` (ids the router may pick that run no expert: the token passes through
+unchanged, scaled by its weight); older layouts lack both keys and mean softmax routers without
+such experts. Lists are flat, not nested,
 so a column converts to one contiguous ``(N, L, k)`` array without a Python loop
 (:func:`trace_arrays`). Each shard also carries the layout in its Parquet key-value metadata.
 
@@ -394,3 +402,17 @@ def trace_arrays(df, manifest: dict | None = None) -> TraceArrays:
     weights = stack("weights", top_k, np.float32)
     probs = stack("probs", num_experts, np.float16) if "probs" in df.columns else None
     return TraceArrays(experts, weights, probs)
+
+
+def router_scores(manifest: dict) -> list[str]:
+    """The kind of each MoE layer's router scores ("softmax", "sigmoid", "sqrtsoftplus",
+    "probabilities", "unknown"); layouts written before the kind was recorded mean "softmax"."""
+    num_layers = _layout(manifest)[0]
+    kind = manifest["layout"].get("router_scores", "softmax")
+    return [kind] * num_layers if isinstance(kind, str) else list(kind)
+
+
+def zero_computation_experts(manifest: dict) -> list[int]:
+    """Expert ids that run no computation (LongCat-Flash: the token passes through, scaled by its
+    weight); they are counted like any expert by the analyses, which take E = ``num_experts`` (all ids)."""
+    return list(manifest["layout"].get("zero_computation_experts", []))

@@ -1,0 +1,63 @@
+"""Every MoE architecture of the installed transformers, as a tiny random model: the collected routing
+equals what the experts modules received (prompt and generated tokens, gate weights included), and
+``moe_weights`` reproduces every expert's output. The README table is this run's table."""
+
+import functools
+
+import pytest
+
+from routelib import paths
+from routelib.routing import coverage as C
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TYPES = list(C.moe_model_types())
+
+
+@functools.lru_cache(maxsize=None)
+def _tokenizer():
+    return C._tokenizer()
+
+
+@functools.lru_cache(maxsize=None)
+def result(model_type: str) -> C.Coverage:
+    return C.check_type(model_type, _tokenizer())
+
+
+def test_the_registry_is_read_not_pinned():
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    assert {"mixtral", "qwen3_moe", "deepseek_v3", "llama4_text"} <= set(TYPES) <= causal
+    assert "llama" not in TYPES and "gpt2" not in TYPES  # dense models declare no experts
+    assert set(C.UNSERVED_COLLECTION) <= set(TYPES) and set(C.UNSERVED_WEIGHTS) <= set(TYPES)
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_collection_equals_what_the_experts_received(model_type):
+    r = result(model_type)
+    if model_type in C.UNSERVED_COLLECTION:
+        assert r.collection == C.UNSERVED and r.architecture in r.collection_note, r.collection_note
+        pytest.xfail(f"not served: {C.UNSERVED_COLLECTION[model_type]}")
+    assert r.collection == C.EXACT, r.collection_note
+    assert r.tokens > C.NEW_TOKENS and r.layers >= 1
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_moe_weights_reproduce_every_expert(model_type):
+    r = result(model_type)
+    if model_type in C.UNSERVED_WEIGHTS:
+        assert r.weights == C.UNSERVED and r.architecture in r.weights_note, r.weights_note
+        pytest.xfail(f"not served: {C.UNSERVED_WEIGHTS[model_type]}")
+    assert r.weights == C.EXACT, r.weights_note
+
+
+def test_readme_table_is_this_run():
+    import transformers
+
+    readme = C.readme_table(paths.in_repo("README.md").read_text())
+    if f"transformers {transformers.__version__} " not in readme:  # pyproject does not pin transformers
+        pytest.skip(f"the README table was made with another transformers than {transformers.__version__}; "
+                    f"regenerate it: python -m routelib.routing.coverage --readme README.md")
+    table = C.coverage_table([result(t) for t in TYPES])
+    assert readme == table, "regenerate: python -m routelib.routing.coverage --readme README.md"
