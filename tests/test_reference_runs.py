@@ -1,0 +1,49 @@
+"""The committed reference runs (data/reference/<notebook>/, DESIGN.md §7) came from their manifests'
+commands: the files match their recorded sha256, and the first logged training steps, re-run here from
+the manifest's parameters on the same number of CPU threads, give the recorded losses."""
+
+import pytest
+import torch
+
+from routelib.studies import moe_vs_dense
+
+
+@pytest.fixture(scope="module")
+def ref03():
+    return moe_vs_dense.load_reference()  # raises if a file differs from the manifest
+
+
+def test_03_manifest_is_complete(ref03):
+    man = ref03["manifest"]
+    assert man["command"].startswith("python -m routelib.studies.moe_vs_dense reference")
+    assert man["commit"] and man["wall_s"] > 0 and man["environment"]["torch_threads"] >= 1
+    params = man["params"]
+    seeds = params["seeds"]
+    expected = {f"{arm}_seed{seeds[0]}" for arm in moe_vs_dense.ARMS}
+    expected |= {f"{arm}_seed{s}" for s in seeds[1:] for arm in params["seed_arms"]}
+    assert set(ref03["histories"]) == expected
+    assert (ref03["flops_split"]["ffn_share"] >= 0.5).all()  # the experts carry the compute
+    tokens = {h["tokens"].iloc[-1] for h in ref03["histories"].values()}
+    assert tokens == {params["tokens_per_arm"]}  # every arm trained the same number of tokens
+
+
+# dense_total trained from step 0 to the end in one invocation (the others were resumed after
+# interrupts, which restarts the window a logged loss averages over)
+@pytest.mark.parametrize("arm", ["dense_total"])
+def test_03_first_steps_reproduce(ref03, arm, tmp_path):
+    man = ref03["manifest"]
+    params = man["params"]
+    cfg = moe_vs_dense.MoEStudyConfig(**{**params["study_config"], "out_dir": str(tmp_path), "device": "cpu"})
+    seed = params["seeds"][0]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(man["environment"]["torch_threads"])
+    try:
+        _, result = moe_vs_dense.train_arm(arm, cfg.arm_configs()[arm], cfg, moe_vs_dense.training_batches(cfg),
+                                           log_every=params["log_every"], stop_step=params["log_every"])
+    finally:
+        torch.set_num_threads(threads)
+    recorded = ref03["histories"][f"{arm}_seed{seed}"].iloc[0]
+    got = result.history[0]
+    assert got["step"] == recorded["step"] == params["log_every"]
+    for key in ("loss", "lm_loss"):
+        assert got[key] == pytest.approx(recorded[key], rel=1e-6, abs=1e-7), key
