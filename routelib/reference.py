@@ -34,7 +34,8 @@ def sha256(path: str | os.PathLike) -> str:
 
 
 def git_commit() -> dict:
-    """The repository's HEAD commit and whether tracked files differ from it (None outside git)."""
+    """The repository's HEAD commit and whether routelib's tracked files differ from it (``dirty``;
+    None outside git): the code a run executes."""
     def run(*args):
         return subprocess.run(["git", *args], cwd=paths.REPO_ROOT, capture_output=True, text=True, timeout=30)
 

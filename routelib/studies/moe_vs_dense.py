@@ -34,14 +34,15 @@ import pandas as pd
 import torch
 
 from routelib import paths
-from routelib.bench import compare, time_fn
+from routelib.bench import compare
 from routelib.data import TokenWindows, load_tokenizer, token_stream
 from routelib.errors import ConfigError
 from routelib.evaluation import domain_eval_data, perplexity_by_domain, train_tokens_per_s  # noqa: F401 (notebook 03 calls them here)
 from routelib.models import LM, LMConfig
 from routelib.models.export import export_hf
 from routelib.models.moe import DenseFFN, MoEFFN
-from routelib.train import TrainConfig, TrainResult, train
+from routelib.reference import command_line, git_commit, load_manifest, write_manifest
+from routelib.train import TrainConfig, TrainResult, load_checkpoint, train
 
 ARMS = ("moe", "dense_active", "dense_total")
 
@@ -364,8 +365,8 @@ REFERENCE_DIR = "data/reference/03_moe_speedup"  # committed results of the refe
 def flops_split(lm_cfg: LMConfig, seq_len: int) -> dict[str, float]:
     """Analytic forward FLOPs per token by part (2 per multiply-add, context T = ``seq_len``, as in
     :meth:`LM.flops_per_token`): attention projections, attention scores (2 L T d_attn), the FFN
-    (k experts of 3 H I each, or the dense SwiGLU), the router (H E), the LM head (V H) and the rest
-    (norms). ``ffn_share`` is the FFN's share of the non-embedding FLOPs (everything but the head)."""
+    (k experts of 3 H I each, or the dense SwiGLU), the router (H E) and the LM head (V H); norms are
+    left out. ``ffn_share`` is the FFN's share of the non-embedding FLOPs (everything but the head)."""
     c = lm_cfg
     d_attn, d_kv = c.num_heads * c.head_size, c.num_kv_heads * c.head_size
     attn_proj = 2 * c.num_layers * c.hidden_size * (2 * d_attn + 2 * d_kv)
@@ -416,44 +417,46 @@ def reference_run(cfg: MoEStudyConfig, out_dir: str | Path = REFERENCE_DIR, seed
     import time
 
     from routelib import moe_bench
-    from routelib.reference import command_line, write_manifest
     from routelib.routing.weights import checkpoint_steps
 
-    from routelib.reference import git_commit
+    def utc_now() -> str:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
-    t0, started = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    t0 = time.perf_counter()
     out = paths.in_repo(out_dir)
     (out / "history").mkdir(parents=True, exist_ok=True)
     code = git_commit()  # the code this invocation runs (a resumed run has several invocations)
     log = out / "invocations.json"  # every invocation, interrupted ones too (finished: null)
-    me = dict(command=command or command_line(), **code, started=started, pid=os.getpid(), finished=None, wall_s=None)
+    me = dict(command=command or command_line(), **code, started=utc_now(), pid=os.getpid(), finished=None, wall_s=None)
     _log_invocation(log, me)
+
+    def finish() -> list[dict]:
+        return _log_invocation(log, {**me, "finished": utc_now(), "wall_s": round(time.perf_counter() - t0, 1)})
+
     eval_data = domain_eval_data(cfg)
     curve_data = _reference_eval_list(eval_data, eval_per_domain)
     arms_cfg = cfg.arm_configs()
+    # (seed, arm) in training order: every arm of the first seed, then seed_arms of the others
+    plan = [(seeds[0], arm) for arm in (train_only or ARMS)]
+    plan += [] if train_only else [(seed, arm) for seed in seeds[1:] for arm in seed_arms]
     models, results, ppl_rows = {}, {}, []
-    for i, seed in enumerate(seeds):
+    for seed, arm in plan:
         cfg_s = dataclasses.replace(cfg, seed=seed)
         batches = training_batches(cfg_s)
-        for arm in (train_only or ARMS) if i == 0 else seed_arms:
-            lm_cfg = arms_cfg[arm]
-            model, result = train_arm(arm, lm_cfg, cfg_s, batches, eval_data=curve_data, eval_every=eval_every,
-                                      log_every=log_every)
-            fwd = model.flops_per_token(cfg.seq_len)
-            _history_frame(result, batches.tokens_per_step, 3 * fwd).to_csv(out / "history" / f"{arm}_seed{seed}.csv", index=False)
-            if train_only:
-                continue
-            ppl = perplexity_by_domain(model, eval_data)
-            ppl_rows += [dict(arm=arm, seed=seed, domain=d, perplexity=v) for d, v in ppl.items()]
-            pd.DataFrame(ppl_rows).to_csv(out / "perplexity.csv", index=False)
-            if i == 0:
-                models[arm], results[arm] = model, result
-            print(f"{arm} seed {seed}: perplexity {ppl['overall']:.2f} ({result.wall_s:.0f} s)", flush=True)
+        model, result = train_arm(arm, arms_cfg[arm], cfg_s, batches, eval_data=curve_data, eval_every=eval_every,
+                                  log_every=log_every)
+        fwd = model.flops_per_token(cfg.seq_len)
+        _history_frame(result, batches.tokens_per_step, 3 * fwd).to_csv(out / "history" / f"{arm}_seed{seed}.csv", index=False)
         if train_only:
-            break
+            continue
+        ppl = perplexity_by_domain(model, eval_data)
+        ppl_rows += [dict(arm=arm, seed=seed, domain=d, perplexity=v) for d, v in ppl.items()]
+        pd.DataFrame(ppl_rows).to_csv(out / "perplexity.csv", index=False)
+        if seed == seeds[0]:
+            models[arm], results[arm] = model, result
+        print(f"{arm} seed {seed}: perplexity {ppl['overall']:.2f} ({result.wall_s:.0f} s)", flush=True)
     if train_only:
-        _log_invocation(log, {**me, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                              "wall_s": round(time.perf_counter() - t0, 1)})
+        finish()
         return {}
     ppl0 = {arm: {r["domain"]: r["perplexity"] for r in ppl_rows if r["arm"] == arm and r["seed"] == seeds[0]} for arm in ARMS}
     lat = latency(models, cfg, rounds=5)
@@ -472,7 +475,6 @@ def reference_run(cfg: MoEStudyConfig, out_dir: str | Path = REFERENCE_DIR, seed
     spec = []
     for step, folder in checkpoint_steps(moe_run):
         m = LM(arms_cfg["moe"])
-        from routelib.train import load_checkpoint
         load_checkpoint(folder, m)
         spec.append(routing_records(m.eval(), eval_data).assign(step=step))
     records = pd.concat(spec, ignore_index=True)
@@ -483,8 +485,7 @@ def reference_run(cfg: MoEStudyConfig, out_dir: str | Path = REFERENCE_DIR, seed
     params = dict(study_config=dataclasses.asdict(cfg), seeds=list(seeds), seed_arms=list(seed_arms),
                   eval_every=eval_every, log_every=log_every, eval_per_domain=eval_per_domain,
                   tokens_per_arm=cfg.steps * cfg.batch_size * cfg.seq_len)
-    invocations = _log_invocation(log, {**me, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                        "wall_s": round(time.perf_counter() - t0, 1)})
+    invocations = finish()
     manifest = write_manifest(out, command=command or command_line(), params=params,
                               wall_s=sum(i["wall_s"] or 0.0 for i in invocations),
                               extra={"flops_formula": flops_formula(arms_cfg["moe"]), **code,
@@ -498,8 +499,6 @@ def reference_run(cfg: MoEStudyConfig, out_dir: str | Path = REFERENCE_DIR, seed
 def load_reference(out_dir: str | Path = REFERENCE_DIR) -> dict:
     """The committed reference run (hash-checked): manifest, comparison, perplexity per arm/seed/domain,
     histories, FLOPs split, claims, layer benchmark, specialisation over checkpoints, balance, capacity."""
-    from routelib.reference import load_manifest
-
     out = paths.in_repo(out_dir)
     manifest = load_manifest(out)
     histories = {p.stem: pd.read_csv(p) for p in sorted((out / "history").glob("*.csv"))}
@@ -514,7 +513,6 @@ def load_reference(out_dir: str | Path = REFERENCE_DIR) -> dict:
         load_balance=pd.read_csv(out / "load_balance.csv", index_col=0),
         capacity=pd.read_csv(out / "capacity.csv"),
     )
-
 
 
 def specialisation_summary(records: pd.DataFrame) -> pd.DataFrame:

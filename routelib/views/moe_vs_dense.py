@@ -13,6 +13,7 @@ import pandas as pd
 import seaborn as sns
 import torch
 
+from routelib.studies.moe_vs_dense import ARMS
 from routelib.views.figures import PALETTE
 
 @torch.no_grad()
@@ -109,9 +110,8 @@ def reference_curves(histories: Mapping[str, pd.DataFrame], key: str = "eval_los
     for i, (name, h) in enumerate(sorted(histories.items())):
         rows = h.dropna(subset=[key])
         arm = name.rsplit("_seed", 1)[0]
-        style = dict(color=PALETTE[["moe", "dense_active", "dense_total"].index(arm) if arm in
-                                   ("moe", "dense_active", "dense_total") else i % 10],
-                     ls="-" if name.endswith("seed0") else "--", label=name)
+        colour = PALETTE[ARMS.index(arm) if arm in ARMS else i % 10]
+        style = dict(color=colour, ls="-" if name.endswith("seed0") else "--", label=name)
         axes[0].plot(rows["tokens"] / 1e6, rows[key], **style)
         axes[1].plot(rows["train_flops"] / 1e12, rows[key], **style)
     axes[0].set(xlabel="training tokens (M)", ylabel="held-out loss (nats)", title="loss against tokens")
