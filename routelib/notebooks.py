@@ -150,11 +150,17 @@ def report(name: str, metrics: Mapping[str, Any], digits: int = 4) -> dict[str, 
     return rounded
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    notebooks = list_notebooks(args.only)
-    if not notebooks and args.only:
-        raise ConfigError(f"no notebook in {paths.NOTEBOOKS_DIR} starts with {' or '.join(args.only)}; "
+def _selected(only: list[str]) -> list[Path]:
+    """The notebooks a command names by prefix; a prefix that names none is an error."""
+    notebooks = list_notebooks(only)
+    if not notebooks and only:
+        raise ConfigError(f"no notebook in {paths.NOTEBOOKS_DIR} starts with {' or '.join(only)}; "
                           f"there are: {', '.join(p.name for p in list_notebooks()) or 'none'}")
+    return notebooks
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    notebooks = _selected(args.only)
     if not notebooks:
         print(f"no notebooks in {paths.NOTEBOOKS_DIR} yet: nothing to run")
         return 0
@@ -181,10 +187,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_refresh(args: argparse.Namespace) -> int:
-    notebooks = list_notebooks(args.only)
-    if not notebooks and args.only:
-        raise ConfigError(f"no notebook in {paths.NOTEBOOKS_DIR} starts with {' or '.join(args.only)}; "
-                          f"there are: {', '.join(p.name for p in list_notebooks()) or 'none'}")
+    notebooks = _selected(args.only)
     if not notebooks:
         print(f"no notebooks in {paths.NOTEBOOKS_DIR} yet: nothing to refresh")
     for nb in notebooks:
