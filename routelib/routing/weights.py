@@ -308,9 +308,6 @@ def hf_from_checkpoint(path: str | Path) -> nn.Module:
     """The transformers Mixtral equivalent of a ``routelib.models.LM`` checkpoint folder (model.safetensors
     + state.json with ``model_config``), built in memory, in eval mode -- what ``export_hf`` would
     write and ``from_pretrained`` read back."""
-    import transformers
-
-    from routelib.models.export import mixtral_config
     from routelib.models.lm import LM, LMConfig
     from routelib.train import load_checkpoint
 
@@ -319,15 +316,24 @@ def hf_from_checkpoint(path: str | Path) -> nn.Module:
         raise UnsupportedMoEError(f"{path}/state.json has no model_config: not a routelib.models.LM checkpoint")
     lm = LM(LMConfig(**state["model_config"]))
     load_checkpoint(path, lm)
+    return hf_from_lm(lm, str(path))
+
+
+def hf_from_lm(lm: nn.Module, name: str = "the model") -> nn.Module:
+    """The transformers Mixtral equivalent of a ``routelib.models.LM`` MoE model in memory (eval mode)."""
+    import transformers
+
+    from routelib.models.export import mixtral_config
+
     if not lm.config.is_moe:
-        raise UnsupportedMoEError(f"{path}: a dense routelib LM (num_experts=0) has no routers")
+        raise UnsupportedMoEError(f"{name}: a dense routelib LM (num_experts=0) has no routers")
     hf_config = mixtral_config(lm.config)
     hf_config.pop("architectures", None)
     model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**hf_config))
     missing, unexpected = model.load_state_dict(lm.hf_state_dict(), strict=False)
     missing = [m for m in missing if not (m == "lm_head.weight" and lm.config.tie_embeddings)]
     if missing or unexpected:
-        raise UnsupportedMoEError(f"{path}: weights do not map onto Mixtral (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise UnsupportedMoEError(f"{name}: weights do not map onto Mixtral (missing {missing[:3]}, unexpected {unexpected[:3]})")
     if lm.config.tie_embeddings:
         model.tie_weights()
     return model.eval()
