@@ -210,6 +210,34 @@ def test_resume_refuses_other_settings_and_resume_false_starts_over(mixtral, tok
     assert len(df.attrs["manifest"]["shards"]) == 3
 
 
+def test_sampled_collection_is_seeded_per_batch_and_resumes_exactly(mixtral, tokenizer, tmp_path):
+    kw = dict(greedy=False, seed=7, generation_kwargs={"temperature": 1.5, "top_p": 0.95})
+    reference = run(mixtral, tokenizer, tmp_path / "ref", **kw)
+    gen = reference.attrs["manifest"]["datasets"]["toy"]["generation"]
+    assert gen["seed"] == 7 and gen["temperature"] == 1.5 and gen["top_p"] == 0.95 and gen["greedy"] is False
+    torch.manual_seed(123)  # the caller's RNG state does not matter
+    _same_traces(run(mixtral, tokenizer, tmp_path / "again", **kw), reference)
+    with pytest.raises(Crash):
+        run(mixtral, tokenizer, tmp_path / "run", on_shard=lambda e: (_ for _ in ()).throw(Crash()), **kw)
+    _same_traces(run(mixtral, tokenizer, tmp_path / "run", **kw), reference)  # the resumed batches sample alike
+    other = run(mixtral, tokenizer, tmp_path / "other", **{**kw, "seed": 8})
+    greedy = run(mixtral, tokenizer, tmp_path / "greedy")
+    tokens = lambda df: df.loc[df["phase"] == "generated", "token_id"].tolist()  # noqa: E731
+    assert tokens(other) != tokens(reference) != tokens(greedy)
+    with pytest.raises(ConfigError, match="different toy run.*seed"):
+        run(mixtral, tokenizer, tmp_path / "run", **{**kw, "seed": 8})
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--temperature", "0.8"], "only apply with --sample"),
+    (["--sample", "--temperature", "0"], "must be > 0"),
+    (["--sample", "--top_p", "1.5"], r"must lie in \(0, 1\]"),
+])
+def test_cli_rejects_bad_sampling_settings(tmp_path, extra, match):
+    with pytest.raises(ConfigError, match=match):
+        C.main(["--model", str(tmp_path / "none"), "--out", str(tmp_path / "t"), *extra])
+
+
 def test_full_distribution(mixtral, tokenizer, tmp_path):
     df = run(mixtral, tokenizer, tmp_path / "full", full_distribution=True, prompts=dict(list(PROMPTS.items())[:2]))
     a = trace_arrays(df)

@@ -823,7 +823,7 @@ def collect(model, tokenizer, prompts: Sequence[str] | Mapping[str, str], out_di
             prepend_bos: bool = False, problem_ids: Sequence[str] | None = None, prompt_source: str | None = None,
             prompt_template: str | None = None, model_name: str | None = None, command: str | None = None,
             progress: bool = True, on_shard: Callable[[dict], None] | None = None,
-            generation_kwargs: Mapping[str, Any] | None = None) -> dict:
+            generation_kwargs: Mapping[str, Any] | None = None, seed: int | None = None) -> dict:
     """Generate from ``prompts`` and write the routing of every token to ``out_dir``; returns the manifest.
 
     model, tokenizer: a transformers causal LM with MoE layers (any device placement, e.g.
@@ -833,8 +833,8 @@ def collect(model, tokenizer, prompts: Sequence[str] | Mapping[str, str], out_di
         calls can share ``out_dir`` (same model, tokenizer and layout).
     max_new_tokens: tokens generated per prompt (fewer when it emits EOS and ``stop_at_eos``).
     batch_size: prompts per ``generate`` call (left-padded) and per shard.
-    greedy: greedy decoding (the default); False samples with the model's generation config
-        (seed it yourself; a resumed sampled run is not reproducible).
+    greedy: greedy decoding (the default); False samples with the model's generation config and
+        ``generation_kwargs`` (temperature, top_p), seeded by ``seed``.
     full_distribution: also store every layer's full router distribution (``probs``, float16): softmax of
         the logits, sigmoid (or DeepSeek-V4's sqrt-softplus) of such routers' logits, or the output of routers
         that already give probabilities; ``layout["router_scores"]`` says which (:func:`score_kind`).
@@ -849,6 +849,9 @@ def collect(model, tokenizer, prompts: Sequence[str] | Mapping[str, str], out_di
     progress: a tqdm bar over problems (``TQDM_DISABLE=1`` hides it).
     on_shard: called with each new shard's manifest entry after it is safely on disk.
     generation_kwargs: extra ``GenerationConfig`` fields (e.g. temperature when not greedy).
+    seed: when sampling, ``torch.manual_seed(seed + i)`` before the batch whose first problem has
+        index ``i``, so that a sampled run is reproducible and resumes exactly (batches are fixed by
+        ``batch_size``); recorded in the manifest. None: the caller's RNG state (not reproducible).
     """
     if max_new_tokens < 1 or batch_size < 1:
         raise ConfigError(f"need max_new_tokens >= 1 and batch_size >= 1, got {max_new_tokens}, {batch_size}")
@@ -868,6 +871,10 @@ def collect(model, tokenizer, prompts: Sequence[str] | Mapping[str, str], out_di
     generation = {"max_new_tokens": max_new_tokens, "greedy": greedy, "stop_at_eos": stop_at_eos,
                   "eos_token_ids": eos_ids, "pad_token_id": pad_id, "batch_size": batch_size, "padding": "left",
                   "use_cache": True, "prepend_bos": prepend_bos, **{k: v for k, v in (generation_kwargs or {}).items()}}
+    if not greedy:
+        generation["seed"] = seed
+        generation["seeding"] = ("torch.manual_seed(seed + index of the batch's first problem) before each batch"
+                                 if seed is not None else "none: not reproducible")
     minfo, tinfo = model_info(model, routers, model_name), tokenizer_info(tokenizer)
     dinfo = {"num_problems": len(ids), "source": prompt_source, "template": prompt_template,
              "prompts_sha256": T.sha256_json([ids, texts]), "generation": generation}
@@ -896,6 +903,8 @@ def collect(model, tokenizer, prompts: Sequence[str] | Mapping[str, str], out_di
                 chunk = pending[start:start + batch_size]
                 encoded = encode_prompts(tokenizer, [texts[i] for i in chunk], prepend_bos)
                 input_ids, attention_mask = left_pad(encoded, pad_id, device)
+                if seed is not None and not greedy:
+                    torch.manual_seed(seed + chunk[0])
                 sequences, experts, weights, probs = generate_with_routing(
                     model, input_ids, attention_mask, gen_config, recorder)
                 num_experts = probs.shape[-1] if probs is not None else _num_experts(model, routers, recorder)
@@ -1140,6 +1149,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", default=None, help="first N problems of each dataset, or per dataset: gsm8k=100")
     p.add_argument("--source", default="local", choices=["local", "hub"], help="benchmark prompts: shipped or Hub")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=None, help="with --sample: softmax temperature")
+    p.add_argument("--top_p", type=float, default=None, help="with --sample: nucleus sampling mass")
+    p.add_argument("--seed", type=int, default=0, help="with --sample: seed (per batch: seed + first problem index)")
     p.add_argument("--no_stop_at_eos", action="store_true", help="generate max_new_tokens tokens even after EOS")
     p.add_argument("--prepend_bos", action="store_true", help="put the tokenizer's BOS before every prompt")
     p.add_argument("--full_distribution", action="store_true", help="also store softmax(router logits)")
@@ -1163,6 +1175,13 @@ def main(argv: list[str] | None = None) -> int:
                           f"choose from {', '.join(sorted(BENCHMARK_TEMPLATES))}")
     max_new = _per_dataset(args.max_new_tokens, datasets, int, "--max_new_tokens")
     limits = _per_dataset(args.limit, datasets, int, "--limit")
+    sampling = {k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p)) if v is not None}
+    if sampling and not args.sample:
+        raise ConfigError(f"--temperature/--top_p only apply with --sample (greedy decoding ignores {sorted(sampling)})")
+    if args.temperature is not None and args.temperature <= 0:
+        raise ConfigError(f"--temperature {args.temperature}: must be > 0 (greedy decoding: leave out --sample)")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top_p {args.top_p}: must lie in (0, 1]")
     device_map = args.device_map or ("auto" if torch.cuda.is_available() else None)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device_map=device_map, load_in_4bit=args.load_in_4bit)
     out = Path(args.out)
@@ -1174,7 +1193,8 @@ def main(argv: list[str] | None = None) -> int:
                            greedy=not args.sample, full_distribution=args.full_distribution,
                            resume=not args.no_resume, stop_at_eos=not args.no_stop_at_eos,
                            prepend_bos=args.prepend_bos, prompt_source=bench.source, prompt_template=bench.template,
-                           model_name=args.model, command=command)
+                           model_name=args.model, command=command, generation_kwargs=sampling,
+                           seed=args.seed if args.sample else None)
         counts = manifest["datasets"][name]["counts"]
         print(f"{name}: {counts['problems']} problems, {counts['prompt_tokens']:,} prompt + "
               f"{counts['generated_tokens']:,} generated tokens, {counts['bytes'] / 1e6:.2f} MB "
