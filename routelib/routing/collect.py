@@ -557,7 +557,8 @@ def generate_with_routing(model, input_ids: torch.Tensor, attention_mask: torch.
         raise RoutelibError(f"{type(model).__name__}.generate returned no KV cache; collection needs use_cache")
     # the last generated token was never fed back: route it with one more step on the cache
     mask = torch.cat([attention_mask, attention_mask.new_ones(batch, total - attention_mask.shape[1])], dim=1)
-    step = dict(input_ids=sequences[:, -1:], attention_mask=mask, past_key_values=cache, use_cache=True)
+    cache_arg = "cache" if _accepts(model.forward, "cache") else "past_key_values"  # transformers >= 5.2x: cache
+    step = {"input_ids": sequences[:, -1:], "attention_mask": mask, cache_arg: cache, "use_cache": True}
     if _accepts(model.forward, "position_ids"):
         step["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0)[:, -1:]
     if _accepts(model.forward, "logits_to_keep"):
