@@ -7,18 +7,22 @@ notebook never shows numbers that are not the ones the run wrote.
 
 from __future__ import annotations
 
+import calendar
+import fcntl
 import hashlib
 import json
 import os
 import platform
 import subprocess
 import sys
+import time
 
 from routelib import paths
 from routelib.errors import RoutelibError
 from routelib.io import atomic_write_bytes
 
 MANIFEST = "manifest.json"
+INVOCATIONS = "invocations.json"  # every invocation of a (resumed or split) reference run
 
 
 class ReferenceError(RoutelibError, ValueError):
@@ -104,3 +108,54 @@ def load_manifest(out_dir: str | os.PathLike) -> dict:
         if sha256(f) != meta["sha256"]:
             raise ReferenceError(f"{f}: sha256 differs from {path.name}; the file was changed after the run")
     return manifest
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class InvocationLog:
+    """The invocations of one reference run, in ``out_dir/invocations.json``: a run that is resumed,
+    or trained by several processes side by side, has several. Creating the log adds this process
+    (command, commit, start, pid; ``finished`` null until :meth:`finish`), so an interrupted
+    invocation stays on record. Every write re-reads the file: processes side by side share it."""
+
+    def __init__(self, out_dir: str | os.PathLike, command: str | None = None):
+        self.path = paths.in_repo(out_dir) / INVOCATIONS
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.code = git_commit()  # the code this invocation runs
+        self.command = command or command_line()
+        self._t0 = time.perf_counter()
+        self.entry = dict(command=self.command, **self.code, started=utc_now(), pid=os.getpid(), finished=None, wall_s=None)
+        self._write(self.entry)
+
+    def _write(self, entry: dict) -> list[dict]:
+        """Add ``entry`` to the list, or replace the one with the same start and pid, holding a lock on
+        the folder (no other invocation writes in between). Returns the list."""
+        folder = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX)
+            invocations = json.loads(self.path.read_text()) if self.path.is_file() else []
+            key = (entry["started"], entry.get("pid"))
+            invocations = [e for e in invocations if (e.get("started"), e.get("pid")) != key] + [entry]
+            invocations.sort(key=lambda e: e["started"])
+            atomic_write_bytes(self.path, (json.dumps(invocations, indent=2) + "\n").encode())
+        finally:
+            os.close(folder)  # releases the lock
+        return invocations
+
+    def finish(self) -> list[dict]:
+        """Mark this invocation finished with its wall time; returns every invocation so far."""
+        return self._write({**self.entry, "finished": utc_now(), "wall_s": round(time.perf_counter() - self._t0, 1)})
+
+    @staticmethod
+    def summary(invocations: list[dict]) -> dict:
+        """Manifest fields for the whole run: ``wall_s`` (the finished invocations' wall times summed),
+        how many invocations there were, when the first started and the last finished, and
+        ``span_s``, the clock time between those two (side-by-side invocations overlap in it)."""
+        seconds = lambda stamp: calendar.timegm(time.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ"))  # noqa: E731
+        first, last = invocations[0]["started"], invocations[-1]["finished"]
+        return dict(wall_s=sum(i["wall_s"] or 0.0 for i in invocations), invocations=len(invocations),
+                    first_started=first, last_finished=last, span_s=seconds(last) - seconds(first) if last else None,
+                    wall_s_note="sum of the invocations' wall times (side-by-side ones add up); "
+                                "interrupted invocations (finished: null) are not counted")
