@@ -181,20 +181,25 @@ def routing_loss(model, x: torch.Tensor, y: torch.Tensor):
     return lm + out.aux_loss.to(lm.dtype), metrics
 
 
-def train_run(spec: RunSpec, cfg: HybridStudyConfig, eval_data: list | None = None) -> tuple[HybridLM, TrainResult]:
+def train_run(spec: RunSpec, cfg: HybridStudyConfig, eval_data: list | None = None, *, eval_every: int | None = None,
+              log_every: int | None = None, stop_step: int | None = None) -> tuple[HybridLM, TrainResult]:
     """Train one run with ``routelib.train``. Checkpoints go to ``out_dir/checkpoints/<name>-<hash>``,
     the hash covering everything that shapes the run: an interrupted run resumes, a finished one is
-    loaded instead of retrained."""
+    loaded instead of retrained. ``eval_every`` (default ``cfg.eval_every``) and ``log_every`` (default:
+    20 records per run) set the history's density; ``stop_step`` ends early with the schedule unchanged
+    (the reproduction test)."""
     torch.manual_seed(spec.seed)
     hcfg = cfg.model_config(spec.arm, spec.alpha, spec.steps)
     model = HybridLM(hcfg)
+    every = cfg.eval_every if eval_every is None else eval_every
     tcfg = TrainConfig(max_steps=spec.steps, lr=spec.lr, warmup_steps=min(cfg.warmup_steps, spec.steps),
-                       seed=spec.seed, log_every=max(1, spec.steps // 20), eval_every=cfg.eval_every,
+                       seed=spec.seed, log_every=log_every or max(1, spec.steps // 20), eval_every=every,
                        eval_batches=10_000, device=cfg.device)
     identity = [dataclasses.asdict(hcfg), dataclasses.asdict(tcfg), cfg.tokenizer, cfg.seq_len, cfg.batch_size]
     run_hash = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
     tcfg.out_dir = str(cfg.run_dir() / "checkpoints" / f"{spec.name}-{run_hash}")
-    result = train(model, training_batches(cfg, spec.seed), tcfg, eval_data=eval_data if cfg.eval_every else None,
+    tcfg.stop_step = stop_step
+    result = train(model, training_batches(cfg, spec.seed), tcfg, eval_data=eval_data if every else None,
                    loss_fn=routing_loss, resume=True)
     return model.eval(), result
 
@@ -379,12 +384,15 @@ def training_routing(results: dict[str, TrainResult]) -> pd.DataFrame:
 
 # ---------------------------------------------------------------------------------- measurement
 @torch.no_grad()
-def inference_speed(static: HybridLM, dynamic: HybridLM, cfg: HybridStudyConfig, rounds: int = 3) -> pd.DataFrame:
+def inference_speed(static: HybridLM, dynamic: HybridLM, cfg: HybridStudyConfig, rounds: int = 3, warmup: int = 3,
+                    repeats: int | None = None) -> pd.DataFrame:
     """Prefill throughput (eval mode, one forward of ``speed_batch`` held-out windows; bf16 autocast
     on CUDA as in training, fp32 on CPU) per sequence length: the static model, the dynamic model
     with its own argmax routing, and the dynamic model forced to all-GDN / all-softmax (the two ends
     of its cost). Timed round-robin in one run per length (``routelib.bench.compare``). Columns:
-    model, seq_len, median_ms, tokens_per_s, softmax_frac (share of routed-layer tokens on softmax)."""
+    model, seq_len, median_ms, tokens_per_s, softmax_frac (share of routed-layer tokens on softmax).
+    ``warmup`` and ``repeats`` (None: enough to fill ``bench_min_time_s``) are per function and round
+    (``routelib.bench.time_fn``); few suffice for long sequences."""
     device = next(static.parameters()).device
 
     def prefill(model, x, routes=None):
@@ -400,7 +408,8 @@ def inference_speed(static: HybridLM, dynamic: HybridLM, cfg: HybridStudyConfig,
                   "dynamic (all softmax)": torch.ones(*x.shape, r, dtype=torch.bool, device=device)}
         fns = {"static": lambda: prefill(static, x), "dynamic": lambda: prefill(dynamic, x)}
         fns.update({name: (lambda routes=routes: prefill(dynamic, x, routes)) for name, routes in forced.items()})
-        timing = compare(fns, items=x.numel(), rounds=rounds, min_time_s=cfg.bench_min_time_s / rounds, device=device)
+        timing = compare(fns, items=x.numel(), rounds=rounds, min_time_s=cfg.bench_min_time_s / rounds, device=device,
+                         warmup=warmup, repeats=repeats)
         share = float(dynamic(x, output_routing=True).routing.to_softmax.float().mean())
         for _, row in timing.iterrows():
             frac = {"static": 0.0, "dynamic": share, "dynamic (all GDN)": 0.0, "dynamic (all softmax)": 1.0}[row["name"]]
