@@ -1,15 +1,13 @@
-"""routelib.studies.attention_routing_reference (notebook 02's reference run) and its views on a tiny
-configuration: the plan and its split into parts, the LR sweep's choice, the t-interval, a run trained
+"""Notebook 02's reference run (routelib.studies.attention_routing, its last section) and its views on a tiny
+configuration: the plan, the LR sweep's choice, a run trained
 by two parts side by side and finished by a measuring invocation (each run trained once, every planned
 run on disk, manifest hashes, load_reference, first steps reproduced), the verdict, figures, the CLI."""
 
 import json
-import math
 import shutil
 
 import matplotlib
 import numpy as np
-import pandas as pd
 import pytest
 
 matplotlib.use("Agg")
@@ -17,8 +15,8 @@ matplotlib.use("Agg")
 from routelib import cli  # noqa: E402
 from routelib.errors import ConfigError  # noqa: E402
 from routelib.reference import ReferenceError  # noqa: E402
-from routelib.studies import attention_routing_reference as ref_run  # noqa: E402
-from routelib.studies.attention_routing import HybridStudyConfig, RunSpec  # noqa: E402
+from routelib.studies import attention_routing as ref_run  # noqa: E402
+from routelib.studies.attention_routing import HybridStudyConfig  # noqa: E402
 from routelib.views import attention_routing as views  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -47,16 +45,6 @@ def test_plan_groups_and_shared_runs():
     assert len(ref_run.unique_runs(plan)) == 4 + 6 + 1 + 1
 
 
-@pytest.mark.parametrize("n", [1, 2, 3])
-def test_split_runs_deals_every_run_to_one_part(n):
-    specs = [RunSpec("static", 1e-3, s, 0.0, steps) for s, steps in enumerate([4, 4, 4, 2, 2, 2, 4])]
-    parts = [ref_run.split_runs(specs, (i, n)) for i in range(1, n + 1)]
-    assert sorted((s for p in parts for s in p), key=specs.index) == specs  # disjoint and complete
-    loads = [sum(s.steps for s in p) for p in parts]
-    assert max(loads) - min(loads) <= 4  # no part longer than another by more than one run
-    assert all(p == sorted(p, key=specs.index) for p in parts)  # plan order kept
-
-
 def test_sweep_picks_the_lowest_mean_over_both_arms():
     cfg, settings = HybridStudyConfig(**{**TINY, "lr_same": [1e-3, 2e-3, 4e-3]}), ref_run.ReferenceSettings(**SETTINGS)
     losses = {(1e-3, "static"): 5.0, (1e-3, "dynamic"): 6.0,  # best static, worst mean
@@ -68,15 +56,6 @@ def test_sweep_picks_the_lowest_mean_over_both_arms():
     assert table.loc[2e-3, "mean_val_loss"] == pytest.approx(5.25)
     del finals[next(iter(finals))]
     assert ref_run.sweep_table(cfg, settings, finals) is None  # a sweep run unfinished: no choice yet
-
-
-def test_t_interval_known_numbers():
-    got = ref_run.t_interval([1.0, 2.0, 3.0])
-    t_975_2 = 4.302652729911275  # Student t, 97.5 % quantile, 2 degrees of freedom (tables)
-    assert (got["n"], got["mean"], got["std"]) == (3, 2.0, 1.0)
-    assert got["half_width"] == pytest.approx(t_975_2 / math.sqrt(3), rel=1e-9)
-    assert (got["low"], got["high"]) == pytest.approx((2 - t_975_2 / math.sqrt(3), 2 + t_975_2 / math.sqrt(3)))
-    assert math.isnan(ref_run.t_interval([0.5])["half_width"])
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +152,8 @@ def test_manifest_hashes_every_file_and_refuses_changes(made, tmp_path):
 def test_first_steps_reproduce(made, tmp_path):
     _, _, out, _, _ = made
     ref = ref_run.load_reference(out)
-    run = next(n for n in ref["runs"].index if n.startswith("static") and "shared" in ref["runs"].loc[n, "groups"])
+    run = ref_run.shared_run(ref, "static")
+    assert ref["runs"].loc[run, "groups"].startswith("shared") and ref["runs"].loc[run, "seed"] == 0
     got, recorded = ref_run.reproduce_first_steps(ref, run, tmp_path)
     assert got["step"] == recorded["step"] == 1
     for key in ("loss", "lm_loss"):
@@ -190,25 +170,28 @@ def test_verdict_and_figures(made):
     text = ref_run.reference_verdict(ref)
     assert f"{d['mean']:+.3f}" in text and f"[{d['low']:+.3f}, {d['high']:+.3f}]" in text and "MISSES" in text
     assert views.reference_curves(ref).axes and views.reference_delta(ref).axes
-    dynamic = ref["routing"]["run"].iloc[0]
-    assert len(views.reference_routing(ref, dynamic).axes) == 3
+    assert len(views.reference_routing(ref, ref_run.shared_run(ref, "dynamic", seed=1)).axes) == 3
+    head = ref_run.reference_header(ref)
+    assert "command: test final" in head and f"shared learning rate {ref['summary']['shared_lr']:g}" in head
     assert views.plot_alpha_sweep(ref_run.alpha_table(ref)).axes
 
 
 def test_not_made_yet(tmp_path):
     assert not ref_run.reference_made(tmp_path)
+    assert ref_run.reference_header(None) == f"reference run not yet made: {ref_run.REFERENCE_LAUNCH}" and "\n" not in ref_run.REFERENCE_LAUNCH
     with pytest.raises(ReferenceError, match="no manifest"):
         ref_run.load_reference(tmp_path)
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--part", "3/2"], "need 1 <= i <= n"),
-    (["--part", "half"], "expected i/n"),
-    (["--part", "1/2", "--only_runs", "x"], "not both"),
-    (["--seeds", "0,x"], "--seeds 'x': expected an integer"),
-    (["--steps", "0"], "steps >= 1"),
-    (["--sweep_steps", "0"], "sweep_steps=0"),
-    (["--no_such_option", "1"], "unrecognized arguments"),
+    (["train"], "invalid choice: 'train'"),
+    (["reference", "--part", "3/2"], "need 1 <= i <= n"),
+    (["reference", "--part", "half"], "expected i/n"),
+    (["reference", "--part", "1/2", "--only_runs", "x"], "not both"),
+    (["reference", "--seeds", "0,x"], "--seeds 'x': expected an integer"),
+    (["reference", "--steps", "0"], "steps >= 1"),
+    (["reference", "--sweep_steps", "0"], "sweep_steps=0"),
+    (["reference", "--no_such_option", "1"], "unrecognized arguments"),
 ])
 def test_bad_command_lines_are_one_line_errors(argv, needle, capsys):
     assert cli.run(ref_run.main, argv) == 2

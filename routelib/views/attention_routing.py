@@ -1,7 +1,6 @@
 """Views of notebook 02 (dynamic GDN/softmax routing): training and routing curves, the alpha
 sweep, inference throughput, held-out text coloured by each token's routing, and the reference run's
-figures. Every function takes what :mod:`routelib.studies.attention_routing` (and its reference run,
-:mod:`routelib.studies.attention_routing_reference`) computed and only draws it."""
+figures. Every function takes what :mod:`routelib.studies.attention_routing` computed and only draws it."""
 
 from __future__ import annotations
 
@@ -10,8 +9,7 @@ import html
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from routelib.studies.attention_routing import ARMS, HybridStudyConfig, StudyRuns, main_runs
-from routelib.studies.attention_routing_reference import curve_bands, reference_numbers
+from routelib.studies.attention_routing import ARMS, HybridStudyConfig, StudyRuns, curve_bands, main_runs, reference_numbers
 from routelib.views.figures import PALETTE
 
 ROUTE_COLOURS = ("#ffffff", "#fdd49e", "#e34a33")  # 0, 1, 2 routed layers on softmax
