@@ -534,6 +534,8 @@ REFERENCE_DEFAULTS = dict(
 
 @dataclass
 class ReferenceSettings:
+    """How the reference run is run and measured, beyond the models' HybridStudyConfig."""
+
     sweep_steps: int = 175  # training steps of every LR-sweep run (the shared rate is picked from them)
     log_every: int = 10  # a training-history record (window means) every this many steps
     curve_batches: int = 1  # held-out batches (8 windows) per domain on the loss curve during training
@@ -554,7 +556,7 @@ class ReferenceSettings:
 
 # ------------------------------------------------------------------------------------------- plan
 def reference_plan(cfg: HybridStudyConfig, settings: ReferenceSettings, shared_lr: float | None = None) -> dict[str, list[RunSpec]]:
-    """The runs of every group (see the module docstring); only ``lr_sweep`` until the shared rate is known."""
+    """The runs of every group (see the section's comment); only ``lr_sweep`` until the shared rate is known."""
     seed0, alpha = cfg.seeds[0], {"static": 0.0, "dynamic": cfg.balance_coef}
     plan = {"lr_sweep": [RunSpec(arm, lr, seed0, alpha[arm], settings.sweep_steps) for lr in cfg.lr_same for arm in ARMS]}
     if shared_lr is None:
@@ -664,19 +666,23 @@ def reference_run(cfg: HybridStudyConfig, settings: ReferenceSettings, out_dir: 
                   part: tuple[int, int] | None = None, only_runs: tuple[str, ...] = (), command: str | None = None) -> dict | None:
     """Train the reference runs and, unless ``part`` or ``only_runs`` restricts this invocation to some
     of them, measure and write the manifest (returned; None for a restricted invocation). ``part=(i, n)``:
-    this process's share of every group (:func:`split_runs`), the sweep's before the rest; ``only_runs``:
+    this process's share of every group (``routelib.reference.split_parts``), the sweep's before the rest
+    (waiting up to ``settings.wait_s`` for the other parts' sweep runs); ``only_runs``:
     just these run names (the rest's names need the sweep finished)."""
     out = paths.in_repo(out_dir)
-    for sub in ("history", "final"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
+    (out / "history").mkdir(parents=True, exist_ok=True)
     log = InvocationLog(out, command)
     eval_data = domain_eval_data(cfg)
     curve = [b for batches in eval_data.values() for b in batches[: settings.curve_batches]]
 
     def train_share(specs: list[RunSpec]) -> None:
+        """Train this invocation's share of ``specs`` that no invocation has finished yet."""
+        if part:
+            specs = split_parts(specs, part, cost=lambda s: s.steps)
+        elif only_runs:
+            specs = [s for s in specs if s.name in only_runs]
         done = load_records(out)
-        mine = split_parts(specs, part, cost=lambda s: s.steps) if part else [s for s in specs if s.name in only_runs] if only_runs else specs
-        for spec in mine:
+        for spec in specs:
             if spec.name not in done:
                 _train_and_record(spec, cfg, settings, out, curve, eval_data)
 
@@ -715,6 +721,7 @@ def _measure(cfg: HybridStudyConfig, settings: ReferenceSettings, out: Path, pla
     shared_lr = float(sweep.index[sweep["chosen"]][0])
     deltas = delta_table(runs, shared_lr, cfg.seeds)
     deltas.to_csv(out / "delta.csv")
+
     def trained(spec: RunSpec) -> HybridLM:  # a finished checkpoint is loaded, not retrained
         return train_run(spec, cfg, log_every=settings.log_every)[0]
 
