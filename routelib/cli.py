@@ -47,13 +47,16 @@ class ArgumentParser(argparse.ArgumentParser):
         raise ConfigError(f"{self.prog}: {message} (see --help)")
 
 
-def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
+def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = (),
+                          defaults: dict[str, Any] | None = None) -> None:
     """One ``--<field>`` option per field of dataclass ``cls`` but those in ``skip``, unset (None) unless
-    given; read them back with :func:`dataclass_options`. Lists are comma-separated (``--seeds 0,1,2``)."""
+    given; read them back with :func:`dataclass_options`. Lists are comma-separated (``--seeds 0,1,2``).
+    The help shows each field's default, or the one in ``defaults`` that the caller applies instead."""
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        parser.add_argument(f"--{f.name}", default=None, metavar="VALUE", help=f"{cls.__name__}.{f.name}")
+        default = (defaults or {}).get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        parser.add_argument(f"--{f.name}", default=None, metavar="VALUE", help=f"{cls.__name__}.{f.name} (default: {default})")
 
 
 def _parse(name: str, text: str, annotation: Any) -> Any:

@@ -521,6 +521,7 @@ def top_tokens(tokens: pd.DataFrame, min_count: int = 5, n: int = 10) -> pd.Data
 # --help`` lists the options; :data:`REFERENCE_DEFAULTS` is the configuration it runs by default.
 REFERENCE_DIR = "data/reference/02_dynamic_attention_routing"  # committed results (DESIGN.md §7)
 GROUPS = ("lr_sweep", "shared", "seed_lrs", "alpha")  # run groups, in training order
+STEP_COST = {"static": 1.1, "dynamic": 1.0}  # relative CPU time of a training step (issue-13 pilot, hidden 128-256)
 
 #: The reference configuration (HybridStudyConfig fields the command line overrides), sized by the
 #: issue-13 pilot to fit ~100 min as two 1-thread processes on an idle 2-core CPU (README, notebook 02).
@@ -678,7 +679,7 @@ def reference_run(cfg: HybridStudyConfig, settings: ReferenceSettings, out_dir: 
     def train_share(specs: list[RunSpec]) -> None:
         """Train this invocation's share of ``specs`` that no invocation has finished yet."""
         if part:
-            specs = split_parts(specs, part, cost=lambda s: s.steps)
+            specs = split_parts(specs, part, cost=lambda s: s.steps * STEP_COST[s.arm])
         elif only_runs:
             specs = [s for s in specs if s.name in only_runs]
         done = load_records(out)
@@ -883,14 +884,15 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m routelib.studies.attention_routing reference [--out DIR] [--part i/n | --only_runs a,b]
     [--threads N] [--<field> value ...]``: notebook 02's reference run (:func:`reference_run`). Every field of
     HybridStudyConfig (defaults: REFERENCE_DEFAULTS) and of ReferenceSettings is an option; lists are
-    comma-separated. Side by side: one process per ``--part i/n``, then one without to measure."""
+    comma-separated; ``--lr_same`` is the LR sweep's grid, ``--alpha_sweep_steps`` the alpha runs' length.
+    Side by side: one process per ``--part i/n``, then one without ``--part`` to measure."""
     parser = cli.ArgumentParser(prog="python -m routelib.studies.attention_routing", description=main.__doc__)
     parser.add_argument("command", choices=["reference"], help="reference: the reference run (below)")
     parser.add_argument("--out", default=REFERENCE_DIR, help=f"results folder (default {REFERENCE_DIR})")
     parser.add_argument("--part", type=parse_part, default=None, help="train only part i of n of every group, e.g. 1/2")
     parser.add_argument("--only_runs", default="", help="train only these runs (comma list of run names)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    cli.add_dataclass_options(parser, HybridStudyConfig, skip=("num_threads",))  # --threads sets it
+    cli.add_dataclass_options(parser, HybridStudyConfig, skip=("num_threads",), defaults=REFERENCE_DEFAULTS)  # --threads sets num_threads
     cli.add_dataclass_options(parser, ReferenceSettings)
     args = parser.parse_args(argv)
     if args.part and args.only_runs:
