@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 
 from routelib import cli  # noqa: E402
 from routelib.errors import ConfigError  # noqa: E402
-from routelib.reference import ReferenceError  # noqa: E402
+from routelib.reference import ReferenceError, t_interval  # noqa: E402
 from routelib.studies import attention_routing as ref_run  # noqa: E402
 from routelib.studies.attention_routing import HybridStudyConfig  # noqa: E402
 from routelib.views import attention_routing as views  # noqa: E402
@@ -112,7 +112,7 @@ def test_sweep_delta_and_summary_agree_with_the_runs(made):
     by_seed = shared.pivot_table(index="seed", columns="arm", values="val_loss")
     deltas = (by_seed["dynamic"] - by_seed["static"]).to_numpy()
     assert ref["delta"]["delta"].to_numpy() == pytest.approx(deltas)
-    assert summary["delta"] == pytest.approx(ref_run.t_interval(deltas))
+    assert summary["delta"] == pytest.approx(t_interval(deltas))
     assert summary["unigram_val_loss"] > 7  # a unigram model on bpe8k
     domains = [c for c in runs.columns if c.startswith("val_loss_")]
     assert len(domains) == 5 and runs[domains].notna().all().all()
@@ -169,6 +169,9 @@ def test_verdict_and_figures(made):
     assert v["below_unigram_by_1nat"] is False  # 4 steps of a tiny model learn nothing
     text = ref_run.reference_verdict(ref)
     assert f"{d['mean']:+.3f}" in text and f"[{d['low']:+.3f}, {d['high']:+.3f}]" in text and "MISSES" in text
+    speed = ref["train_speed"].set_index("arm")["tokens_per_s"]
+    assert v["train_speed_ratio"] == pytest.approx(speed["dynamic"] / speed["static"]) and v["longest"] == 32
+    assert f"{v['prefill_ratio_longest']:.2f}x at 32 tokens" in text
     assert views.reference_curves(ref).axes and views.reference_delta(ref).axes
     assert len(views.reference_routing(ref, ref_run.shared_run(ref, "dynamic", seed=1)).axes) == 3
     head = ref_run.reference_header(ref)

@@ -841,8 +841,9 @@ def alpha_table(ref: dict) -> pd.DataFrame:
 
 def reference_numbers(ref: dict) -> dict:
     """What the verdict rests on, from the files: the better arm at the shared rate and whether the
-    95 % interval of delta excludes 0, the unequal-rate gap, the routing split per alpha, and each
-    margin below the unigram model of every run but the sweep-only ones (each must end >= 1 nat below it)."""
+    95 % interval of delta excludes 0, the unequal-rate gap, the routing split per alpha, the margin below
+    the unigram model of every run but the sweep-only ones (each must end >= 1 nat below it), and the
+    dynamic / static throughput ratios (training; prefill at the reference length and the longest one)."""
     cfg, runs, summary = ref["cfg"], ref["runs"], ref["summary"]
     d = summary["delta"]
     seed_lrs = runs[runs["groups"].str.contains("seed_lrs")].set_index("arm")["val_loss"]
@@ -850,7 +851,15 @@ def reference_numbers(ref: dict) -> dict:
     compared = runs[runs["groups"] != "lr_sweep"]  # the runs a conclusion rests on (sweep-only runs are shorter)
     margin = summary["unigram_val_loss"] - compared["val_loss"]
     excludes = bool(d["low"] > 0 or d["high"] < 0)
-    return dict(shared_lr=summary["shared_lr"], delta=d, better="dynamic" if d["mean"] < 0 else "static",
+    train = ref["train_speed"].set_index("arm")["tokens_per_s"]
+    pre = ref["prefill_speed"].set_index(["batch", "seq_len", "model"])["tokens_per_s"]
+    longest = int(pre.loc[1].index.get_level_values("seq_len").max())
+
+    def ratio(batch: int, seq_len: int) -> float:
+        return float(pre[(batch, seq_len, "dynamic")] / pre[(batch, seq_len, "static")])
+
+    return dict(train_speed_ratio=float(train["dynamic"] / train["static"]), prefill_ratio=ratio(cfg.speed_batch, cfg.seq_len),
+                prefill_ratio_longest=ratio(1, longest), longest=longest,shared_lr=summary["shared_lr"], delta=d, better="dynamic" if d["mean"] < 0 else "static",
                 interval_excludes_zero=excludes, seed_lrs_delta=float(seed_lrs["dynamic"] - seed_lrs["static"]),
                 alpha_softmax_share=share, unigram=summary["unigram_val_loss"], min_margin=float(margin.min()),
                 below_unigram_by_1nat=bool((margin >= 1.0).all()), seeds=len(cfg.seeds), tokens_per_run=summary["tokens_per_run"])
@@ -876,6 +885,8 @@ def reference_verdict(ref: dict) -> str:
         f"Unigram model (training-split token frequencies, same windows): {v['unigram']:.3f}; the worst run of the "
         f"comparison, unequal rates and α sweep ends {v['min_margin']:.2f} nats below it "
         f"({'meets' if v['below_unigram_by_1nat'] else 'MISSES'} the requirement of at least 1 nat).",
+        f"Throughput dynamic / static, timed interleaved on this CPU: training {v['train_speed_ratio']:.2f}x, prefill "
+        f"{v['prefill_ratio']:.2f}x at the trained length and {v['prefill_ratio_longest']:.2f}x at {v['longest']} tokens.",
     ])
 
 
