@@ -25,7 +25,8 @@ TINY = dict(hidden_size=16, num_heads=2, intermediate_size=32, seq_len=16, batch
             lr_static=1e-3, lr_dynamic=2e-3, lr_same=[1e-3, 3e-3], seeds=[0, 1, 2], alpha_sweep=[0.0, 0.5],
             balance_coef=0.5, alpha_sweep_steps=2, eval_every=2, eval_windows=2, speed_seq_lens=[16], speed_batch=2,
             bench_min_time_s=0.01, device="cpu")
-SETTINGS = dict(sweep_steps=2, log_every=1, prefill_seq_lens=[16, 32], speed_rounds=1, position_bins=2, wait_s=0.0)
+SETTINGS = dict(sweep_steps=2, log_every=1, ckpt_every=2, prefill_seq_lens=[16, 32], speed_rounds=1, position_bins=2,
+                wait_s=0.0)
 
 
 def tiny_cfg(tmp_path, **kw) -> HybridStudyConfig:
@@ -91,6 +92,8 @@ def test_parts_train_each_run_once_and_the_plan_is_on_disk(made):
         h = ref["histories"][name]
         assert h["step"].iloc[-1] == ref["runs"].loc[name, "steps"] and h["tokens"].iloc[-1] == ref["runs"].loc[name, "tokens"]
         assert h["eval_loss"].notna().any()
+    shared = ref_run.shared_run(ref, "dynamic")  # 4 steps, a checkpoint every 2
+    assert sorted(p.name for p in (cfg.run_dir() / "checkpoints").glob(f"{shared}-*/step_*")) == ["step_000002", "step_000004"]
     dynamic = next(n for n in names if n.startswith("dynamic"))
     assert {"softmax_frac_L1", "entropy_L2", "balance_loss"} <= set(ref["histories"][dynamic].columns)
     invocations = json.loads((out / "invocations.json").read_text())

@@ -189,19 +189,20 @@ def routing_loss(model, x: torch.Tensor, y: torch.Tensor):
 
 
 def train_run(spec: RunSpec, cfg: HybridStudyConfig, eval_data: list | None = None, *, eval_every: int | None = None,
-              log_every: int | None = None, stop_step: int | None = None) -> tuple[HybridLM, TrainResult]:
+              log_every: int | None = None, ckpt_every: int = 0, stop_step: int | None = None) -> tuple[HybridLM, TrainResult]:
     """Train one run with ``routelib.train``. Checkpoints go to ``out_dir/checkpoints/<name>-<hash>``,
     the hash covering everything that shapes the run: an interrupted run resumes, a finished one is
     loaded instead of retrained. ``eval_every`` (default ``cfg.eval_every``) and ``log_every`` (default:
-    20 records per run) set the history's density; ``stop_step`` ends early with the schedule unchanged
-    (the reproduction test)."""
+    20 records per run) set the history's density; ``ckpt_every`` > 0 also checkpoints along the way (a
+    killed run loses at most that many steps); ``stop_step`` ends early with the schedule unchanged (the
+    reproduction test)."""
     torch.manual_seed(spec.seed)
     hcfg = cfg.model_config(spec.arm, spec.alpha, spec.steps)
     model = HybridLM(hcfg)
     every = cfg.eval_every if eval_every is None else eval_every
     tcfg = TrainConfig(max_steps=spec.steps, lr=spec.lr, warmup_steps=min(cfg.warmup_steps, spec.steps),
                        seed=spec.seed, log_every=log_every or max(1, spec.steps // 20), eval_every=every,
-                       eval_batches=10_000, device=cfg.device)
+                       eval_batches=10_000, ckpt_every=ckpt_every, device=cfg.device)
     identity = [dataclasses.asdict(hcfg), dataclasses.asdict(tcfg), cfg.tokenizer, cfg.seq_len, cfg.batch_size]
     run_hash = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
     tcfg.out_dir = str(cfg.run_dir() / "checkpoints" / f"{spec.name}-{run_hash}")
@@ -539,6 +540,7 @@ class ReferenceSettings:
 
     sweep_steps: int = 175  # training steps of every LR-sweep run (the shared rate is picked from them)
     log_every: int = 10  # a training-history record (window means) every this many steps
+    ckpt_every: int = 100  # checkpoint every this many steps (a killed part resumes from the last one)
     curve_batches: int = 1  # held-out batches (8 windows) per domain on the loss curve during training
     prefill_seq_lens: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048, 4096])  # batch-1 prefill sweep
     speed_rounds: int = 5  # round-robin rounds of every timing (training step, prefill)
@@ -549,6 +551,8 @@ class ReferenceSettings:
         for name in ("sweep_steps", "log_every", "curve_batches", "speed_rounds", "position_bins"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: need >= 1")
+        if self.ckpt_every < 0:
+            raise ConfigError(f"ckpt_every={self.ckpt_every!r}: need >= 0 (0 = only at the end)")
         if not self.prefill_seq_lens or min(self.prefill_seq_lens) < 1:
             raise ConfigError(f"prefill_seq_lens={self.prefill_seq_lens!r}: need positive lengths")
         if self.wait_s < 0:
@@ -586,7 +590,7 @@ def _train_and_record(spec: RunSpec, cfg: HybridStudyConfig, settings: Reference
                       curve: list, eval_data: dict[str, list]) -> dict:
     """Train (or resume) one run, then write its history and its final record: per-domain validation
     loss (nats/token, argmax routing), training tokens/s, steps and tokens."""
-    model, result = train_run(spec, cfg, curve, log_every=settings.log_every)
+    model, result = train_run(spec, cfg, curve, log_every=settings.log_every, ckpt_every=settings.ckpt_every)
     tokens_per_step = cfg.batch_size * cfg.seq_len
     _history_frame(result, tokens_per_step).to_csv(out / "history" / f"{spec.name}.csv", index=False)
     ppl = perplexity_by_domain(model, eval_data)
@@ -724,7 +728,7 @@ def _measure(cfg: HybridStudyConfig, settings: ReferenceSettings, out: Path, pla
     deltas.to_csv(out / "delta.csv")
 
     def trained(spec: RunSpec) -> HybridLM:  # a finished checkpoint is loaded, not retrained
-        return train_run(spec, cfg, log_every=settings.log_every)[0]
+        return train_run(spec, cfg, log_every=settings.log_every, ckpt_every=settings.ckpt_every)[0]
 
     first = {s.arm: trained(s) for s in plan["shared"] if s.seed == cfg.seeds[0]}
     train_speed(cfg, shared_lr, settings.speed_rounds).to_csv(out / "train_speed.csv", index=False)
@@ -812,7 +816,8 @@ def reproduce_first_steps(ref: dict, run: str, out_dir: str | Path) -> tuple[dic
     torch.set_num_threads(ref["manifest"]["environment"]["torch_threads"])
     try:
         every = ref["settings"].log_every
-        _, result = train_run(spec, cfg, curve, log_every=every, stop_step=min(every, spec.steps))
+        _, result = train_run(spec, cfg, curve, log_every=every, ckpt_every=ref["settings"].ckpt_every,
+                              stop_step=min(every, spec.steps))
     finally:
         torch.set_num_threads(threads)
     return result.history[0], ref["histories"][run].iloc[0].to_dict()
