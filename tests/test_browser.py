@@ -30,6 +30,7 @@ import secrets
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -75,9 +76,14 @@ def chromium() -> str:
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    """A JupyterLab server from this environment: yields (base url, token); always stopped."""
-    home = tmp_path_factory.mktemp("jupyter")
+def lab():
+    """A JupyterLab server from this environment: yields (base url, token); always stopped. Its
+    settings, workspaces and runtime files live in a temporary folder of its own."""
+    with tempfile.TemporaryDirectory(prefix="routelib-lab-") as tmp:
+        yield from _serve(Path(tmp))
+
+
+def _serve(home: Path):
     for name, value in LAB_SETTINGS.items():
         (home / "settings" / name).parent.mkdir(parents=True, exist_ok=True)
         (home / "settings" / name).write_text(json.dumps(value))
