@@ -12,10 +12,12 @@ control in turn and fails unless what the view shows -- its HTML text, highlight
 values or images -- changes within a timeout. Each dashboard is saved before and after as
 ``runs/screenshots/<notebook>-widget<k>-before.png`` / ``-after.png``.
 
-Time: the notebooks run at their committed parameters; their training runs are reused from the
-checkpoints in ``runs/`` when nbval has just run them (``make test`` runs this file after nbval), so
-the browser pass costs the notebooks' evaluation cells, not their training. On a clone where nothing
-has run yet it trains too and takes as long as nbval.
+Time: the notebooks run at their committed parameters except for ``BROWSER_PARAMS`` (analysis no
+dashboard shows, switched off through papermill's ``prepare_only``, which writes the parameterised
+copy without executing it). Their training runs are reused from the checkpoints in ``runs/`` when
+nbval has just run them (``make test`` runs this file after nbval), so the browser pass costs the
+notebooks' evaluation cells, not their training. On a clone where nothing has run yet it trains too
+and takes about as long as nbval. JupyterLab records each cell's timing in the executed copies.
 
 A missing browser is an error naming the install command, never a skip. Collected only with
 ``-m browser`` (pyproject's addopts deselect it from plain pytest runs).
@@ -38,7 +40,7 @@ from pathlib import Path
 import pytest
 
 from routelib import paths
-from routelib.notebooks import list_notebooks
+from routelib.notebooks import KERNEL, list_notebooks
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(900)]
 
@@ -47,11 +49,16 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 COPIES = paths.RUNS_DIR / "browser"
 SCREENSHOTS = paths.RUNS_DIR / "screenshots"
+# Parameters that differ from the committed ones in the browser, to save time: only analysis that no
+# dashboard shows and no later cell needs (01's layer-sensitivity probe: ~40 s on the CPU). Training
+# parameters stay as committed, so nbval's runs in runs/ are reused.
+BROWSER_PARAMS = {"01_train_pathway_llm": {"probe_windows": 0}}
 RUN_ALL_TIMEOUT_S = 600  # one notebook, all cells
 VIEW_TIMEOUT_S = 60  # a control change reaching the view (one kernel round trip plus the callback)
-# JupyterLab user settings for the test: every cell stays in the DOM (no windowing), no news toast.
+# JupyterLab user settings for the test: every cell stays in the DOM (no windowing), cell timings are
+# saved in the executed copies, no news toast.
 LAB_SETTINGS = {
-    "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
+    "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none", "recordTiming": True},
     "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {"fetchNews": "false",
                                                                       "checkForUpdates": False},
 }
@@ -59,6 +66,8 @@ LAB_SETTINGS = {
 # in its output, which has no data-mime-type); a control is what a user changes.
 WIDGET_OUTPUT = ".jp-OutputArea-output > .jupyter-widgets"
 CONTROLS = ".widget-dropdown select, .widget-slider .noUi-handle, button.widget-button"
+# The same controls in a notebook's saved widget state (ipywidgets model names).
+CONTROL_MODELS = {"DropdownModel", "IntSliderModel", "FloatSliderModel", "ButtonModel"}
 
 
 def _free_port() -> int:
@@ -84,18 +93,21 @@ def lab():
 
 
 def _serve(home: Path):
+    """Start ``jupyter lab`` with its user folders under ``home``, wait until it answers, yield, stop it."""
     for name, value in LAB_SETTINGS.items():
         (home / "settings" / name).parent.mkdir(parents=True, exist_ok=True)
         (home / "settings" / name).write_text(json.dumps(value))
     port, token = _free_port(), secrets.token_hex(16)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(paths.REPO_ROOT), os.environ.get("PYTHONPATH")])),
+    pythonpath = os.pathsep.join(filter(None, [str(paths.REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=pythonpath,  # the kernels import this checkout's routelib
                JUPYTERLAB_SETTINGS_DIR=str(home / "settings"), JUPYTERLAB_WORKSPACES_DIR=str(home / "workspaces"),
                JUPYTER_RUNTIME_DIR=str(home / "runtime"))
     COPIES.mkdir(parents=True, exist_ok=True)
     log = (COPIES / "jupyterlab.log").open("w")
     server = subprocess.Popen(
         [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
-         "--port-retries=0", "--allow-root", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={paths.REPO_ROOT}",
+         "--port-retries=0", "--allow-root", f"--IdentityProvider.token={token}",
+         f"--ServerApp.root_dir={paths.REPO_ROOT}",
          "--ServerApp.open_browser=False", "--ServerApp.terminals_enabled=False",
          "--LabApp.expose_app_in_browser=True"],
         env=env, stdout=log, stderr=subprocess.STDOUT, cwd=paths.REPO_ROOT)
@@ -133,18 +145,40 @@ def browser(chromium):
         b.close()
 
 
+def saved_dashboards(nb_path: Path) -> list[int]:
+    """Per widget output of the committed notebook that holds controls, how many: read from the
+    widget state the notebook carries (tests/test_notebook_widgets.py), so a dashboard that does not
+    render in the browser is missed, not silently passed."""
+    nb = json.loads(nb_path.read_text())
+    state = nb["metadata"].get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state", {})
+
+    def controls(model_id: str) -> int:
+        model = state.get(model_id, {})
+        children = [c.removeprefix("IPY_MODEL_") for c in model.get("state", {}).get("children", [])]
+        return (model.get("model_name") in CONTROL_MODELS) + sum(controls(c) for c in children)
+
+    views = [o["data"]["application/vnd.jupyter.widget-view+json"]["model_id"] for c in nb["cells"]
+             if c["cell_type"] == "code" for o in c.get("outputs", [])
+             if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    return [n for n in map(controls, views) if n]
+
+
 def fresh_copy(nb_path: Path) -> Path:
-    """``runs/browser/<name>.ipynb``: the committed notebook with outputs, counts and saved widget
+    """``runs/browser/<name>.ipynb``: the committed notebook, parameterised with ``BROWSER_PARAMS``
+    by papermill (``prepare_only``: written, not executed) and with outputs, counts and saved widget
     state removed, so everything the test sees comes from this run (and the committed file, which
     JupyterLab would autosave, is never opened)."""
     import nbformat
+    import papermill as pm
 
-    nb = nbformat.read(nb_path, as_version=4)
+    out = COPIES / nb_path.name
+    pm.execute_notebook(str(nb_path), str(out), parameters=BROWSER_PARAMS.get(nb_path.stem, {}),
+                        prepare_only=True, kernel_name=KERNEL, progress_bar=False)
+    nb = nbformat.read(out, as_version=4)
     nb.metadata.pop("widgets", None)
     for cell in nb.cells:
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
-    out = COPIES / nb_path.name
     nbformat.write(nb, out)
     return out
 
@@ -269,10 +303,14 @@ def test_notebook_runs_in_jupyterlab_and_its_widgets_respond(nb_path, lab, brows
     try:
         state = open_and_run_all(page, base, token, fresh_copy(nb_path))
         errors = [f"code cell {i}: {e}" for i, c in enumerate(state["cells"]) for e in c["errors"]]
-        assert not errors, f"{nb_path.name}: error output in JupyterLab:\n" + "\n".join(errors)
+        assert not errors, f"{nb_path.name}: error output in JupyterLab (executed copy: {COPIES}):\n" + "\n".join(errors)
         unrun = [i for i, c in enumerate(state["cells"]) if c["count"] is None]
         assert not unrun, f"{nb_path.name}: code cells {unrun} did not run"
         widgets = [w for w in page.locator(WIDGET_OUTPUT).all() if w.locator(CONTROLS).count()]
+        shown = [w.locator(CONTROLS).count() for w in widgets]
+        assert shown == saved_dashboards(nb_path), (
+            f"{nb_path.name}: controls per rendered widget {shown}, per widget in the committed notebook "
+            f"{saved_dashboards(nb_path)}")
         for k, widget in enumerate(widgets, 1):
             changed = exercise(page, widget, f"{nb_path.stem}-widget{k}")
             print(f"{nb_path.stem} widget {k}: {'; '.join(changed)}")
