@@ -297,13 +297,15 @@ def exercise(page, dashboard, shot: str) -> list[str]:
 
 @pytest.mark.parametrize("nb_path", list_notebooks(os.environ.get("ROUTELIB_BROWSER_ONLY", "").split(",")),
                          ids=lambda p: p.stem)
-def test_notebook_runs_in_jupyterlab_and_its_widgets_respond(nb_path, lab, browser):
+def test_notebook_runs_in_jupyterlab_and_its_widgets_respond(nb_path, browser, lab):
+    """Run All Cells without an error; every saved dashboard renders and each of its controls changes its view."""
     base, token = lab
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     try:
         state = open_and_run_all(page, base, token, fresh_copy(nb_path))
         errors = [f"code cell {i}: {e}" for i, c in enumerate(state["cells"]) for e in c["errors"]]
-        assert not errors, f"{nb_path.name}: error output in JupyterLab (executed copy: {COPIES}):\n" + "\n".join(errors)
+        assert not errors, (f"{nb_path.name}: error output in JupyterLab (executed copy in {COPIES}):\n"
+                            + "\n".join(errors))
         unrun = [i for i, c in enumerate(state["cells"]) if c["count"] is None]
         assert not unrun, f"{nb_path.name}: code cells {unrun} did not run"
         widgets = [w for w in page.locator(WIDGET_OUTPUT).all() if w.locator(CONTROLS).count()]
