@@ -86,3 +86,9 @@ def test_repetition_and_overlap_diagnostics(tmp_path):
     for test_problem, expected in [(1, 5 / 6), (3, 1.0), (2, 0.0)]:  # reversed journeys pair other token ids
         split = S.Split("problem", "a", "b", train, np.flatnonzero(data.problem == test_problem))
         assert S.journey_overlap(data, split) == pytest.approx(expected), test_problem
+
+
+@pytest.mark.parametrize("num, fraction, held", [(1, 0.25, 0), (2, 0.25, 1), (2, 0.9, 1), (3, 0.25, 1), (8, 0.25, 2),
+                                                 (10, 0.3, 3), (4, 0.99, 3)])
+def test_problem_split_keeps_a_problem_on_each_side(num, fraction, held):
+    assert S.held_out_problems(num, fraction) == held

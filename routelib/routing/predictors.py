@@ -87,7 +87,7 @@ from routelib.routing.locality import previous_rows
 from routelib.routing.routing_data import (HiddenStatesUnavailable, PredictorError, RoutingData, _need_hidden,
                                            _resolve, attach_hidden_states, check_pair, gate_vectors, layer_pairs,
                                            load_routing, row_keys)
-from routelib.routing.splits import SPLITS, SUBSETS, Split, make_splits, subset_masks
+from routelib.routing.splits import SPLITS, SUBSETS, Split, describe_split, make_splits, subset_masks
 
 # re-exported: callers (notebook 05, prefetch, tests) import these from here
 from routelib.routing.expert_metrics import rank_experts, routing_metrics  # noqa: F401
@@ -815,6 +815,7 @@ def evaluate(source: str | os.PathLike | RoutingData | None = None, cfg: EvalCon
     for ``cfg.trace_dir``. Hidden states are recomputed (once) when a hidden_* predictor is asked for.
     Returns the per-layer table: split, train, test, predictor, subset, hop, layer, target_layer, n
     and the four metrics; :func:`summarize` averages it over layers (the comparison table).
+    ``.attrs["splits"]`` says in one line per split what was held out (:func:`describe_split`).
     """
     cfg = dataclasses.replace(cfg or EvalConfig(), **overrides)
     data = source if isinstance(source, RoutingData) else load_routing(source if source is not None else cfg.trace_dir)
@@ -822,9 +823,10 @@ def evaluate(source: str | os.PathLike | RoutingData | None = None, cfg: EvalCon
         raise PredictorError("the traces hold no tokens")
     if data.hidden is None and set(cfg.predictor_names()) & set(HIDDEN_PREDICTORS):
         attach_hidden_states(data, cfg.model, batch_tokens=cfg.hidden_batch_tokens, device=cfg.device)
-    frames = [run_split(data, split, cfg).metrics
-              for kind in cfg.split_kinds() for split in make_splits(data, kind, cfg.seed, cfg.test_fraction)]
-    return pd.concat(frames, ignore_index=True)
+    splits = [split for kind in cfg.split_kinds() for split in make_splits(data, kind, cfg.seed, cfg.test_fraction)]
+    out = pd.concat([run_split(data, split, cfg).metrics for split in splits], ignore_index=True)
+    out.attrs["splits"] = [describe_split(data, split) for split in splits]
+    return out
 
 
 def summarize(per_layer: pd.DataFrame) -> pd.DataFrame:
@@ -896,6 +898,8 @@ def main(argv: list[str] | None = None) -> int:
     except RoutelibError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    for line in per_layer.attrs.get("splits", []):
+        print(line)
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.precision", 4):
         if args.per_layer:
             print(per_layer.to_string(index=False))
