@@ -675,26 +675,6 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _summarise(manifest: dict) -> None:
-    """Recompute per-dataset counts and totals from the shard list."""
-    keys = ("problems", "rows", "prompt_tokens", "generated_tokens", "bytes")
-    totals = dict.fromkeys(keys, 0)
-    for ds, info in manifest["datasets"].items():
-        counts = dict.fromkeys(keys, 0)
-        counts["shards"] = 0
-        for s in manifest["shards"]:
-            if s["dataset"] == ds:
-                counts["shards"] += 1
-                for k in keys:
-                    counts[k] += s[k]
-        counts["complete"] = counts["problems"] == info["num_problems"]
-        info["counts"] = counts
-        for k in keys:
-            totals[k] += counts[k]
-    totals["shards"] = len(manifest["shards"])
-    manifest["totals"] = totals
-
-
 # ----------------------------------------------------------------------------------------------
 # collect
 
@@ -879,7 +859,7 @@ def collect(model, tokenizer, prompts: Sequence[str] | Mapping[str, str], out_di
         if s["dataset"] == dataset:
             T.check_shard_file(out_dir / s["file"], s)  # a listed shard must be intact before we build on it
             done.update(s["problem_indices"])
-    _summarise(manifest)
+    T.summarise_manifest(manifest)
     T.write_manifest(out_dir, manifest)
 
     pending = [i for i in range(len(ids)) if i not in done]
@@ -924,7 +904,7 @@ def collect(model, tokenizer, prompts: Sequence[str] | Mapping[str, str], out_di
                          **T.shard_counts(table)}
                 entry.update(T.write_shard(out_dir / name, table))
                 manifest["shards"].append(entry)
-                _summarise(manifest)
+                T.summarise_manifest(manifest)
                 T.write_manifest(out_dir, manifest)
                 generated_total += entry["generated_tokens"]
                 bar.update(len(chunk))
