@@ -47,8 +47,10 @@ def test_leaks_and_empty_sides_are_refused(deterministic):
     rows = np.arange(len(deterministic))
     with pytest.raises(PredictorError, match="leaks: problem"):
         S.check_no_leak(deterministic, S.Split("problem", "a", "b", rows[::2], rows[1::2]))
-    with pytest.raises(PredictorError, match="the test side is empty"):
-        S.make_splits(deterministic, "problem", test_fraction=0.01)  # round(0.1) = 0 problems per dataset
+    with pytest.raises(PredictorError, match="the test side is empty"):  # one problem per dataset: none held out
+        S.make_splits(deterministic.take(np.isin(deterministic.problem, [0, 10])), "problem")
+    (small,) = S.make_splits(deterministic, "problem", test_fraction=0.01)  # round(0.1) = 0: still one each
+    assert sorted(deterministic.problems[p][0] for p in np.unique(deterministic.problem[small.test])) == ["code", "math"]
     with pytest.raises(PredictorError, match="unknown split 'random'"):
         S.make_splits(deterministic, "random")
     one = deterministic.take(deterministic.dataset == "code")
