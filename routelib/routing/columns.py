@@ -221,7 +221,11 @@ def open_columns(trace_dir: str | os.PathLike, *, validate: bool = True, cache_d
         shards = [s for s in shards if s.get("dataset") in wanted]
     target = Path(cache_dir or paths.CACHE_DIR) / "trace-columns" / _cache_key(manifest, shards)
     if not (target / "problems.json").is_file():
-        _build(trace_dir, manifest, shards, target, validate)
+        try:
+            _build(trace_dir, manifest, shards, target, validate)
+        except BaseException:  # bad traces (or Ctrl-C): no half-built cache stays behind
+            shutil.rmtree(target.with_name(target.name + T.TMP_SUFFIX), ignore_errors=True)
+            raise
     elif validate:
         for entry in shards:
             T.check_shard_file(trace_dir / str(entry.get("file")), entry)

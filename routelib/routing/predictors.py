@@ -176,7 +176,9 @@ class SameExpertPredictor(PriorPredictor):
 CHUNK_ROWS = 1 << 20
 
 
-def _chunks(num_rows: int, size: int = CHUNK_ROWS) -> list[slice]:
+def _chunks(num_rows: int, size: int | None = None) -> list[slice]:
+    """Consecutive row slices of ``size`` (default :data:`CHUNK_ROWS`) covering ``num_rows``."""
+    size = size or CHUNK_ROWS
     return [slice(i, min(i + size, num_rows)) for i in range(0, num_rows, size)]
 
 
@@ -472,13 +474,15 @@ class RoutingHistoryMLP(nn.Module):
         return self.head(self.body(torch.cat(parts, 1)))  # (B, E)
 
 
-def history_features(data: RoutingData) -> torch.Tensor:
-    """(N, L, 2E) float32: per layer the multi-hot of the top-k experts, then their gate weights."""
-    num = len(data)
-    onehot = np.zeros((num, data.num_layers, data.num_experts), np.float32)
-    np.put_along_axis(onehot, data.experts, 1.0, axis=2)
+def history_features(data: RoutingData, rows: np.ndarray | slice | None = None) -> torch.Tensor:
+    """(N, L, 2E) float32: per layer the multi-hot of the top-k experts, then their gate weights
+    (``rows``: only these rows, gathered first -- a batch of memory-mapped traces)."""
+    experts = np.asarray(data.experts if rows is None else data.experts[rows], np.int64)  # (n, L, k)
+    weights = data.weights if rows is None else data.weights[rows]  # (n, L, k)
+    onehot = np.zeros((len(experts), data.num_layers, data.num_experts), np.float32)
+    np.put_along_axis(onehot, experts, 1.0, axis=2)
     gates = np.zeros_like(onehot)
-    np.put_along_axis(gates, data.experts, data.weights, axis=2)
+    np.put_along_axis(gates, experts, weights, axis=2)
     return torch.from_numpy(np.concatenate([onehot, gates], 2))
 
 
@@ -488,10 +492,14 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
 
 
 def _fingerprint(*parts: Any) -> str:
+    """sha256 (12 hex digits) of JSON values and arrays' bytes; arrays are read in chunks of rows."""
     h = hashlib.sha256()
     for part in parts:
-        text = None if isinstance(part, np.ndarray) else json.dumps(part, sort_keys=True, default=str)
-        h.update(part.tobytes() if text is None else text.encode())
+        if isinstance(part, np.ndarray):
+            for s in _chunks(len(part)):
+                h.update(np.ascontiguousarray(part[s]).tobytes())
+        else:
+            h.update(json.dumps(part, sort_keys=True, default=str).encode())
     return h.hexdigest()[:12]
 
 
@@ -527,10 +535,6 @@ class MLPPredictor(Predictor):
         with torch.random.fork_rng():
             torch.manual_seed(cfg.seed)
             self.net = RoutingHistoryMLP(num_layers, num_experts, train.vocab_size, cfg)
-        history = history_features(train)  # (N, L, 2E)
-        targets = torch.from_numpy(np.stack([gate_vectors(train.experts[:, t], train.weights[:, t], num_experts)
-                                             for t in range(num_layers)], 1))  # (N, L, E)
-        tokens = torch.from_numpy(train.token_id)
         extra = self._previous_features(train)  # (N, L, 2E+1) or None
         pair_t = torch.tensor(pairs, dtype=torch.long)  # (P, 2)
         self.pairs = [tuple(p) for p in pairs]
@@ -538,13 +542,21 @@ class MLPPredictor(Predictor):
                                         train.experts, train.weights, train.token_id)
 
         def batch_fn(step: int, rank: int, world: int):
+            """One batch of random training rows, its features computed from those rows alone (streamed:
+            memory-mapped traces are read B rows at a time)."""
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
             rows = torch.randint(0, len(train), (cfg.batch_size,), generator=g)  # (B,)
             which = pair_t[torch.randint(0, len(pair_t), (cfg.batch_size,), generator=g)]  # (B, 2)
             target = which[:, 0] + which[:, 1]  # (B,)
-            parts = [history[rows].flatten(1), which.float(), tokens[rows, None].float()]  # (B, L*2E+3)
+            idx = rows.numpy()
+            experts, weights = train.experts[idx], train.weights[idx]  # (B, L, k) each
+            b = np.arange(len(idx))
+            goal = gate_vectors(np.asarray(experts[b, target.numpy()], np.int64), weights[b, target.numpy()],
+                                num_experts)  # (B, E)
+            tokens = torch.from_numpy(np.asarray(train.token_id[idx], np.int64))[:, None].float()  # (B, 1)
+            parts = [history_features(train, idx).flatten(1), which.float(), tokens]  # (B, L*2E+3)
             parts += [extra[rows, target]] if extra is not None else []  # (B, 2E+1)
-            return torch.cat(parts, 1), targets[rows, target]  # (B, E)
+            return torch.cat(parts, 1), torch.from_numpy(goal)  # (B, E)
 
         def loss_fn(net, x, y):
             loss = soft_cross_entropy(self._forward(net, x), y)
@@ -576,12 +588,14 @@ class MLPPredictor(Predictor):
         if (layer, hop) not in self.pairs:
             raise PredictorError(f"mlp: trained for (layer, hop) pairs {self.pairs}, not ({layer}, {hop})")
         device = next(self.net.parameters()).device
-        where = torch.tensor([[layer, hop]], dtype=torch.float32).expand(len(data), 2)  # (N, 2)
-        parts = [history_features(data).flatten(1), where, torch.from_numpy(data.token_id)[:, None].float()]
         extra = self._previous_features(data)  # (N, L, 2E+1) or None
-        parts += [extra[:, layer + hop]] if extra is not None else []
-        x = torch.cat(parts, 1)  # (N, L*2E+3 [+ 2E+1])
-        out = [torch.softmax(self._forward(self.net, part.to(device)), -1).cpu() for part in x.split(65536)]  # (n, E)
+        out = []
+        for s in _chunks(len(data), 65536):  # features of 64 Ki tokens at a time
+            where = torch.tensor([[layer, hop]], dtype=torch.float32).expand(s.stop - s.start, 2)  # (n, 2)
+            tokens = torch.from_numpy(np.asarray(data.token_id[s], np.int64))[:, None].float()  # (n, 1)
+            parts = [history_features(data, s).flatten(1), where, tokens]  # (n, L*2E+3)
+            parts += [extra[s, layer + hop]] if extra is not None else []  # (n, 2E+1)
+            out.append(torch.softmax(self._forward(self.net, torch.cat(parts, 1).to(device)), -1).cpu())  # (n, E)
         return torch.cat(out).numpy() if out else np.zeros((0, data.num_experts))
 
     def save(self, out_dir: str | os.PathLike) -> Path:
