@@ -79,4 +79,4 @@ def test_predictors_on_memory_mapped_traces_score_as_in_memory(tmp_path, monkeyp
         for layer, hop in pairs:
             np.testing.assert_allclose(chunked.predict_scores(mapped.take(slice(600, 800)), layer, hop),
                                        whole[name].predict_scores(plain.take(np.arange(600, 800)), layer, hop),
-                                       rtol=1e-6, atol=1e-7, err_msg=f"{name} {layer} {hop}")
+                                       rtol=1e-5, atol=1e-6, err_msg=f"{name} {layer} {hop}")  # float32 sums
