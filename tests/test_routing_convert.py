@@ -49,7 +49,8 @@ def test_jsonl_round_trip(tmp_path):
     assert report.tokens == 16 and report.problems == 3 and report.gaps == 0 and report.incomplete_tokens == 0
     df = T.load_traces(tmp_path / "out")
     arrays = T.trace_arrays(df)
-    for (ds, pid), (e, w) in {("gsm8k", "g/0"): (e1, w1), ("gsm8k", "1"): (e2, w2), ("humaneval", "h/0"): (e3, w3)}.items():
+    expected = {("gsm8k", "g/0"): (e1, w1), ("gsm8k", "1"): (e2, w2), ("humaneval", "h/0"): (e3, w3)}
+    for (ds, pid), (e, w) in expected.items():
         rows = ((df["dataset"] == ds) & (df["problem_id"] == pid)).to_numpy()
         np.testing.assert_array_equal(arrays.experts[rows], e)
         np.testing.assert_array_equal(arrays.weights[rows], w)
@@ -92,7 +93,8 @@ GOOD = {"dataset": "d", "problem_id": "p", "token_idx": 0, "layer": 0, "experts"
     pytest.param([1, 2], "r.jsonl:2: expected a JSON object", id="not-an-object"),
     pytest.param({**GOOD, "layer": 1, "gating_probs": None}, "r.jsonl:2: field 'gating_probs' has type NoneType",
                  id="mistyped-field"),
-    pytest.param({k: v for k, v in GOOD.items() if k != "layer"}, "r.jsonl:2: missing field 'layer'", id="missing-field"),
+    pytest.param({k: v for k, v in GOOD.items() if k != "layer"}, "r.jsonl:2: missing field 'layer'",
+                 id="missing-field"),
     pytest.param({**GOOD, "layer": 1, "experts": [1, 2, 3]}, "r.jsonl:2: 'experts' has 3 ids, 'gating_probs' 2",
                  id="length-mismatch"),
     pytest.param({**GOOD, "layer": 1, "experts": [1, 8]}, "r.jsonl:2: expert id(s) [8] outside [0, 8)",
@@ -146,7 +148,8 @@ def vllm_request(path, prompt_len, new_tokens, seed=0, routed_tokens=None, **ext
 
 def test_vllm_round_trip(tmp_path):
     (tmp_path / "req").mkdir()
-    a, ea = vllm_request(tmp_path / "req" / "a.npz", 4, 3, seed=0, dataset=np.array("gsm8k"), problem_id=np.array("g/7"))
+    a, ea = vllm_request(tmp_path / "req" / "a.npz", 4, 3, seed=0, dataset=np.array("gsm8k"),
+                         problem_id=np.array("g/7"))
     b, eb = vllm_request(tmp_path / "req" / "b.npz", 2, 5, seed=1, routed_tokens=6)  # last output token unrouted
     manifest, report = C.import_vllm([tmp_path / "req"], tmp_path / "out", dataset="mine", num_experts=E)
     assert report.unrouted_tokens == 1 and report.tokens == 13
@@ -204,7 +207,8 @@ def test_save_vllm_output_from_a_request_output(tmp_path):
     problem = C.read_vllm_file(path)
     assert (problem.dataset, problem.problem_id) == ("d", "p/1") and problem.token_id.tolist() == [5, 6, 7, 8, 9, 10]
     with pytest.raises(C.ConvertError, match="enable_return_routed_experts=True"):
-        C.save_vllm_output(tmp_path / "s.npz", NS(prompt_token_ids=[1], outputs=[NS(token_ids=[2], routed_experts=None)]))
+        C.save_vllm_output(tmp_path / "s.npz",
+                           NS(prompt_token_ids=[1], outputs=[NS(token_ids=[2], routed_experts=None)]))
 
 
 def test_cli(tmp_path, capsys):

@@ -6,7 +6,6 @@ import sys
 import types
 
 import numpy as np
-import pytest
 
 from routelib import cli, paths
 from routelib.routing import collect as C

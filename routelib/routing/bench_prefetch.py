@@ -111,7 +111,8 @@ def synthetic_data(cfg: PrefetchBenchConfig) -> RoutingData:
     experts, weights = synthetic_routing(syn, rng, n, tables)
     manifest = {"layout": {"num_moe_layers": L, "top_k": k, "num_experts": E}, "tokenizer": {"vocab_size": syn.vocab}}
     return RoutingData(experts=experts.astype(np.int64), weights=weights, token_id=rng.integers(0, syn.vocab, n),
-                       problem=np.repeat(np.arange(n // length), length), position=np.tile(np.arange(length), n // length),
+                       problem=np.repeat(np.arange(n // length), length),
+                       position=np.tile(np.arange(length), n // length),
                        generated=np.tile(np.arange(length) >= 100, n // length),
                        problems=[("synthetic", f"synthetic/{i}") for i in range(n // length)], num_experts=E,
                        vocab_size=syn.vocab, manifest=manifest)
@@ -181,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(table))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"config": dataclasses.asdict(cfg), "command": "python -m "
-                                              "routelib.routing.bench_prefetch " + " ".join(sys.argv[1:] if argv is None else argv),
+        command = "python -m routelib.routing.bench_prefetch " + " ".join(sys.argv[1:] if argv is None else argv)
+        Path(args.out).write_text(json.dumps({"config": dataclasses.asdict(cfg), "command": command,
                                               "rows": table.to_dict("records")}, indent=1))
     return 0
 

@@ -205,7 +205,8 @@ def step_train(trace_dir: Path, cache_dir: Path, test_problems: int, mlp_steps: 
             predictor = P.make_predictor(name, own).fit(train, pairs)
             fit_s = time.perf_counter() - t0
             top1 = np.mean([P.routing_metrics(predictor.predict_scores(test, layer, hop),
-                                              np.asarray(test.experts[:, layer + hop]))["top1"] for layer, hop in pairs])
+                                              np.asarray(test.experts[:, layer + hop]))["top1"]
+                            for layer, hop in pairs])
             rows[f"{name}_fit_s"] = round(fit_s, 1)
             rows[f"{name}_top1"] = round(float(top1), 4)
             if name in ("lookup", "ngram"):
@@ -234,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         with MemoryMonitor() as mem:
             t0 = time.perf_counter()
             manifest = make_traces(traces, cfg)
-        result = {"step": "make", "tokens": manifest["totals"]["rows"], "parquet_gb": round(manifest["totals"]["bytes"] / 1e9, 3),
+        result = {"step": "make", "tokens": manifest["totals"]["rows"],
+                  "parquet_gb": round(manifest["totals"]["bytes"] / 1e9, 3),
                   "seconds": round(time.perf_counter() - t0, 1), **mem.report()}
     elif args.step == "load":
         result = step_load(traces, cache)

@@ -171,7 +171,8 @@ def _build(trace_dir: Path, manifest: dict, shards: list[dict], target: Path, va
         try:
             table = pq.read_table(path)
         except (OSError, pa.ArrowException) as err:
-            raise T.TraceError(f"shard {path.name} is not a readable Parquet file (truncated or corrupt): {err}") from None
+            raise T.TraceError(f"shard {path.name} is not a readable Parquet file (truncated or corrupt): "
+                               f"{err}") from None
         if table.num_rows != size:
             raise T.TraceError(f"shard {path.name} has {table.num_rows} rows, the manifest says {size}")
         if validate:

@@ -401,7 +401,8 @@ def import_jsonl(path: str | os.PathLike, out_dir: str | os.PathLike, *, texts: 
     if inferred:
         num_experts = 1 + max(int(p.experts.max()) for p in problems) if problems else 1
     files = [_file_entry(path)] + ([_file_entry(Path(texts))] if texts is not None else [])
-    source = {"kind": "jsonl", "files": files, "command": command or "python API: routelib.routing.convert.import_jsonl",
+    source = {"kind": "jsonl", "files": files,
+              "command": command or "python API: routelib.routing.convert.import_jsonl",
               "num_experts_inferred": inferred, "report": None}
     layout = {"router_scores": router_scores, "weights_source": "imported: the records' gating_probs"}
     manifest = write_imported(out_dir, problems, num_experts=num_experts, layout=layout, source=source, model=model)

@@ -5,10 +5,11 @@ transitions, so transitions of one token journey sat on both sides; its own prob
 notably lower held-out numbers. Here every number comes from splits that cannot leak.
 
 Splits (:func:`make_splits`), deterministic in the seed: ``problem`` (whole problems to one side,
-stratified by dataset; a dataset of two problems or more always keeps one on each side, so a folder of
-2 problems per dataset holds one whole problem out of each), ``dataset`` (train on all other datasets, test on one; both directions for
-two), and ``token`` (a random split over tokens -- leaks repeated journeys and neighbouring tokens of
-one problem; reported only to show how much it inflates the numbers). :func:`check_no_leak` refuses a
+stratified by dataset; a dataset of two problems or more always keeps one on each side, so a folder
+of 2 problems per dataset holds one whole problem out of each), ``dataset`` (train on all other
+datasets, test on one; both directions for two), and ``token`` (a random split over tokens -- leaks
+repeated journeys and neighbouring tokens of one problem; reported only to show how much it inflates
+the numbers). :func:`check_no_leak` refuses a
 problem on both sides (or an empty side); :func:`journey_overlap` measures how many test journeys
 (token id + every layer's expert set) the training side has already seen.
 
