@@ -5,7 +5,8 @@
 
 Prefetching pays only if predicting the next layer's experts costs a small share of the layer it
 hides (DESIGN.md §5: <= 1 %). The layer here is transformers' own ``MixtralSparseMoeBlock`` at
-Mixtral-8x7B's shapes (hidden 4096, 8 experts of width 14336, top-2; router included) with random
+Mixtral-8x7B's shapes (hidden 4096, 8 experts of width 14336, top-2; router included; the eager
+experts forward, a loop over the experts the batch hits) with random
 weights (N(0, 0.02)) in ``--dtype``; the predictors are routelib's, fitted on synthetic traces of
 Mixtral's routing layout (32 MoE layers, top-2 of 8; :func:`routelib.routing.bench_traces.synthetic_routing`)
 -- their cost depends on that layout, not on what the routing means. For each batch size B, the layer
@@ -71,7 +72,8 @@ def mixtral_layer(cfg: PrefetchBenchConfig) -> torch.nn.Module:
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
     config = MixtralConfig(hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-                           num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.top_k)
+                           num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.top_k,
+                           experts_implementation="eager")  # transformers' loop over the experts hit
     default = torch.get_default_dtype()
     torch.set_default_dtype(DTYPES[cfg.dtype])
     try:

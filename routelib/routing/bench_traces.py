@@ -74,8 +74,9 @@ def synthetic_routing(cfg: SyntheticConfig, rng: np.random.Generator, n: int, ta
         experts[:, layer] = sets[layer][state]  # (n, k)
     noisy = rng.random((n, L, k)) < cfg.noise
     candidate = rng.integers(0, E, (n, L, k)).astype(np.int16)
-    clash = (candidate[..., None] == experts[..., None, :]).any(-1)  # would repeat an id of the set
-    experts = np.where(noisy & ~clash, candidate, experts)
+    for slot in range(k):  # one slot at a time, so that two replacements cannot bring the same id
+        clash = (candidate[..., slot, None] == experts).any(-1)  # (n, L): the id is in the set already
+        experts[..., slot] = np.where(noisy[..., slot] & ~clash, candidate[..., slot], experts[..., slot])
     gamma = rng.standard_gamma(1.0, (n, L, k)).astype(np.float32)
     weights = -np.sort(-gamma / gamma.sum(-1, keepdims=True), axis=-1)  # (n, L, k) descending
     return experts, weights
@@ -161,7 +162,9 @@ class MemoryMonitor:
 
 
 def step_load(trace_dir: Path, cache_dir: Path) -> dict:
-    """Open the traces (building the cache), then again (cached): times and peak memory."""
+    """Open the traces (validating and building the cache), then again (cached, shards re-checked):
+    times and peak memory; then one pass over layer 0's top-1 expert of every token (an analysis
+    reading the mapped column: its pages become resident as file pages)."""
     from routelib.routing.columns import open_columns
 
     with MemoryMonitor() as mem:
@@ -171,13 +174,14 @@ def step_load(trace_dir: Path, cache_dir: Path) -> dict:
         t0 = time.perf_counter()
         cols = open_columns(trace_dir, cache_dir=cache_dir)
         cached = time.perf_counter() - t0
+        opened = mem.report()
         t0 = time.perf_counter()
-        usage = np.bincount(cols.experts[:, 0, 0].astype(np.int64), minlength=64)  # touches one column of all rows
+        usage = np.bincount(cols.experts[:, 0, 0].astype(np.int64), minlength=cols.manifest["layout"]["num_experts"])
         scan = time.perf_counter() - t0
     arrays_gb = (cols.experts.nbytes + cols.weights.nbytes) / 1e9
     return {"step": "load", "tokens": len(cols), "arrays_gb": round(arrays_gb, 3), "first_open_s": round(first, 1),
-            "cached_open_s": round(cached, 2), "scan_top1_layer0_s": round(scan, 2), "usage_max": int(usage.max()),
-            **mem.report()}
+            "cached_open_s": round(cached, 2), **opened, "scan_top1_layer0_s": round(scan, 2),
+            "usage_max": int(usage.max()), "after_scan": mem.report()}
 
 
 def step_train(trace_dir: Path, cache_dir: Path, test_problems: int, mlp_steps: int, ngram_min_count: int) -> dict:

@@ -9,8 +9,9 @@ tokens of an OLMoE-layout trace, 16 layers x top-8 of 64: 3.3 GB peak for 0.77 G
 :func:`open_columns` reads each shard once with pyarrow, validates it exactly as ``load_traces``
 does (files against the manifest's byte counts and sha256, schema and layout, expert ids in range,
 finite weights, every problem's positions 0..n-1 in row order, prompt before generated -- across
-shards too), and writes its columns straight from Arrow's buffers into uncompressed ``.npy`` files
-in a cache folder, shard by shard, so memory holds one shard at a time. It returns the ``.npy``
+shards too), and appends its columns, straight from Arrow's buffers, to uncompressed ``.npy`` files
+in a cache folder with ordinary writes, shard by shard, so memory holds one shard at a time. It
+returns the ``.npy``
 files memory-mapped read-only (:class:`TraceColumns`): opening takes milliseconds, pages are read
 from disk when touched and belong to the page cache (the kernel drops them under memory pressure),
 and the arrays are ordinary numpy arrays for every analysis. The cache is keyed by the shards'
@@ -141,6 +142,32 @@ def _problem_codes(table, index: dict[tuple[str, str], int], problems: list) -> 
     return np.asarray(local, np.int32)[encoded.indices.to_numpy(zero_copy_only=False)]
 
 
+class _NpyWriter:
+    """Appends rows to a ``.npy`` file of known final shape with ordinary writes: the pages go
+    through the page cache, never into this process's memory (a writable memory map would count
+    every page written as the process's own resident memory)."""
+
+    def __init__(self, path: Path, dtype, shape: tuple[int, ...]):
+        self.path, self.dtype, self.shape, self.rows = path, np.dtype(dtype), shape, 0
+        self.file = open(path, "wb")
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": shape}
+        np.lib.format.write_array_header_1_0(self.file, header)
+
+    def append(self, rows: np.ndarray) -> None:
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        if rows.shape[1:] != self.shape[1:] or self.rows + len(rows) > self.shape[0]:
+            raise T.TraceError(f"{self.path.name}: rows of shape {rows.shape} do not fit {self.shape}")
+        self.file.write(rows.data)
+        self.rows += len(rows)
+
+    def close(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        if self.rows != self.shape[0]:
+            raise T.TraceError(f"{self.path.name}: {self.rows} rows written, {self.shape[0]} expected")
+
+
 def _build(trace_dir: Path, manifest: dict, shards: list[dict], target: Path, validate: bool) -> None:
     """Convert every shard into the .npy columns of ``target`` (written to a temporary folder first)."""
     import pyarrow as pa
@@ -154,16 +181,10 @@ def _build(trace_dir: Path, manifest: dict, shards: list[dict], target: Path, va
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     shapes = {"experts": (total, num_layers, top_k), "weights": (total, num_layers, top_k)}
-    if total == 0:  # a zero-length file cannot be memory-mapped for writing
-        for name, dtype in COLUMNS.items():
-            np.save(tmp / f"{name}.npy", np.zeros(shapes.get(name, (0,)), dtype))
-    out = {name: np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype,
-                                           shape=shapes.get(name, (total,)))
-           for name, dtype in COLUMNS.items()} if total else {}
+    out = {name: _NpyWriter(tmp / f"{name}.npy", dtype, shapes.get(name, (total,))) for name, dtype in COLUMNS.items()}
     index: dict[tuple[str, str], int] = {}
     problems: list[tuple[str, str]] = []
     order = _OrderCheck(str(trace_dir))
-    start = 0
     for entry, size in zip(shards, sizes):
         path = trace_dir / str(entry.get("file"))
         if validate:
@@ -177,25 +198,29 @@ def _build(trace_dir: Path, manifest: dict, shards: list[dict], target: Path, va
             raise T.TraceError(f"shard {path.name} has {table.num_rows} rows, the manifest says {size}")
         if validate:
             T._check_table(table, path.name, entry, (num_layers, top_k, num_experts), full)
-        rows = slice(start, start + size)
-        out["experts"][rows] = _fixed_list_numpy(table.column("experts"), num_layers * top_k, np.int16) \
-            .reshape(size, num_layers, top_k)
-        out["weights"][rows] = _fixed_list_numpy(table.column("weights"), num_layers * top_k, np.float32) \
-            .reshape(size, num_layers, top_k)
-        out["token_id"][rows] = table.column("token_id").to_numpy()
-        out["position"][rows] = table.column("position").to_numpy()
-        out["generated"][rows] = (table.column("phase").to_numpy(zero_copy_only=False) == "generated")
-        out["problem"][rows] = _problem_codes(table, index, problems)
+        part = {"experts": _fixed_list_numpy(table.column("experts"), num_layers * top_k, np.int16),  # (n, L*k)
+                "weights": _fixed_list_numpy(table.column("weights"), num_layers * top_k, np.float32),  # (n, L*k)
+                "token_id": table.column("token_id").to_numpy(), "position": table.column("position").to_numpy(),
+                "generated": table.column("phase").to_numpy(zero_copy_only=False) == "generated",
+                "problem": _problem_codes(table, index, problems)}
         if validate:
-            order.update(out["problem"][rows], out["position"][rows], out["generated"][rows], problems)
-        start += size
-        del table
-    for array in out.values():
-        array.flush()
-    del out
+            order.update(part["problem"], part["position"], part["generated"], problems)
+        for name, writer in out.items():
+            writer.append(part[name].reshape((size,) + writer.shape[1:]))
+        del table, part
+    for writer in out.values():
+        writer.close()
     (tmp / "problems.json").write_text(json.dumps(problems))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
+
+
+def _load(path: Path) -> np.ndarray:
+    """A cached column, memory-mapped read-only (an empty one is read: nothing to map)."""
+    try:
+        return np.load(path, mmap_mode="r")
+    except ValueError:  # mmap of zero bytes
+        return np.load(path)
 
 
 def open_columns(trace_dir: str | os.PathLike, *, validate: bool = True, cache_dir: str | os.PathLike | None = None,
@@ -230,6 +255,6 @@ def open_columns(trace_dir: str | os.PathLike, *, validate: bool = True, cache_d
     elif validate:
         for entry in shards:
             T.check_shard_file(trace_dir / str(entry.get("file")), entry)
-    arrays = {name: np.load(target / f"{name}.npy", mmap_mode="r") for name in COLUMNS}
+    arrays = {name: _load(target / f"{name}.npy") for name in COLUMNS}
     problems = [tuple(p) for p in json.loads((target / "problems.json").read_text())]
     return TraceColumns(**arrays, problems=problems, manifest=manifest, cache_dir=target)
