@@ -2,6 +2,7 @@
 shipped traces and synthetic ones), are validated as load_traces validates, are built once and
 re-used; predictors fitted on memory-mapped traces score as on in-memory ones."""
 
+import json
 import os
 
 import numpy as np
@@ -44,6 +45,10 @@ def test_cache_is_built_once_and_checked(tmp_path):
     again = C.open_columns(out, cache_dir=tmp_path / "cache")
     assert again.cache_dir == first.cache_dir and os.stat(again.cache_dir / "experts.npy").st_mtime_ns == stamp
     np.testing.assert_array_equal(again.experts, experts)
+    unchecked = C.open_columns(out, cache_dir=tmp_path / "unchecked", validate=False)
+    assert json.loads((unchecked.cache_dir / "problems.json").read_text())["validated"] is False
+    checked = C.open_columns(out, cache_dir=tmp_path / "unchecked")  # rebuilt with the checks
+    assert json.loads((checked.cache_dir / "problems.json").read_text())["validated"] is True
     shard = next(out.glob("*.parquet"))
     shard.write_bytes(shard.read_bytes()[:-10])  # truncated after the cache was built: still refused
     with pytest.raises(T.TraceError, match="is truncated"):

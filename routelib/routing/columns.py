@@ -17,7 +17,8 @@ from disk when touched and belong to the page cache (the kernel drops them under
 and the arrays are ordinary numpy arrays for every analysis. The cache is keyed by the shards'
 sha256 and the layout (``<cache>/trace-columns/<key>/``), built once (atomically: a folder renamed
 into place) and re-used while the shards are unchanged; a later ``open_columns`` re-checks the
-shard files against the manifest (``validate=True``) and opens the cache.
+shard files against the manifest (``validate=True``) and opens the cache (a cache built with
+``validate=False`` is rebuilt, with the checks, the first time a validated open asks for it).
 
 Columns (N tokens, rows in the shards' order):
 
@@ -210,7 +211,7 @@ def _build(trace_dir: Path, manifest: dict, shards: list[dict], target: Path, va
         del table, part
     for writer in out.values():
         writer.close()
-    (tmp / "problems.json").write_text(json.dumps(problems))
+    (tmp / "problems.json").write_text(json.dumps({"problems": problems, "validated": validate}))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
 
@@ -246,7 +247,8 @@ def open_columns(trace_dir: str | os.PathLike, *, validate: bool = True, cache_d
                                f"{sorted(manifest.get('datasets', {}))}")
         shards = [s for s in shards if s.get("dataset") in wanted]
     target = Path(cache_dir or paths.CACHE_DIR) / "trace-columns" / _cache_key(manifest, shards)
-    if not (target / "problems.json").is_file():
+    meta = json.loads((target / "problems.json").read_text()) if (target / "problems.json").is_file() else None
+    if meta is None or (validate and not meta["validated"]):  # none yet, or built without the checks
         try:
             _build(trace_dir, manifest, shards, target, validate)
         except BaseException:  # bad traces (or Ctrl-C): no half-built cache stays behind
@@ -256,5 +258,5 @@ def open_columns(trace_dir: str | os.PathLike, *, validate: bool = True, cache_d
         for entry in shards:
             T.check_shard_file(trace_dir / str(entry.get("file")), entry)
     arrays = {name: _load(target / f"{name}.npy") for name in COLUMNS}
-    problems = [tuple(p) for p in json.loads((target / "problems.json").read_text())]
+    problems = [tuple(p) for p in json.loads((target / "problems.json").read_text())["problems"]]
     return TraceColumns(**arrays, problems=problems, manifest=manifest, cache_dir=target)
