@@ -1,6 +1,6 @@
 # routelib: two commands on a fresh machine (Python 3.11, CPU):
 #   make run    set up .venv, execute every notebook into runs/, print headline metrics
-#   make test   set up .venv, run unit tests + nbval over every committed notebook
+#   make test   set up .venv, run unit tests + nbval over every committed notebook, then the browser test
 # Set-up is idempotent: it re-installs only when pyproject.toml changes.
 
 SHELL := /bin/bash
@@ -25,8 +25,11 @@ export PIP_DISABLE_PIP_VERSION_CHECK = 1
 TEST_ARGS = tests notebooks --nbval-lax --nbval-current-env \
 	--nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=1200
 TEST_CMD = $(PY) -m pytest $(TEST_ARGS)
+# JupyterLab in Debian's chromium (tests/test_browser.py; needs `apt-get install chromium`). After nbval
+# it reuses the training runs nbval left in runs/.
+BROWSER_TEST_CMD = $(PY) -m pytest tests/test_browser.py -m browser
 
-.PHONY: setup run test unit notebooks tokenizer gpu gpu-smoke clean-venv lock test-latest
+.PHONY: setup run test browser-test unit notebooks tokenizer gpu gpu-smoke clean-venv lock test-latest
 
 setup: $(STAMP)
 
@@ -60,6 +63,12 @@ run: setup
 
 test: setup
 	$(TEST_CMD)
+	$(BROWSER_TEST_CMD)
+
+# Every notebook run in JupyterLab in a headless chromium; each dashboard's controls must change its
+# view; screenshots in runs/screenshots/.
+browser-test: setup
+	$(BROWSER_TEST_CMD)
 
 # Unit tests only (no notebooks).
 unit: setup

@@ -3,22 +3,38 @@ small result files committed under ``data/reference/<notebook>/`` beside a ``man
 says exactly how they were made -- the command, the commit, the parameters, the environment, the
 wall time -- and the sha256 of every result file. :func:`load_manifest` checks those hashes, so a
 notebook never shows numbers that are not the ones the run wrote.
+
+Shared plumbing of the studies' reference runs: the invocation log (:class:`InvocationLog`; a run
+resumed or trained by processes side by side has several invocations), splitting runs into parts for
+processes side by side (:func:`split_parts`, :func:`parse_part`), per-run records written as runs
+finish (:func:`write_record`, :func:`load_records`), and the t-interval of a difference over seeds
+(:func:`t_interval`).
 """
 
 from __future__ import annotations
 
+import argparse
+import calendar
+import fcntl
 import hashlib
 import json
+import math
 import os
 import platform
 import subprocess
 import sys
+import time
+import uuid
+from typing import Any, Callable
+
+import numpy as np
 
 from routelib import paths
 from routelib.errors import RoutelibError
 from routelib.io import atomic_write_bytes
 
 MANIFEST = "manifest.json"
+INVOCATIONS = "invocations.json"  # every invocation of a (resumed or split) reference run
 
 
 class ReferenceError(RoutelibError, ValueError):
@@ -86,6 +102,11 @@ def write_manifest(out_dir: str | os.PathLike, *, command: str, params: dict, wa
     return manifest
 
 
+def reference_made(out_dir: str | os.PathLike) -> bool:
+    """Whether ``out_dir`` holds a finished reference run (its manifest exists)."""
+    return (paths.in_repo(out_dir) / MANIFEST).is_file()
+
+
 def load_manifest(out_dir: str | os.PathLike) -> dict:
     """The manifest of a reference-run folder after checking that every listed file exists with its
     recorded sha256; raises :class:`ReferenceError` naming the first file that does not."""
@@ -104,3 +125,124 @@ def load_manifest(out_dir: str | os.PathLike) -> dict:
         if sha256(f) != meta["sha256"]:
             raise ReferenceError(f"{f}: sha256 differs from {path.name}; the file was changed after the run")
     return manifest
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class InvocationLog:
+    """The invocations of one reference run, in ``out_dir/invocations.json``: a run that is resumed,
+    or trained by several processes side by side, has several. Creating the log adds this process
+    (command, commit, start, pid; ``finished`` null until :meth:`finish`), so an interrupted
+    invocation stays on record. Every write re-reads the file: processes side by side share it."""
+
+    def __init__(self, out_dir: str | os.PathLike, command: str | None = None):
+        self.path = paths.in_repo(out_dir) / INVOCATIONS
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.code = git_commit()  # the code this invocation runs
+        self.command = command or command_line()
+        self._t0 = time.perf_counter()
+        self.entry = dict(command=self.command, **self.code, started=utc_now(), pid=os.getpid(), id=uuid.uuid4().hex[:8],
+                          finished=None, wall_s=None)
+        self._write(self.entry)
+
+    def _write(self, entry: dict) -> list[dict]:
+        """Add ``entry`` to the list, or replace the one with the same ``id`` (older logs: start and pid),
+        holding a lock on the folder (no other invocation writes in between). Returns the list."""
+        folder = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX)
+            invocations = json.loads(self.path.read_text()) if self.path.is_file() else []
+            key = lambda e: e.get("id") or (e.get("started"), e.get("pid"))  # noqa: E731
+            same = [k for k, e in enumerate(invocations) if key(e) == key(entry)]
+            if same:
+                invocations[same[0]] = entry
+            else:
+                invocations.append(entry)
+            invocations.sort(key=lambda e: e["started"])  # stable: same-second starts keep their order
+            atomic_write_bytes(self.path, (json.dumps(invocations, indent=2) + "\n").encode())
+        finally:
+            os.close(folder)  # releases the lock
+        return invocations
+
+    def finish(self) -> list[dict]:
+        """Mark this invocation finished with its wall time; returns every invocation so far."""
+        return self._write({**self.entry, "finished": utc_now(), "wall_s": round(time.perf_counter() - self._t0, 1)})
+
+    @staticmethod
+    def summary(invocations: list[dict]) -> dict:
+        """Manifest fields for the whole run: ``wall_s`` (the finished invocations' wall times summed),
+        how many invocations there were, when the first started and the last finished, and
+        ``span_s``, the clock time between those two (side-by-side invocations overlap in it)."""
+        seconds = lambda stamp: calendar.timegm(time.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ"))  # noqa: E731
+        first, last = invocations[0]["started"], invocations[-1]["finished"]
+        return dict(wall_s=sum(i["wall_s"] or 0.0 for i in invocations), invocations=len(invocations),
+                    first_started=first, last_finished=last, span_s=seconds(last) - seconds(first) if last else None,
+                    wall_s_note="sum of the invocations' wall times (side-by-side ones add up); "
+                                "interrupted invocations (finished: null) are not counted")
+
+
+# ------------------------------------------------------------------------- runs side by side
+def split_parts(items: list, part: tuple[int, int], cost: Callable[[Any], float]) -> list:
+    """Part ``i`` of ``n`` (1-based) of ``items``: dealt most costly first to the part with the least
+    cost so far (ties: the lower part), so the parts take about equal time; every item lands in exactly
+    one part, and each part keeps the order of ``items``."""
+    i, n = part
+    load, mine = [0.0] * n, set()
+    for k in sorted(range(len(items)), key=lambda k: -cost(items[k])):  # stable among equal costs
+        j = load.index(min(load))
+        load[j] += cost(items[k])
+        if j == i - 1:
+            mine.add(k)
+    return [item for k, item in enumerate(items) if k in mine]
+
+
+def parse_part(text: str) -> tuple[int, int]:
+    """``--part i/n`` (an argparse type): ``"1/2"`` -> (1, 2), with 1 <= i <= n."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected i/n, e.g. 1/2") from None
+    if not 1 <= i <= n:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 1 <= i <= n")
+    return i, n
+
+
+RECORDS = "final"  # per-run records of a reference run (one JSON file per finished run)
+
+
+def write_record(out_dir: str | os.PathLike, name: str, record: dict) -> None:
+    """Write a finished run's record as ``out_dir/final/<name>.json`` (atomically: another process
+    reading the folder sees it whole or not at all)."""
+    folder = paths.in_repo(out_dir) / RECORDS
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(folder / f"{name}.json", (json.dumps(record, indent=1) + "\n").encode())
+
+
+def load_records(out_dir: str | os.PathLike) -> dict[str, dict]:
+    """Every finished run's record (:func:`write_record`), by run name."""
+    return {p.stem: json.loads(p.read_text()) for p in sorted((paths.in_repo(out_dir) / RECORDS).glob("*.json"))}
+
+
+def wait_for(ready: Callable[[], Any], wait_s: float, poll_s: float = 20.0) -> Any:
+    """``ready()``'s first result that is not None, polling every ``poll_s`` seconds for up to ``wait_s``
+    (runs another process trains); None if there is none by then."""
+    deadline = time.monotonic() + wait_s
+    while (value := ready()) is None and time.monotonic() < deadline:
+        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+    return value
+
+
+# ------------------------------------------------------------------------------- uncertainty
+def t_interval(values, level: float = 0.95) -> dict[str, float]:
+    """Mean of ``values`` (e.g. a per-seed difference) with its two-sided Student-t confidence interval
+    (n - 1 degrees of freedom): n, mean, std (ddof 1), half_width, low, high; the interval is NaN for
+    fewer than two values."""
+    import scipy.stats  # slow to import; only the measuring invocation needs it
+
+    v = np.asarray(values, dtype=float)
+    n, mean = len(v), float(v.mean())
+    std = float(v.std(ddof=1)) if n > 1 else float("nan")
+    half = float(scipy.stats.t.ppf(0.5 + level / 2, n - 1) * std / math.sqrt(n)) if n > 1 else float("nan")
+    return dict(n=n, mean=mean, std=std, half_width=half, low=mean - half, high=mean + half)

@@ -60,3 +60,27 @@ def test_run_maps_expected_errors_and_keeps_bugs(capsys):
 
     with pytest.raises(ZeroDivisionError):
         cli.run(bug)
+
+
+def test_dataclass_options_parse_to_field_types():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Cfg:
+        steps: int = 1  # an int
+        lr: float = 1e-3  # a float
+        seeds: list[int] = dataclasses.field(default_factory=list)  # a list
+        fast: bool = False  # a flag
+        name: str = "a"  # a string
+
+    parser = cli.ArgumentParser(prog="prog")
+    cli.add_dataclass_options(parser, Cfg, skip=("name",))
+    args = parser.parse_args(["--steps", "3", "--lr", "2e-3", "--seeds", "0, 1,2", "--fast", "yes"])
+    assert cli.dataclass_options(args, Cfg) == {"steps": 3, "lr": 2e-3, "seeds": [0, 1, 2], "fast": True}
+    assert cli.dataclass_options(parser.parse_args([]), Cfg) == {}  # unset options keep the defaults
+    with pytest.raises(ConfigError, match="prog: unrecognized arguments: --name b"):
+        parser.parse_args(["--name", "b"])  # skipped
+    for argv, needle in ((["--steps", "1.5"], "expected an integer"), (["--fast", "maybe"], "expected true or false"),
+                         (["--lr", "x"], "expected a number")):
+        with pytest.raises(ConfigError, match=needle):
+            cli.dataclass_options(parser.parse_args(argv), Cfg)

@@ -1,11 +1,15 @@
 """routelib.reference: manifests record command, commit, environment and a sha256 per result file,
-and loading refuses a folder whose files differ from what the run wrote."""
+and loading refuses a folder whose files differ from what the run wrote; the invocation log, parts of
+runs side by side, per-run records, and the t-interval."""
 
+import argparse
 import json
+import math
 
 import pytest
 
-from routelib.reference import ReferenceError, command_line, load_manifest, write_manifest
+from routelib.reference import (InvocationLog, ReferenceError, command_line, load_manifest, load_records, parse_part,
+                                reference_made, split_parts, t_interval, wait_for, write_manifest, write_record)
 
 
 def test_manifest_round_trip_and_tampering(tmp_path):
@@ -38,3 +42,57 @@ def test_missing_and_corrupt_manifest(tmp_path):
 def test_command_line_names_the_module():
     assert command_line().startswith("python ")
     json.dumps(command_line())
+
+
+def test_invocation_log_records_every_invocation(tmp_path):
+    first = InvocationLog(tmp_path, command="python -m x reference --part 1/2")
+    second = InvocationLog(tmp_path, command="python -m x reference --part 2/2")  # side by side
+    log = json.loads((tmp_path / "invocations.json").read_text())
+    assert [e["command"] for e in log] == [first.command, second.command] and all(e["finished"] is None for e in log)
+    done = first.finish()
+    assert [e["finished"] is not None for e in done] == [True, False]  # the other one is still running
+    assert done[0]["wall_s"] >= 0 and {"commit", "dirty", "pid", "started"} <= set(done[0])
+    summary = InvocationLog.summary(second.finish())
+    assert summary["invocations"] == 2 and summary["first_started"] == done[0]["started"]
+    assert summary["wall_s"] == pytest.approx(sum(e["wall_s"] for e in json.loads((tmp_path / "invocations.json").read_text())))
+    assert summary["span_s"] >= 0
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_split_parts_deals_every_run_to_one_part(n):
+    specs = [("run", k, steps) for k, steps in enumerate([4, 4, 4, 2, 2, 2, 4])]
+    parts = [split_parts(specs, (i, n), cost=lambda s: s[2]) for i in range(1, n + 1)]
+    assert sorted((s for p in parts for s in p), key=specs.index) == specs  # disjoint and complete
+    loads = [sum(s[2] for s in p) for p in parts]
+    assert max(loads) - min(loads) <= 4  # no part longer than another by more than one run
+    assert all(p == sorted(p, key=specs.index) for p in parts)  # plan order kept
+
+
+def test_t_interval_known_numbers():
+    got = t_interval([1.0, 2.0, 3.0])
+    t_975_2 = 4.302652729911275  # Student t, 97.5 % quantile, 2 degrees of freedom (tables)
+    assert (got["n"], got["mean"], got["std"]) == (3, 2.0, 1.0)
+    assert got["half_width"] == pytest.approx(t_975_2 / math.sqrt(3), rel=1e-9)
+    assert (got["low"], got["high"]) == pytest.approx((2 - t_975_2 / math.sqrt(3), 2 + t_975_2 / math.sqrt(3)))
+    assert math.isnan(t_interval([0.5])["half_width"])
+
+
+@pytest.mark.parametrize("text, part", [("1/2", (1, 2)), ("3/3", (3, 3))])
+def test_parse_part(text, part):
+    assert parse_part(text) == part
+
+
+@pytest.mark.parametrize("text", ["0/2", "3/2", "1", "a/b"])
+def test_parse_part_rejects(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_part(text)
+
+
+def test_records_and_waiting(tmp_path):
+    assert load_records(tmp_path) == {} and not reference_made(tmp_path)
+    write_record(tmp_path, "run-a", {"val_loss": 1.5})
+    assert load_records(tmp_path) == {"run-a": {"val_loss": 1.5}}
+    assert wait_for(lambda: load_records(tmp_path).get("run-a"), wait_s=0) == {"val_loss": 1.5}
+    calls = []
+    assert wait_for(lambda: calls.append(1), wait_s=0.05, poll_s=0.01) is None and len(calls) >= 2  # polled, gave up

@@ -408,3 +408,15 @@ def test_mlp_history_learns_what_needs_the_previous_token(tmp_path):
     loaded = P.HistoryMLPPredictor.load(saved.parent)
     assert loaded.cfg.previous and loaded.prompt is False
     np.testing.assert_array_equal(loaded.predict_scores(test, 0, 1), both.predict_scores(test, 0, 1))
+
+
+def test_cli_defaults_run_on_two_problems_per_dataset(tmp_path, capsys):
+    """A small real set: 2 problems per dataset, every default option (the MLP shortened): one whole
+    problem of each dataset is held out, and the CLI says so before the table."""
+    problems = problem_list(2, 30)
+    experts, weights = synthetic_arrays("deterministic", 120)
+    out = write_traces(tmp_path / "t", experts, weights, problems)
+    assert P.main([str(out), "--mlp_steps", "20"]) == 0
+    text = capsys.readouterr().out
+    assert "whole problems held out (code 1 of 2, math 1 of 2); 60 training tokens, 60 test tokens" in text
+    assert " mlp " in text and " ngram " in text

@@ -47,8 +47,10 @@ def test_leaks_and_empty_sides_are_refused(deterministic):
     rows = np.arange(len(deterministic))
     with pytest.raises(PredictorError, match="leaks: problem"):
         S.check_no_leak(deterministic, S.Split("problem", "a", "b", rows[::2], rows[1::2]))
-    with pytest.raises(PredictorError, match="the test side is empty"):
-        S.make_splits(deterministic, "problem", test_fraction=0.01)  # round(0.1) = 0 problems per dataset
+    with pytest.raises(PredictorError, match="the test side is empty"):  # one problem per dataset: none held out
+        S.make_splits(deterministic.take(np.isin(deterministic.problem, [0, 10])), "problem")
+    (small,) = S.make_splits(deterministic, "problem", test_fraction=0.01)  # round(0.1) = 0: still one each
+    assert sorted(deterministic.problems[p][0] for p in np.unique(deterministic.problem[small.test])) == ["code", "math"]
     with pytest.raises(PredictorError, match="unknown split 'random'"):
         S.make_splits(deterministic, "random")
     one = deterministic.take(deterministic.dataset == "code")
@@ -86,3 +88,9 @@ def test_repetition_and_overlap_diagnostics(tmp_path):
     for test_problem, expected in [(1, 5 / 6), (3, 1.0), (2, 0.0)]:  # reversed journeys pair other token ids
         split = S.Split("problem", "a", "b", train, np.flatnonzero(data.problem == test_problem))
         assert S.journey_overlap(data, split) == pytest.approx(expected), test_problem
+
+
+@pytest.mark.parametrize("num, fraction, held", [(1, 0.25, 0), (2, 0.25, 1), (2, 0.9, 1), (3, 0.25, 1), (8, 0.25, 2),
+                                                 (10, 0.3, 3), (4, 0.99, 3)])
+def test_problem_split_keeps_a_problem_on_each_side(num, fraction, held):
+    assert S.held_out_problems(num, fraction) == held

@@ -8,6 +8,11 @@ pipelines are in :mod:`routelib.studies`, their dashboards in :mod:`routelib.vie
                             resumable shards); ``python -m routelib.routing.collect``
 :mod:`.traces`              the trace format (Parquet shards + ``manifest.json``),
                             :func:`load_traces` (validated), :func:`trace_arrays` ((N, L, k) arrays)
+:mod:`.columns`             :func:`open_columns` -- large traces as memory-mapped numpy columns
+                            (Arrow -> numpy, validated, cached); ``load_routing(..., memory_map=True)``
+:mod:`.convert`             importers: JSON-lines routing records and vLLM request outputs -> traces;
+                            ``python -m routelib.routing.convert {jsonl,vllm}``
+:mod:`.vllm_backend`        ``collect --backend vllm``: vLLM's routed experts (GPU builds), imported
 :mod:`.analysis`            layer-to-layer predictability (uncertainty coefficient, lookup vs
                             prior accuracy), hop curves, paths, dataset usage tests
 :mod:`.locality`            routing across consecutive tokens (the Mixtral paper's §5): top-1
@@ -19,6 +24,8 @@ pipelines are in :mod:`routelib.studies`, their dashboards in :mod:`routelib.vie
                             history, MLP, hidden-state router/probe), :func:`evaluate`;
                             ``python -m routelib.routing.predictors <trace_dir>``
 :mod:`.prefetch`            their cost: latency against one MoE layer, expert-cache hit rates
+:mod:`.bench_prefetch`      benchmark: predictor cost against one Mixtral-8x7B layer (README table)
+:mod:`.bench_traces`        benchmark: 10 M-token OLMoE-layout traces loaded and predictors trained
 :mod:`.weights`             router and expert weights of any supported MoE
 :mod:`.geometry`            router similarity, subspaces, co-activation, saturation over training
 ==========================  ==================================================================
@@ -44,7 +51,8 @@ _EXPORTS = {
     "benchmark_prompts": "collect", "load_model": "collect", "NoMoELayersError": "collect",
     "RoutingRecorder": "collect", "topk_from_logits": "collect",
     "load_traces": "traces", "trace_arrays": "traces", "read_manifest": "traces", "TraceArrays": "traces",
-    "TraceError": "traces", "split_router_output": "collect",
+    "TraceError": "traces", "split_router_output": "collect", "open_columns": "columns", "TraceColumns": "columns",
+    "import_jsonl": "convert", "import_vllm": "convert", "ConvertError": "convert",
     **{name: "predictors" for name in (
         "load_routing", "RoutingData", "EvalConfig", "evaluate", "summarize", "seed_table", "metric_table",
         "make_splits", "make_predictor", "PREDICTORS", "routing_metrics", "chance_metrics", "attach_hidden_states",

@@ -70,6 +70,9 @@ Command line (the shipped traces were made this way; the command is stored in th
 
     python -m routelib.routing.collect --model data/moe-subject --datasets humaneval,gsm8k \\
         --out routing_data_collected/moe-subject [--max_new_tokens N --batch_size B --limit N]
+
+With ``--backend vllm`` a vLLM engine generates instead (``enable_return_routed_experts=True``; GPU
+builds only, not yet run on a GPU) and its routed experts are imported (:mod:`.vllm_backend`).
 """
 
 from __future__ import annotations
@@ -557,7 +560,8 @@ def generate_with_routing(model, input_ids: torch.Tensor, attention_mask: torch.
         raise RoutelibError(f"{type(model).__name__}.generate returned no KV cache; collection needs use_cache")
     # the last generated token was never fed back: route it with one more step on the cache
     mask = torch.cat([attention_mask, attention_mask.new_ones(batch, total - attention_mask.shape[1])], dim=1)
-    step = dict(input_ids=sequences[:, -1:], attention_mask=mask, past_key_values=cache, use_cache=True)
+    cache_arg = "cache" if _accepts(model.forward, "cache") else "past_key_values"  # transformers >= 5.2x: cache
+    step = {"input_ids": sequences[:, -1:], "attention_mask": mask, cache_arg: cache, "use_cache": True}
     if _accepts(model.forward, "position_ids"):
         step["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0)[:, -1:]
     if _accepts(model.forward, "logits_to_keep"):
@@ -673,26 +677,6 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def _summarise(manifest: dict) -> None:
-    """Recompute per-dataset counts and totals from the shard list."""
-    keys = ("problems", "rows", "prompt_tokens", "generated_tokens", "bytes")
-    totals = dict.fromkeys(keys, 0)
-    for ds, info in manifest["datasets"].items():
-        counts = dict.fromkeys(keys, 0)
-        counts["shards"] = 0
-        for s in manifest["shards"]:
-            if s["dataset"] == ds:
-                counts["shards"] += 1
-                for k in keys:
-                    counts[k] += s[k]
-        counts["complete"] = counts["problems"] == info["num_problems"]
-        info["counts"] = counts
-        for k in keys:
-            totals[k] += counts[k]
-    totals["shards"] = len(manifest["shards"])
-    manifest["totals"] = totals
 
 
 # ----------------------------------------------------------------------------------------------
@@ -886,7 +870,7 @@ def collect(model, tokenizer, prompts: Sequence[str] | Mapping[str, str], out_di
         if s["dataset"] == dataset:
             T.check_shard_file(out_dir / s["file"], s)  # a listed shard must be intact before we build on it
             done.update(s["problem_indices"])
-    _summarise(manifest)
+    T.summarise_manifest(manifest)
     T.write_manifest(out_dir, manifest)
 
     pending = [i for i in range(len(ids)) if i not in done]
@@ -933,7 +917,7 @@ def collect(model, tokenizer, prompts: Sequence[str] | Mapping[str, str], out_di
                          **T.shard_counts(table)}
                 entry.update(T.write_shard(out_dir / name, table))
                 manifest["shards"].append(entry)
-                _summarise(manifest)
+                T.summarise_manifest(manifest)
                 T.write_manifest(out_dir, manifest)
                 generated_total += entry["generated_tokens"]
                 bar.update(len(chunk))
@@ -1164,6 +1148,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="measure collection vs plain generate on the first N prompts of the first dataset")
     p.add_argument("--overhead_new_tokens", type=int, default=64)
     p.add_argument("--overhead_rounds", type=int, default=6)
+    p.add_argument("--backend", default="transformers", choices=["transformers", "vllm"],
+                   help="vllm: a vLLM engine with enable_return_routed_experts (GPU; routelib.routing.vllm_backend)")
+    p.add_argument("--num_experts", type=int, default=None, help="vllm backend: experts per layer (default: config)")
     args = p.parse_args(argv)
     command = "python -m routelib.routing.collect " + shlex.join(argv)
     if args.threads:
@@ -1182,6 +1169,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--temperature {args.temperature}: must be > 0 (greedy decoding: leave out --sample)")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise ConfigError(f"--top_p {args.top_p}: must lie in (0, 1]")
+    if args.backend == "vllm":
+        return _main_vllm(args, datasets, max_new, limits, command, sampling)
     device_map = args.device_map or ("auto" if torch.cuda.is_available() else None)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device_map=device_map, load_in_4bit=args.load_in_4bit)
     out = Path(args.out)
@@ -1223,6 +1212,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"collection overhead vs plain generate: {100 * df.attrs['overhead']:+.1f} % (median of paired "
               f"rounds; of medians {100 * df.attrs['overhead_of_medians']:+.1f} %, of minima "
               f"{100 * df.attrs['overhead_of_mins']:+.1f} %)")
+    return 0
+
+
+#: Options of the transformers backend that the vLLM backend does not offer (and their defaults).
+_NOT_IN_VLLM = {"full_distribution": False, "no_stop_at_eos": False, "prepend_bos": False, "no_resume": False,
+                "device_map": None, "load_in_4bit": False, "overhead_problems": 0}
+
+
+def _main_vllm(args, datasets: list[str], max_new: dict, limits: dict, command: str, sampling: dict) -> int:
+    """``--backend vllm``: generate with vLLM and import its routed experts (:mod:`.vllm_backend`)."""
+    from routelib.routing.vllm_backend import collect_vllm
+
+    given = [f"--{k}" for k, default in _NOT_IN_VLLM.items() if getattr(args, k) != default]
+    if given:
+        raise ConfigError(f"--backend vllm does not support {', '.join(given)}")
+    prompts = {}
+    for name in datasets:
+        bench = benchmark_prompts(name, limits[name], args.source)
+        prompts[name] = dict(zip(bench.problem_ids, bench.prompts))
+    manifest = collect_vllm(args.model, prompts, args.out, greedy=not args.sample, dtype=args.dtype,
+                            max_new_tokens={d: max_new[d] or DEFAULT_MAX_NEW_TOKENS for d in datasets},
+                            num_experts=args.num_experts, command=command, sampling=sampling,
+                            seed=args.seed if args.sample else None)
+    for name, counts in ((d, manifest["datasets"][d]["counts"]) for d in datasets):
+        print(f"{name}: {counts['problems']} problems, {counts['prompt_tokens']:,} prompt + "
+              f"{counts['generated_tokens']:,} generated tokens (vLLM)")
     return 0
 
 

@@ -87,7 +87,7 @@ from routelib.routing.locality import previous_rows
 from routelib.routing.routing_data import (HiddenStatesUnavailable, PredictorError, RoutingData, _need_hidden,
                                            _resolve, attach_hidden_states, check_pair, gate_vectors, layer_pairs,
                                            load_routing, row_keys)
-from routelib.routing.splits import SPLITS, SUBSETS, Split, make_splits, subset_masks
+from routelib.routing.splits import SPLITS, SUBSETS, Split, describe_split, make_splits, subset_masks
 
 # re-exported: callers (notebook 05, prefetch, tests) import these from here
 from routelib.routing.expert_metrics import rank_experts, routing_metrics  # noqa: F401
@@ -153,8 +153,7 @@ class PriorPredictor(Predictor):
     name = "prior"
 
     def _fit(self, train, pairs):
-        self.prior = np.stack([gate_vectors(train.experts[:, t], train.weights[:, t], train.num_experts).mean(0)
-                               for t in range(train.num_layers)])  # (L, E)
+        self.prior = np.stack([_mean_gate_vector(train, t) for t in range(train.num_layers)])  # (L, E)
 
     def _predict(self, data, layer, hop):
         return np.broadcast_to(self.prior[layer + hop], (len(data), data.num_experts)).copy()
@@ -172,9 +171,78 @@ class SameExpertPredictor(PriorPredictor):
         return scores
 
 
-def _set_keys(experts: np.ndarray, layers: Sequence[int]) -> np.ndarray:
-    """(N,) opaque keys: the sorted expert set of each of ``layers``, one byte string per row."""
-    return row_keys(np.sort(experts[:, list(layers)], axis=2).reshape(len(experts), -1))
+#: Rows per chunk when a fit reads the whole training set (memory-mapped traces of millions of
+#: tokens): temporaries stay ~(chunk x E) floats; traces shorter than one chunk are read in one piece.
+CHUNK_ROWS = 1 << 20
+
+
+def _chunks(num_rows: int, size: int | None = None) -> list[slice]:
+    """Consecutive row slices of ``size`` (default :data:`CHUNK_ROWS`) covering ``num_rows``."""
+    size = size or CHUNK_ROWS
+    return [slice(i, min(i + size, num_rows)) for i in range(0, num_rows, size)]
+
+
+def _mean_gate_vector(data: RoutingData, layer: int) -> np.ndarray:
+    """(E,) float32: the mean renormalised gate vector of ``layer`` over all rows, chunk by chunk."""
+    parts = [(gate_vectors(data.experts[s, layer], data.weights[s, layer], data.num_experts).mean(0), s.stop - s.start)
+             for s in _chunks(len(data))]
+    if len(parts) == 1:
+        return parts[0][0]
+    return (sum(mean.astype(np.float64) * n for mean, n in parts) / len(data)).astype(np.float32)
+
+
+def target_gates(data: RoutingData, layer: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The renormalised gate vectors of ``layer`` (:func:`gate_vectors`) in sparse form: expert ids
+    (n, k) int64 and their values (n, k) float32, computed chunk by chunk (``rows``: a subset)."""
+    n = len(data) if rows is None else len(rows)
+    ids = np.empty((n, data.top_k), np.int64)  # (n, k)
+    vals = np.empty((n, data.top_k), np.float32)  # (n, k)
+    for s in _chunks(n):
+        part = s if rows is None else rows[s]
+        ids[s] = data.experts[part, layer]
+        dense = gate_vectors(ids[s], data.weights[part, layer], data.num_experts)  # (c, E)
+        vals[s] = np.take_along_axis(dense, ids[s], 1)
+    return ids, vals
+
+
+class _SetCodes:
+    """Each layer's top-k expert *set* as a small integer: the index of the set among those seen in
+    training (sorted), ``len(vocab)`` for a set never seen. A set is a bit mask of E bits (one uint64
+    for E <= 64, else a byte string of E/64 words), so equal sets give equal codes whatever the order."""
+
+    def __init__(self, data: RoutingData):
+        self.words = -(-data.num_experts // 64)  # 64-bit words per mask
+        self.vocab = [np.unique(np.concatenate([np.unique(self.masks(data, layer, s)) for s in _chunks(len(data))]))
+                      for layer in range(data.num_layers)]  # per layer: sorted distinct masks
+
+    def masks(self, data: RoutingData, layer: int, rows: slice) -> np.ndarray:
+        """(n,) the set masks of ``layer`` for ``rows``."""
+        ids = np.asarray(data.experts[rows, layer], np.int64)  # (n, k)
+        bit = np.left_shift(np.uint64(1), (ids % 64).astype(np.uint64))  # (n, k)
+        words = [np.bitwise_or.reduce(np.where(ids // 64 == w, bit, np.uint64(0)), axis=1)  # (n,) each
+                 for w in range(self.words)]
+        return words[0] if self.words == 1 else row_keys(np.stack(words, 1).view(np.int64))
+
+    def codes(self, data: RoutingData, layer: int) -> np.ndarray:
+        """(N,) int32 codes of ``layer``'s sets; unseen sets get ``len(vocab[layer])``."""
+        vocab = self.vocab[layer]
+        out = np.empty(len(data), np.int32)
+        for s in _chunks(len(data)):
+            masks = self.masks(data, layer, s)
+            pos = np.minimum(np.searchsorted(vocab, masks), len(vocab) - 1)
+            out[s] = np.where(vocab[pos] == masks, pos, len(vocab))
+        return out
+
+    def radix(self, layer: int) -> int:
+        return len(self.vocab[layer]) + 1
+
+
+def _combine(prefix: np.ndarray | None, codes: np.ndarray, radix: int) -> np.ndarray:
+    """Keys of one more layer: a row's index in the shorter key's table (-1: not there) times
+    ``radix`` plus its set code; -1 where the shorter key is not in its table."""
+    if prefix is None:
+        return codes.astype(np.int64)
+    return np.where(prefix >= 0, prefix.astype(np.int64) * radix + codes, -1)
 
 
 @dataclass
@@ -184,15 +252,32 @@ class _Table:
     counts: np.ndarray  # (U,) training rows per key
 
     @classmethod
-    def build(cls, keys: np.ndarray, targets: np.ndarray) -> "_Table":
+    def build(cls, keys: np.ndarray, ids: np.ndarray, values: np.ndarray, num_experts: int,
+              min_count: int = 1) -> tuple["_Table", np.ndarray]:
+        """The table of ``keys`` (n,) against sparse target gate vectors (``ids``, ``values``: (n, k));
+        keys seen fewer than ``min_count`` times are left out, and so are rows whose key is -1.
+        Returns the table and each row's index in it (-1: not in the table)."""
         uniq, inv = np.unique(keys, return_inverse=True)
         inv = inv.ravel()
-        sums = np.stack([np.bincount(inv, weights=targets[:, e], minlength=len(uniq))
-                         for e in range(targets.shape[1])], 1)  # (U, E)
-        return cls(uniq, sums, np.bincount(inv, minlength=len(uniq)))
+        counts = np.bincount(inv, minlength=len(uniq))
+        keep = counts >= min_count
+        if uniq.dtype.kind == "i":
+            keep &= uniq != -1  # integer keys: -1 marks rows without a key
+        new_index = np.where(keep, np.cumsum(keep) - 1, -1)  # old unique index -> kept index
+        row_index = new_index[inv]  # (n,)
+        u = int(keep.sum())
+        sums = np.zeros(u * num_experts, np.float64)
+        for s in _chunks(len(keys)):  # sums in row order, as one bincount per expert column would add them
+            r, (i, v) = row_index[s], (ids[s], values[s])
+            ok = r >= 0
+            sums += np.bincount((r[ok, None] * num_experts + i[ok]).ravel(), weights=v[ok].ravel(),
+                                minlength=u * num_experts)
+        return cls(uniq[keep], sums.reshape(u, num_experts), counts[keep]), row_index
 
     def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(index into the table, found) per key."""
+        if len(self.keys) == 0:
+            return np.zeros(len(keys), np.int64), np.zeros(len(keys), bool)
         pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
         return pos, self.keys[pos] == keys
 
@@ -213,11 +298,17 @@ class NGramPredictor(PriorPredictor):
 
     def _fit(self, train, pairs):
         super()._fit(train, pairs)
+        self.sets = _SetCodes(train)
+        codes = {layer: self.sets.codes(train, layer) for layer in range(train.num_layers - 1)}  # (N,) each
         self.tables: dict[tuple[int, int], list[_Table]] = {}
         for layer, hop in pairs:
-            target = gate_vectors(train.experts[:, layer + hop], train.weights[:, layer + hop], train.num_experts)
-            self.tables[(layer, hop)] = [_Table.build(_set_keys(train.experts, range(layer - m + 1, layer + 1)), target)
-                                         for m in range(1, min(self.n, layer + 1) + 1)]
+            ids, values = target_gates(train, layer + hop)  # (N, k) each
+            tables, prefix = [], None
+            for m in range(1, min(self.n, layer + 1) + 1):  # key: the sets of layers l-m+1..l
+                keys = _combine(prefix, codes[layer - m + 1], self.sets.radix(layer - m + 1))
+                table, prefix = _Table.build(keys, ids, values, train.num_experts, self.min_count)
+                tables.append(table)
+            self.tables[(layer, hop)] = tables
 
     def _predict(self, data, layer, hop):
         tables = self.tables.get((layer, hop))
@@ -225,11 +316,13 @@ class NGramPredictor(PriorPredictor):
             raise PredictorError(f"{self.name}: not fitted for layer {layer}, hop {hop}; fitted pairs "
                                  f"{sorted(self.tables)}")
         scores = super()._predict(data, layer, hop)  # (N, E): the prior, the last resort
+        prefix = None
         for m, table in enumerate(tables, start=1):
-            idx, found = table.lookup(_set_keys(data.experts, range(layer - m + 1, layer + 1)))
-            found &= table.counts[idx] >= self.min_count
+            keys = _combine(prefix, self.sets.codes(data, layer - m + 1), self.sets.radix(layer - m + 1))
+            idx, found = table.lookup(keys)  # keys seen fewer than min_count times are not in the table
             i = idx[found]
             scores[found] = (table.sums[i] + self.alpha * scores[found]) / (table.counts[i, None] + self.alpha)
+            prefix = np.where(found, idx, -1)
         return scores
 
 
@@ -300,9 +393,8 @@ class HistoryPredictor(NGramPredictor):
         rows = np.flatnonzero(prev >= 0)
         self.prev_tables: dict[tuple[int, int], list[_Table]] = {}
         for layer, hop in pairs:
-            t = layer + hop
-            target = gate_vectors(train.experts[rows, t], train.weights[rows, t], train.num_experts)
-            self.prev_tables[(layer, hop)] = [_Table.build(keys, target)
+            ids, values = target_gates(train, layer + hop, rows)  # (M, k) each
+            self.prev_tables[(layer, hop)] = [_Table.build(keys, ids, values, train.num_experts)[0]
                                               for keys in self._keys(train, layer, hop, rows, prev[rows])]
 
     def _predict(self, data, layer, hop):
@@ -382,13 +474,15 @@ class RoutingHistoryMLP(nn.Module):
         return self.head(self.body(torch.cat(parts, 1)))  # (B, E)
 
 
-def history_features(data: RoutingData) -> torch.Tensor:
-    """(N, L, 2E) float32: per layer the multi-hot of the top-k experts, then their gate weights."""
-    num = len(data)
-    onehot = np.zeros((num, data.num_layers, data.num_experts), np.float32)
-    np.put_along_axis(onehot, data.experts, 1.0, axis=2)
+def history_features(data: RoutingData, rows: np.ndarray | slice | None = None) -> torch.Tensor:
+    """(N, L, 2E) float32: per layer the multi-hot of the top-k experts, then their gate weights
+    (``rows``: only these rows, gathered first -- a batch of memory-mapped traces)."""
+    experts = np.asarray(data.experts if rows is None else data.experts[rows], np.int64)  # (n, L, k)
+    weights = data.weights if rows is None else data.weights[rows]  # (n, L, k)
+    onehot = np.zeros((len(experts), data.num_layers, data.num_experts), np.float32)
+    np.put_along_axis(onehot, experts, 1.0, axis=2)
     gates = np.zeros_like(onehot)
-    np.put_along_axis(gates, data.experts, data.weights, axis=2)
+    np.put_along_axis(gates, experts, weights, axis=2)
     return torch.from_numpy(np.concatenate([onehot, gates], 2))
 
 
@@ -398,10 +492,14 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
 
 
 def _fingerprint(*parts: Any) -> str:
+    """sha256 (12 hex digits) of JSON values and arrays' bytes; arrays are read in chunks of rows."""
     h = hashlib.sha256()
     for part in parts:
-        text = None if isinstance(part, np.ndarray) else json.dumps(part, sort_keys=True, default=str)
-        h.update(part.tobytes() if text is None else text.encode())
+        if isinstance(part, np.ndarray):
+            for s in _chunks(len(part)):
+                h.update(np.ascontiguousarray(part[s]).tobytes())
+        else:
+            h.update(json.dumps(part, sort_keys=True, default=str).encode())
     return h.hexdigest()[:12]
 
 
@@ -437,10 +535,6 @@ class MLPPredictor(Predictor):
         with torch.random.fork_rng():
             torch.manual_seed(cfg.seed)
             self.net = RoutingHistoryMLP(num_layers, num_experts, train.vocab_size, cfg)
-        history = history_features(train)  # (N, L, 2E)
-        targets = torch.from_numpy(np.stack([gate_vectors(train.experts[:, t], train.weights[:, t], num_experts)
-                                             for t in range(num_layers)], 1))  # (N, L, E)
-        tokens = torch.from_numpy(train.token_id)
         extra = self._previous_features(train)  # (N, L, 2E+1) or None
         pair_t = torch.tensor(pairs, dtype=torch.long)  # (P, 2)
         self.pairs = [tuple(p) for p in pairs]
@@ -448,13 +542,21 @@ class MLPPredictor(Predictor):
                                         train.experts, train.weights, train.token_id)
 
         def batch_fn(step: int, rank: int, world: int):
+            """One batch of random training rows, its features computed from those rows alone (streamed:
+            memory-mapped traces are read B rows at a time)."""
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
             rows = torch.randint(0, len(train), (cfg.batch_size,), generator=g)  # (B,)
             which = pair_t[torch.randint(0, len(pair_t), (cfg.batch_size,), generator=g)]  # (B, 2)
             target = which[:, 0] + which[:, 1]  # (B,)
-            parts = [history[rows].flatten(1), which.float(), tokens[rows, None].float()]  # (B, L*2E+3)
+            idx = rows.numpy()
+            experts, weights = train.experts[idx], train.weights[idx]  # (B, L, k) each
+            b = np.arange(len(idx))
+            goal = gate_vectors(np.asarray(experts[b, target.numpy()], np.int64), weights[b, target.numpy()],
+                                num_experts)  # (B, E)
+            tokens = torch.from_numpy(np.asarray(train.token_id[idx], np.int64))[:, None].float()  # (B, 1)
+            parts = [history_features(train, idx).flatten(1), which.float(), tokens]  # (B, L*2E+3)
             parts += [extra[rows, target]] if extra is not None else []  # (B, 2E+1)
-            return torch.cat(parts, 1), targets[rows, target]  # (B, E)
+            return torch.cat(parts, 1), torch.from_numpy(goal)  # (B, E)
 
         def loss_fn(net, x, y):
             loss = soft_cross_entropy(self._forward(net, x), y)
@@ -486,12 +588,14 @@ class MLPPredictor(Predictor):
         if (layer, hop) not in self.pairs:
             raise PredictorError(f"mlp: trained for (layer, hop) pairs {self.pairs}, not ({layer}, {hop})")
         device = next(self.net.parameters()).device
-        where = torch.tensor([[layer, hop]], dtype=torch.float32).expand(len(data), 2)  # (N, 2)
-        parts = [history_features(data).flatten(1), where, torch.from_numpy(data.token_id)[:, None].float()]
         extra = self._previous_features(data)  # (N, L, 2E+1) or None
-        parts += [extra[:, layer + hop]] if extra is not None else []
-        x = torch.cat(parts, 1)  # (N, L*2E+3 [+ 2E+1])
-        out = [torch.softmax(self._forward(self.net, part.to(device)), -1).cpu() for part in x.split(65536)]  # (n, E)
+        out = []
+        for s in _chunks(len(data), 65536):  # features of 64 Ki tokens at a time
+            where = torch.tensor([[layer, hop]], dtype=torch.float32).expand(s.stop - s.start, 2)  # (n, 2)
+            tokens = torch.from_numpy(np.asarray(data.token_id[s], np.int64))[:, None].float()  # (n, 1)
+            parts = [history_features(data, s).flatten(1), where, tokens]  # (n, L*2E+3)
+            parts += [extra[s, layer + hop]] if extra is not None else []  # (n, 2E+1)
+            out.append(torch.softmax(self._forward(self.net, torch.cat(parts, 1).to(device)), -1).cpu())  # (n, E)
         return torch.cat(out).numpy() if out else np.zeros((0, data.num_experts))
 
     def save(self, out_dir: str | os.PathLike) -> Path:
@@ -815,6 +919,7 @@ def evaluate(source: str | os.PathLike | RoutingData | None = None, cfg: EvalCon
     for ``cfg.trace_dir``. Hidden states are recomputed (once) when a hidden_* predictor is asked for.
     Returns the per-layer table: split, train, test, predictor, subset, hop, layer, target_layer, n
     and the four metrics; :func:`summarize` averages it over layers (the comparison table).
+    ``.attrs["splits"]`` says in one line per split what was held out (:func:`describe_split`).
     """
     cfg = dataclasses.replace(cfg or EvalConfig(), **overrides)
     data = source if isinstance(source, RoutingData) else load_routing(source if source is not None else cfg.trace_dir)
@@ -822,9 +927,10 @@ def evaluate(source: str | os.PathLike | RoutingData | None = None, cfg: EvalCon
         raise PredictorError("the traces hold no tokens")
     if data.hidden is None and set(cfg.predictor_names()) & set(HIDDEN_PREDICTORS):
         attach_hidden_states(data, cfg.model, batch_tokens=cfg.hidden_batch_tokens, device=cfg.device)
-    frames = [run_split(data, split, cfg).metrics
-              for kind in cfg.split_kinds() for split in make_splits(data, kind, cfg.seed, cfg.test_fraction)]
-    return pd.concat(frames, ignore_index=True)
+    splits = [split for kind in cfg.split_kinds() for split in make_splits(data, kind, cfg.seed, cfg.test_fraction)]
+    out = pd.concat([run_split(data, split, cfg).metrics for split in splits], ignore_index=True)
+    out.attrs["splits"] = [describe_split(data, split) for split in splits]
+    return out
 
 
 def summarize(per_layer: pd.DataFrame) -> pd.DataFrame:
@@ -896,6 +1002,8 @@ def main(argv: list[str] | None = None) -> int:
     except RoutelibError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    for line in per_layer.attrs.get("splits", []):
+        print(line)
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.precision", 4):
         if args.per_layer:
             print(per_layer.to_string(index=False))

@@ -77,11 +77,11 @@ class HiddenStates:
 class RoutingData:
     """Routing traces as arrays, one row per token (rows of a trace directory, in its order)."""
 
-    experts: np.ndarray  # (N, L, k) int64: top-k expert ids per MoE layer, highest gate weight first
+    experts: np.ndarray  # (N, L, k) int64 (int16 memory-mapped): top-k expert ids per MoE layer, highest weight first
     weights: np.ndarray  # (N, L, k) float32: their gate weights
-    token_id: np.ndarray  # (N,) int64: the token
-    problem: np.ndarray  # (N,) int64: index into ``problems`` (one sequence each)
-    position: np.ndarray  # (N,) int64: 0-based position in the sequence
+    token_id: np.ndarray  # (N,) int64 (int32 memory-mapped): the token
+    problem: np.ndarray  # (N,) int64 (int32 memory-mapped): index into ``problems`` (one sequence each)
+    position: np.ndarray  # (N,) int64 (int32 memory-mapped): 0-based position in the sequence
     generated: np.ndarray  # (N,) bool: phase "generated" (else "prompt")
     problems: list  # (dataset, problem_id) of each problem index
     num_experts: int  # E
@@ -106,9 +106,11 @@ class RoutingData:
         names = np.array([d for d, _ in self.problems], dtype=object)
         return names[self.problem] if len(self.problems) else np.array([], dtype=object)
 
-    def take(self, rows: np.ndarray) -> "RoutingData":
-        """The rows ``rows`` (indices or a boolean mask), hidden states included."""
-        rows = np.flatnonzero(rows) if np.asarray(rows).dtype == bool else np.asarray(rows, dtype=np.int64)
+    def take(self, rows: np.ndarray | slice) -> "RoutingData":
+        """The rows ``rows`` (indices or a boolean mask: copies; a slice: views, so memory-mapped
+        arrays stay mapped), hidden states included."""
+        if not isinstance(rows, slice):
+            rows = np.flatnonzero(rows) if np.asarray(rows).dtype == bool else np.asarray(rows, dtype=np.int64)
         return dataclasses.replace(
             self, experts=self.experts[rows], weights=self.weights[rows], token_id=self.token_id[rows],
             problem=self.problem[rows], position=self.position[rows], generated=self.generated[rows],
@@ -129,8 +131,30 @@ class RoutingData:
                    vocab_size=int(vocab), manifest=manifest)
 
 
-def load_routing(trace_dir: str | os.PathLike, datasets: Sequence[str] | None = None) -> RoutingData:
-    """Read (and validate) a trace directory into :class:`RoutingData`."""
+    @classmethod
+    def from_columns(cls, cols) -> "RoutingData":
+        """From :func:`routelib.routing.columns.open_columns`: the arrays stay memory-mapped (no copy)."""
+        manifest = cols.manifest
+        vocab = manifest.get("tokenizer", {}).get("vocab_size") or _max_plus_one(cols.token_id)
+        return cls(experts=cols.experts, weights=cols.weights, token_id=cols.token_id, problem=cols.problem,
+                   position=cols.position, generated=cols.generated, problems=list(cols.problems),
+                   num_experts=int(manifest["layout"]["num_experts"]), vocab_size=int(vocab), manifest=manifest)
+
+
+def _max_plus_one(values: np.ndarray, chunk: int = 1 << 22) -> int:
+    """1 + the largest value (at least 1), read in chunks (a memory-mapped column stays unmapped)."""
+    return max([1] + [int(values[i:i + chunk].max()) + 1 for i in range(0, len(values), chunk)])
+
+
+def load_routing(trace_dir: str | os.PathLike, datasets: Sequence[str] | None = None, *,
+                 memory_map: bool = False) -> RoutingData:
+    """Read (and validate) a trace directory into :class:`RoutingData`. memory_map: the arrays are
+    memory-mapped ``.npy`` columns (:func:`routelib.routing.columns.open_columns`: built once from the
+    shards, Arrow -> numpy without pandas; for traces of millions of tokens), expert ids int16."""
+    if memory_map:
+        from routelib.routing.columns import open_columns
+
+        return RoutingData.from_columns(open_columns(_resolve(trace_dir), datasets=datasets))
     columns = ["dataset", "problem_id", "position", "phase", "token_id", "experts", "weights"]
     return RoutingData.from_frame(load_traces(_resolve(trace_dir), datasets=datasets, columns=columns))
 

@@ -5,9 +5,11 @@ transitions, so transitions of one token journey sat on both sides; its own prob
 notably lower held-out numbers. Here every number comes from splits that cannot leak.
 
 Splits (:func:`make_splits`), deterministic in the seed: ``problem`` (whole problems to one side,
-stratified by dataset), ``dataset`` (train on all other datasets, test on one; both directions for
-two), and ``token`` (a random split over tokens -- leaks repeated journeys and neighbouring tokens of
-one problem; reported only to show how much it inflates the numbers). :func:`check_no_leak` refuses a
+stratified by dataset; a dataset of two problems or more always keeps one on each side, so a folder
+of 2 problems per dataset holds one whole problem out of each), ``dataset`` (train on all other
+datasets, test on one; both directions for two), and ``token`` (a random split over tokens -- leaks
+repeated journeys and neighbouring tokens of one problem; reported only to show how much it inflates
+the numbers). :func:`check_no_leak` refuses a
 problem on both sides (or an empty side); :func:`journey_overlap` measures how many test journeys
 (token id + every layer's expert set) the training side has already seen.
 
@@ -53,6 +55,31 @@ def check_no_leak(data: RoutingData, split: Split) -> None:
             raise PredictorError(f"split {split.label!r} leaks: problem {data.problems[both[0]]} is on both sides")
 
 
+def held_out_problems(num_problems: int, test_fraction: float) -> int:
+    """How many of a dataset's ``num_problems`` problems a problem split holds out: the rounded
+    fraction, but at least one and at most all but one when the dataset has two problems or more
+    (none when it has one: that problem trains)."""
+    if num_problems < 2:
+        return 0
+    return min(max(int(round(test_fraction * num_problems)), 1), num_problems - 1)
+
+
+def describe_split(data: RoutingData, split: Split) -> str:
+    """One line saying what ``split`` holds out: per dataset the problems on each side (problem
+    and dataset splits) or the tokens (token split), and the token counts."""
+    def problems(rows: np.ndarray, name: str) -> int:
+        present = np.unique(data.problem[rows])
+        return sum(data.problems[p][0] == name for p in present)
+
+    tokens = f"{len(split.train)} training tokens, {len(split.test)} test tokens"
+    if split.kind == "token":
+        return f"{split.label}: a random {len(split.test)} of {len(data)} tokens held out; {tokens}"
+    names = sorted(set(data.problems[p][0] for p in np.unique(data.problem)))
+    parts = [f"{name} {problems(split.test, name)} of {problems(split.train, name) + problems(split.test, name)}"
+             for name in names]
+    return f"{split.label}: whole problems held out ({', '.join(parts)}); {tokens}"
+
+
 def make_splits(data: RoutingData, kind: str, seed: int = 0, test_fraction: float = 0.25) -> list[Split]:
     """The train/test splits of one kind (module docstring), deterministic in ``seed``."""
     if kind not in SPLITS:
@@ -72,7 +99,7 @@ def make_splits(data: RoutingData, kind: str, seed: int = 0, test_fraction: floa
         test_problems = []
         for name in names:
             ids = np.array([p for p in present if data.problems[p][0] == name])
-            n_test = int(round(test_fraction * len(ids)))
+            n_test = held_out_problems(len(ids), test_fraction)
             test_problems.append(rng.permutation(ids)[:n_test])
         is_test = np.isin(data.problem, np.concatenate(test_problems))
         splits = [Split(kind, joined, joined, np.flatnonzero(~is_test), np.flatnonzero(is_test))]

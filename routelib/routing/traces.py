@@ -29,6 +29,8 @@ probs          fixed_size_list<float16>[L*E] (optional)    the full router distr
                                                            only with ``full_distribution``: softmax(logits),
                                                            sigmoid(logits) or the router's own probabilities,
                                                            as ``layout["router_scores"]`` says
+source_        int32 (optional)                            imported traces (:mod:`.convert`): the token's
+position                                                   position in the source, which may have gaps
 =============  ==========================================  ==========================================
 
 L = number of MoE layers (``manifest["layout"]["num_moe_layers"]``; ``moe_layers`` gives their
@@ -47,7 +49,9 @@ model (name or path, architecture, config sha256, router-weights sha256, router 
 tokenizer (name, class, sha256, special ids), the layout, per dataset the prompt source, template,
 prompts sha256, generation settings, counts and the exact command, the list of shards (file, dataset,
 problems, rows, prompt/generated tokens, bytes, sha256), totals, the software versions and,
-where measured, the collection overhead.
+where measured, the collection overhead. Traces imported from another tool (:mod:`.convert`) carry a
+``source`` entry instead of a collection command: the kind of input, its files with sha256, the exact
+command and the import report (tokens kept; duplicates, incomplete tokens and gaps counted).
 
 Files are written atomically: to ``<name>.tmp``, flushed, fsync'ed, then ``os.replace``'d, and the
 directory fsync'ed; a run killed at any point leaves either the old file or the new one.
@@ -217,6 +221,26 @@ def shard_counts(table) -> dict:
     generated = int(pc.sum(pc.equal(phase, "generated")).as_py() or 0)
     return {"rows": table.num_rows, "problems": len(pc.unique(table.column("problem_index"))),
             "prompt_tokens": table.num_rows - generated, "generated_tokens": generated}
+
+
+def summarise_manifest(manifest: dict) -> None:
+    """Recompute per-dataset counts and totals from the shard list."""
+    keys = ("problems", "rows", "prompt_tokens", "generated_tokens", "bytes")
+    totals = dict.fromkeys(keys, 0)
+    for ds, info in manifest["datasets"].items():
+        counts = dict.fromkeys(keys, 0)
+        counts["shards"] = 0
+        for s in manifest["shards"]:
+            if s["dataset"] == ds:
+                counts["shards"] += 1
+                for k in keys:
+                    counts[k] += s[k]
+        counts["complete"] = counts["problems"] == info["num_problems"]
+        info["counts"] = counts
+        for k in keys:
+            totals[k] += counts[k]
+    totals["shards"] = len(manifest["shards"])
+    manifest["totals"] = totals
 
 
 # ----------------------------------------------------------------------------------------------

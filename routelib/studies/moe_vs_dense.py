@@ -22,7 +22,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from routelib.evaluation import domain_eval_data, perplexity_by_domain, train_to
 from routelib.models import LM, LMConfig
 from routelib.models.export import export_hf
 from routelib.models.moe import DenseFFN, MoEFFN
-from routelib.reference import command_line, git_commit, load_manifest, write_manifest
+from routelib.reference import InvocationLog, load_manifest, write_manifest
 from routelib.train import TrainConfig, TrainResult, load_checkpoint, train
 
 ARMS = ("moe", "dense_active", "dense_total")
@@ -471,17 +470,6 @@ def _reference_eval_list(eval_data: dict[str, list], per_domain: int) -> list:
     return [b for batches in eval_data.values() for b in batches[:per_domain]]
 
 
-def _log_invocation(log: Path, entry: dict) -> list[dict]:
-    """Add ``entry`` to the JSON list in ``log``, or replace the one with the same start and pid
-    (re-read each time: invocations training arms side by side share the file). Returns the list."""
-    invocations = json.loads(log.read_text()) if log.is_file() else []
-    key = (entry["started"], entry.get("pid"))
-    invocations = [e for e in invocations if (e.get("started"), e.get("pid")) != key] + [entry]
-    invocations.sort(key=lambda e: e["started"])
-    log.write_text(json.dumps(invocations, indent=2) + "\n")
-    return invocations
-
-
 def reference_run(cfg: MoEStudyConfig, out_dir: str | Path = REFERENCE_DIR, seeds: tuple[int, ...] = (0,),
                   seed_arms: tuple[str, ...] = ARMS, eval_every: int = 50, log_every: int = 10,
                   eval_per_domain: int = 2, command: str | None = None, train_only: tuple[str, ...] = ()) -> dict:
@@ -493,25 +481,12 @@ def reference_run(cfg: MoEStudyConfig, out_dir: str | Path = REFERENCE_DIR, seed
     arm finishes (training resumes from ``cfg.out_dir`` checkpoints); the manifest comes last.
     ``train_only``: train just these arms of the first seed and stop (several processes can then train
     arms side by side; a final invocation without it loads them and measures)."""
-    import time
-
     from routelib import moe_bench
     from routelib.routing.weights import checkpoint_steps
 
-    def utc_now() -> str:
-        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-    t0 = time.perf_counter()
     out = paths.in_repo(out_dir)
     (out / "history").mkdir(parents=True, exist_ok=True)
-    code = git_commit()  # the code this invocation runs (a resumed run has several invocations)
-    log = out / "invocations.json"  # every invocation, interrupted ones too (finished: null)
-    me = dict(command=command or command_line(), **code, started=utc_now(), pid=os.getpid(), finished=None, wall_s=None)
-    _log_invocation(log, me)
-
-    def finish() -> list[dict]:
-        return _log_invocation(log, {**me, "finished": utc_now(), "wall_s": round(time.perf_counter() - t0, 1)})
-
+    log = InvocationLog(out, command)  # every invocation, interrupted ones too (finished: null)
     eval_data = domain_eval_data(cfg)
     curve_data = _reference_eval_list(eval_data, eval_per_domain)
     arms_cfg = cfg.arm_configs()
@@ -535,7 +510,7 @@ def reference_run(cfg: MoEStudyConfig, out_dir: str | Path = REFERENCE_DIR, seed
             models[arm], results[arm] = model, result
         print(f"{arm} seed {seed}: perplexity {ppl['overall']:.2f} ({result.wall_s:.0f} s)", flush=True)
     if train_only:
-        finish()
+        log.finish()
         return {}
     ppl0 = {arm: {r["domain"]: r["perplexity"] for r in ppl_rows if r["arm"] == arm and r["seed"] == seeds[0]} for arm in ARMS}
     lat = latency(models, cfg, rounds=5)
@@ -564,15 +539,9 @@ def reference_run(cfg: MoEStudyConfig, out_dir: str | Path = REFERENCE_DIR, seed
     params = dict(study_config=dataclasses.asdict(cfg), seeds=list(seeds), seed_arms=list(seed_arms),
                   eval_every=eval_every, log_every=log_every, eval_per_domain=eval_per_domain,
                   tokens_per_arm=cfg.steps * cfg.batch_size * cfg.seq_len)
-    invocations = finish()
-    manifest = write_manifest(out, command=command or command_line(), params=params,
-                              wall_s=sum(i["wall_s"] or 0.0 for i in invocations),
-                              extra={"flops_formula": flops_formula(arms_cfg["moe"]), **code,
-                                     "invocations": len(invocations), "first_started": invocations[0]["started"],
-                                     "last_finished": invocations[-1]["finished"],
-                                     "wall_s_note": "sum of the invocations' wall times (side-by-side ones add up); "
-                                                    "interrupted invocations (finished: null) are not counted"})
-    return manifest
+    summary = InvocationLog.summary(log.finish())
+    return write_manifest(out, command=log.command, params=params, wall_s=summary.pop("wall_s"),
+                          extra={"flops_formula": flops_formula(arms_cfg["moe"]), **log.code, **summary})
 
 
 def load_reference(out_dir: str | Path = REFERENCE_DIR) -> dict:
