@@ -96,12 +96,9 @@ def test_no_library_module_imports_a_study_or_view():
     assert not upward, "library modules import notebook-level modules:\n" + "\n".join(upward)
 
 
-# Declared exceptions: a study that re-creates another notebook's product when it is missing.
-UPSTREAM = {
-    # notebook 06 studies routing over the checkpoints of notebook 03's MoE run and trains that run
-    # itself when notebook 03 has not (until the subject ships its own training snapshots: issue 16)
-    ("routelib.studies.router_weights", "routelib.studies.moe_vs_dense"),
-}
+# Declared exceptions: a study that re-creates another notebook's product when it is missing (none now:
+# notebook 06 reads the subject's own training snapshots instead of re-training notebook 03's run).
+UPSTREAM: set[tuple[str, str]] = set()
 
 
 def test_studies_do_not_import_each_other():

@@ -109,3 +109,17 @@ def test_history_train_s_sums_every_logged_window():
     result = study.TrainResult(history=[{"step": 2, "tokens_per_s": 100.0}, {"step": 4, "tokens_per_s": 50.0},
                                         {"step": 4, "eval_loss": 1.0}], step=4, checkpoint=None, wall_s=0.1)
     assert study.history_train_s(result, tokens_per_step=100) == pytest.approx(2 * 100 / 100 + 2 * 100 / 50)
+
+
+def test_notebook_06_evolution_reads_the_snapshots(run, tmp_path):
+    from routelib.studies.router_weights import RouterStudyConfig, evolution, load_training_snapshots
+
+    path = S.save_snapshots(run[3], tmp_path / "snaps.npz")
+    evo = evolution(load_training_snapshots(RouterStudyConfig(snapshots=str(path))))
+    sat = evo["saturation"].pivot(index="step", columns="layer", values="saturation")
+    assert sat.index.tolist() == [0, 2, 4] and (sat.loc[4] == 1.0).all() and (sat.to_numpy() <= 1).all()
+    drift = evo["drift"].set_index(["step", "layer"])
+    assert drift.loc[4, "cosine_to_final"].to_numpy() == pytest.approx(1.0)
+    assert set(evo["specialisation"]["step"]) == set(evo["balance"]["step"]) == {0, 2, 4}
+    with pytest.raises(S.SnapshotError, match="no such snapshot file"):
+        load_training_snapshots(RouterStudyConfig(snapshots=str(tmp_path / "none.npz")))

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from routelib import paths
 from routelib.paths import TRACES_DIR
 from routelib.routing import traces as T
 from routelib.routing.traces import TraceError, load_traces, trace_arrays
@@ -166,18 +167,39 @@ def test_atomic_write_leaves_no_temporary_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"] and (tmp_path / "x.json").read_bytes() == b"[]"
 
 
-def test_shipped_traces_validate():
-    """The shipped traces: every shard's checksum and schema valid, HumanEval complete, at least as
-    many generated-token journeys as the seed (29,463 HumanEval, 14,820 GSM8K), at most 20 MB."""
-    df = load_traces(SHIPPED, columns=["dataset", "problem_id", "phase"])
+SAMPLED = TRACES_DIR / "moe-subject-sampled"
+
+
+@pytest.mark.parametrize("trace_dir", [SHIPPED, SAMPLED], ids=["greedy", "sampled"])
+def test_shipped_traces_validate(trace_dir):
+    """Both shipped trace sets of the subject (greedy and sampled decoding of the same prompts): every
+    shard's checksum and schema valid, HumanEval complete and >= 300 GSM8K problems, at least as many
+    generated-token journeys as the seed (29,463 HumanEval, 14,820 GSM8K), no token beyond the
+    subject's trained context, the decoding the folder's name says."""
+    df = load_traces(trace_dir, columns=["dataset", "problem_id", "phase", "position"])
     m = df.attrs["manifest"]
     counts = df[df["phase"] == "generated"].groupby("dataset").size()
-    assert counts["humaneval"] >= 29_000 and counts["gsm8k"] >= 14_800
-    assert df.loc[df["dataset"] == "humaneval", "problem_id"].nunique() == 164
+    assert counts["humaneval"] >= 29_463 and counts["gsm8k"] >= 14_820
+    problems = df.groupby("dataset")["problem_id"].nunique()
+    assert problems["humaneval"] == 164 and problems["gsm8k"] >= 300
     assert m["model"]["name_or_path"] == "data/moe-subject"
     assert m["command"].startswith("python -m routelib.routing.collect --model data/moe-subject")
-    size = sum(p.stat().st_size for p in SHIPPED.iterdir())
-    assert size <= 20e6 and m["totals"]["bytes"] <= size
+    card = json.loads((paths.in_repo("data/moe-subject") / "model_card.json").read_text())
+    assert m["model"]["router_weights_sha256"] and df["position"].max() < card["study_config"]["seq_len"]
+    for dataset in ("humaneval", "gsm8k"):
+        gen = m["datasets"][dataset]["generation"]
+        assert gen["greedy"] is (trace_dir == SHIPPED)
+        if trace_dir == SAMPLED:
+            assert gen["seed"] is not None and gen["temperature"] and gen["top_p"]
+
+
+def test_shipped_trace_sets_fit_25_mb_and_decode_the_same_prompts():
+    a, b = (T.read_manifest(d) for d in (SHIPPED, SAMPLED))
+    assert a["model"] == b["model"]
+    assert {d: v["prompts_sha256"] for d, v in a["datasets"].items()} == \
+        {d: v["prompts_sha256"] for d, v in b["datasets"].items()}
+    size = sum(p.stat().st_size for d in (SHIPPED, SAMPLED) for p in d.iterdir())
+    assert size <= 25e6
 
 
 def test_old_layouts_read_as_softmax_without_zero_computation_experts():

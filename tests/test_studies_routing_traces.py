@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from routelib import paths
 from routelib.errors import ConfigError
 from routelib.routing import load_traces, trace_arrays
 from routelib.views.routing_traces import journey, journey_html, routing_dashboard
@@ -33,7 +34,11 @@ def test_config_rejects_bad_values():
 def test_phase_mask(shipped):
     df, _ = shipped
     gen, prompt, everything = (phase_mask(df, p) for p in ("generated", "prompt", "all"))
-    assert (gen ^ prompt).all() and everything.all() and gen.sum() == 18791
+    assert (gen ^ prompt).all() and everything.all()
+    # the counts the collection wrote in the manifest, per shard, for this dataset
+    shards = [s for s in df.attrs["manifest"]["shards"] if s["dataset"] == "gsm8k"]
+    assert gen.sum() == sum(s["generated_tokens"] for s in shards) == 51672
+    assert prompt.sum() == sum(s["prompt_tokens"] for s in shards)
 
 
 def test_routing_agreement_sees_a_changed_expert_and_a_changed_token(shipped):
@@ -111,3 +116,20 @@ def test_consecutive_locality_on_the_shipped_traces(shipped):
     for fig in (locality_curves(table), locality_decay(table)):
         assert len(fig.axes) >= 1
         plt.close(fig)
+
+
+def test_decoding_comparison_sets_trace_sets_side_by_side():
+    from routelib.routing.repetition import repetition_rate
+    from routelib.studies.routing_traces import decoding_comparison
+
+    df = load_traces(paths.in_repo(SHIPPED))
+    attrs, first = df.attrs, df.groupby("dataset")["problem_id"].transform(lambda p: p.isin(p.unique()[:6]))
+    df = df[first.to_numpy()].reset_index(drop=True)
+    df.attrs = attrs
+    table = decoding_comparison({"a": df, "b": df}, TraceStudyConfig(permutations=50)).set_index(["decoding", "dataset"])
+    assert table.loc["a"].equals(table.loc["b"])  # the same traces measure the same
+    assert set(table.loc["a"].index) == {"gsm8k", "humaneval", "both"}
+    a = table.loc["a"]
+    assert a.loc["both", "tokens"] == a.loc["gsm8k", "tokens"] + a.loc["humaneval", "tokens"]
+    assert a.loc["both", "repetition_rate"] == pytest.approx(repetition_rate(df).loc["all", "repetition_rate"])
+    assert 0 <= a.loc["both", "layers_p_below_005"] <= 6 and np.isnan(a.loc["gsm8k", "tv_distance_mean"])

@@ -5,7 +5,8 @@ The predictors, the leak-free splits and the evaluation over them are a library
 (:mod:`routelib.routing.predictors`, also ``python -m routelib.routing.predictors <trace_dir>``);
 this module adds what notebook 05 measures on top: the cost of a prediction against one MoE layer
 of the studied model (:func:`latency`) and the comparison with the seed's numbers
-(:func:`seed_gap`).
+(:func:`seed_gap`), and the predictors' ranking on greedy against sampled traces of the same prompts
+(:func:`decoding_rankings`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from routelib.routing import prefetch as F
-from routelib.routing.predictors import EvalConfig, SEED_CLAIMS, SplitResult
+from routelib.routing.predictors import EvalConfig, SEED_CLAIMS, SplitResult, metric_table
 
 
 @dataclass
@@ -25,6 +26,8 @@ class NextExpertConfig(EvalConfig):
 
     latency_batch: int = 256  # tokens per call in the batched latency measurement
     bench_min_time_s: float = 0.1  # time each latency measurement for at least this long
+    compare_dir: str | None = "routing_data_collected/moe-subject-sampled"  # the same prompts decoded by
+    # sampling: the predictors again on its held-out problems (None skips that section)
 
 
 def latency(result: SplitResult, hidden, cfg: NextExpertConfig) -> pd.DataFrame:
@@ -48,3 +51,21 @@ def seed_gap(by_split: pd.DataFrame, by_subset: pd.DataFrame) -> pd.DataFrame:
         "ours, held-out problems": by_split.filter(like="problem").iloc[:, 0],
         "ours, held-out problems, unique journeys": by_subset["unique"],
     }).loc[["lookup", "ngram", "mlp", "hidden_router", "hidden_probe"]]
+
+
+def decoding_rankings(summaries: dict[str, pd.DataFrame], subsets=("all", "unique")) -> pd.DataFrame:
+    """Top-1 and rank of every predictor, one hop, held-out problems, per decoding (e.g. ``{"greedy":
+    summary, "sampled": summary}``, each from ``predictors.summarize``) and test subset; ``attrs``
+    hold the Spearman correlation of the rankings between the first two decodings, per subset."""
+    cols = {}
+    for name, summary in summaries.items():
+        for subset in subsets:
+            top1 = metric_table(summary, "subset", "top1", split="problem", hop=1)[subset].drop(index="chance", errors="ignore")
+            cols[(name, subset, "top1")] = top1
+            cols[(name, subset, "rank")] = top1.rank(ascending=False, method="min")
+    table = pd.DataFrame(cols).sort_values(list(cols)[0], ascending=False)
+    first, second = list(summaries)[:2]
+    table.attrs["spearman"] = {subset: float(table[(first, subset, "top1")].corr(table[(second, subset, "top1")],
+                                                                               method="spearman"))
+                               for subset in subsets}
+    return table

@@ -2,7 +2,8 @@
 
 :class:`TraceStudyConfig` holds the parameters of ``notebooks/04_mixtral_routing_collection.ipynb``;
 :func:`consecutive_locality` runs the Mixtral paper's across-token routing analysis on a trace frame;
-:func:`live_collection` re-collects a few problems with a model and measures how far the fresh
+:func:`decoding_comparison` sets two trace sets of the same prompts (greedy and sampled decoding)
+side by side on the measures the loops of greedy decoding inflate; :func:`live_collection` re-collects a few problems with a model and measures how far the fresh
 routing agrees with a trace directory's, token by token -- the check that the shipped traces are
 reproducible and that the collection path still works (it runs under nbval on every CI run).
 """
@@ -23,6 +24,8 @@ from routelib.routing.traces import load_traces, read_manifest, trace_arrays
 @dataclass
 class TraceStudyConfig:
     trace_dir: str = "routing_data_collected/moe-subject"  # traces to study (any folder in the documented format)
+    compare_dir: str | None = "routing_data_collected/moe-subject-sampled"  # the same prompts decoded otherwise
+    # (sampled), compared with trace_dir in the last section (None skips it)
     phase: str = "generated"  # which tokens to analyse: "generated" (the seed's journeys), "prompt" or "all"
     sample_size: int | None = 50_000  # tokens sampled for the statistics (the seed's SAMPLE_SIZE); None = all
     seed: int = 0  # seed of the token sample and of the permutation test
@@ -63,6 +66,43 @@ def consecutive_locality(df: pd.DataFrame, arrays, cfg: TraceStudyConfig) -> pd.
     return consecutive_routing(arrays.experts, problem, df["position"].to_numpy(), num_experts,
                                generated=(df["phase"] == "generated").to_numpy(), groups=df["dataset"].to_numpy(),
                                distances=range(1, cfg.max_distance + 1), bootstrap=cfg.bootstrap, seed=cfg.seed)
+
+
+def decoding_comparison(sets: dict[str, pd.DataFrame], cfg: TraceStudyConfig) -> pd.DataFrame:
+    """Trace sets of the same prompts (e.g. ``{"greedy": ..., "sampled": ...}``, from ``load_traces``)
+    side by side, per set and dataset, on ``cfg.phase`` tokens: generated tokens, repetition rate
+    (inside a repeated 4-gram of the same sequence, :mod:`routelib.routing.repetition`), adjacent-layer
+    predictability (U and lookup gain over the prior at hop 1), distinct full-depth top-1 paths per
+    1,000 tokens and the share of the 10 most frequent; per set (``dataset = "both"``) also the
+    problem-level permutation test of HumanEval vs GSM8K expert usage (layers with p < 0.05, mean
+    total-variation distance over layers)."""
+    from routelib.routing import analysis as A
+    from routelib.routing.repetition import repetition_rate
+
+    rows = []
+    for name, df in sets.items():
+        num_experts = int(df.attrs["manifest"]["layout"]["num_experts"])
+        experts = trace_arrays(df).experts  # (N, L, k)
+        keep = phase_mask(df, cfg.phase)
+        rep = repetition_rate(df)
+        groups = [(d, keep & (df["dataset"] == d).to_numpy()) for d in sorted(df["dataset"].unique())]
+        for dataset, rows_of in groups + [("both", keep)]:
+            ex = experts[rows_of]
+            hop = A.hop_curve(ex, num_experts).iloc[0]
+            paths = A.path_counts(ex, top=10)
+            row = {"decoding": name, "dataset": dataset, "tokens": int(rows_of.sum()),
+                   "repetition_rate": float(rep.loc["all" if dataset == "both" else dataset, "repetition_rate"]),
+                   "u_hop1": hop["uncertainty"], "lookup_gain_hop1": hop["gain"],
+                   "distinct_paths_per_1k": 1000 * paths.attrs["distinct"] / max(len(ex), 1),
+                   "top10_path_share": float(paths["share"].sum())}
+            if dataset == "both" and len(groups) == 2:
+                test = A.usage_difference_test(ex, (df["dataset"] + "/" + df["problem_id"]).to_numpy()[rows_of],
+                                               df["dataset"].to_numpy()[rows_of], num_experts,
+                                               permutations=cfg.permutations, seed=cfg.seed)
+                row.update(layers_p_below_005=int((test["p_perm"] < 0.05).sum()),
+                           tv_distance_mean=float(test["tv_distance"].mean()))
+            rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def live_collection(cfg: TraceStudyConfig, reference_dir: str | Path | None = None) -> tuple[pd.DataFrame, dict]:
