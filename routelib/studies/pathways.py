@@ -42,8 +42,9 @@ import torch.nn.functional as F
 
 from routelib import metrics, paths
 from routelib.data import TokenWindows, eval_batches, load_pretrained, token_stream
-from routelib.data.corpus import DOMAINS, check_domains
+from routelib.data.corpus import DOMAINS, check_domains, check_split
 from routelib.errors import ConfigError
+from routelib.models.grouping import GROUPINGS, inverse_order, mlp_hidden, neuron_groups, permute_neurons
 from routelib.models.pathways import (
     IMPLS,
     ROUTER_INITS,
@@ -77,6 +78,12 @@ class PathwayStudyConfig:
     switch_weight: float = 0.0  # weight of the per-batch Switch loss (0: logged only)
     momentum: float = 0.9  # EMA momentum of the global selection frequencies in GLBL
     impl: str = "sparse"  # pathway computation: "sparse" (grouped GEMM, k/N of the FLOPs) or "dense_masked"
+    grouping: str = "contiguous"  # which neurons form a pathway: "contiguous" (blocks in the base model's
+    # order), "coactivation" (balanced k-means of the neurons' activation patterns, MoEfication) or
+    # "weights" (balanced k-means of their input weights); routelib.models.grouping
+    grouping_windows: int = 8  # windows per domain of grouping_split whose activations "coactivation" clusters
+    grouping_split: str = "test"  # corpus split of those windows: neither trained on nor evaluated
+    grouping_iters: int = 30  # balanced k-means iterations at most (stops earlier when no label changes)
     compare_switch: bool = False  # also fine-tune a second arm with the Switch loss instead of GLBL
     unrouted_control: bool = False  # also fine-tune the same parameters with routing off (mode "all"):
     # how much of the fine-tune's gain is adaptation to the corpus rather than recovery from routing
@@ -110,6 +117,12 @@ class PathwayStudyConfig:
             raise ConfigError(f"PathwayStudyConfig.router_init={self.router_init!r}: choose one of {ROUTER_INITS}")
         if self.impl not in IMPLS:
             raise ConfigError(f"PathwayStudyConfig.impl={self.impl!r}: choose one of {IMPLS}")
+        if self.grouping not in GROUPINGS:
+            raise ConfigError(f"PathwayStudyConfig.grouping={self.grouping!r}: choose one of {GROUPINGS}")
+        check_split(self.grouping_split)
+        for name in ("grouping_windows", "grouping_iters"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"PathwayStudyConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("seq_len", "batch_size", "steps", "eval_windows", "eval_batch_size", "bench_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"PathwayStudyConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -185,12 +198,60 @@ def load_base(cfg: PathwayStudyConfig):
     return model, tok
 
 
-def build_routed(model: torch.nn.Module, cfg: PathwayStudyConfig, seed: int | None = None) -> RoutedLLM:
-    """Wrap ``model`` (edited in place) so that cfg's layers are routed; router weights drawn from
-    ``seed`` (default cfg.seed), so two calls give the same untrained routers."""
+def grouping_sample(cfg: PathwayStudyConfig, tokenizer) -> torch.Tensor:
+    """(W, T) token windows whose MLP activations the "coactivation" grouping clusters:
+    ``grouping_windows`` windows spread over each domain's ``grouping_split``, domains in turn."""
+    data = {d: eval_batches(token_stream(d, cfg.grouping_split, tokenizer), cfg.seq_len, cfg.eval_batch_size,
+                            max_windows=cfg.grouping_windows) for d in cfg.domain_list()}
+    return probe_batch(data, sum(x.shape[0] for b in data.values() for x, _ in b))[0]
+
+
+def apply_grouping(model: torch.nn.Module, cfg: PathwayStudyConfig, layers: list[int],
+                   tokenizer=None) -> dict[int, torch.Tensor]:
+    """Reorder the neurons of each of ``layers``' MLPs in place so that cfg.grouping's groups are the
+    contiguous pathways (:mod:`routelib.models.grouping`); the model computes the same function.
+    Returns {layer: order} (new neuron j = old neuron order[j]); {} for "contiguous". "coactivation"
+    clusters the activations of the un-routed model on :func:`grouping_sample` (needs ``tokenizer``)."""
+    if cfg.grouping == "contiguous":
+        return {}
+    hidden = {}
+    if cfg.grouping == "coactivation":
+        if tokenizer is None:
+            raise ConfigError("grouping='coactivation' needs the tokenizer (build_routed(..., tokenizer=tok)) "
+                              "to read the text sample it clusters activations on")
+        hidden = mlp_hidden(model, layers, grouping_sample(cfg, tokenizer))  # {layer: (n, I)}
+    blocks = decoder_layers(model)
+    orders = {}
+    for i in layers:
+        orders[i] = neuron_groups(blocks[i].mlp, cfg.num_pathways, cfg.grouping, hidden=hidden.get(i),
+                                  iters=cfg.grouping_iters, seed=cfg.seed + i)
+        permute_neurons(blocks[i].mlp, orders[i])
+        hidden.pop(i, None)
+    return orders
+
+
+def build_routed(model: torch.nn.Module, cfg: PathwayStudyConfig, seed: int | None = None,
+                 tokenizer=None) -> RoutedLLM:
+    """Wrap ``model`` (edited in place) so that cfg's layers are routed, after grouping their neurons
+    by cfg.grouping (:func:`apply_grouping`; ``tokenizer`` needed for "coactivation"); router weights
+    drawn from ``seed`` (default cfg.seed), so two calls give the same untrained routers. The orders
+    are kept as ``routed.neuron_orders``; :func:`unroute` gives back the model as it was."""
     layers = cfg.layers(len(decoder_layers(model)))
+    orders = apply_grouping(model, cfg, layers, tokenizer)
     torch.manual_seed(cfg.seed if seed is None else seed)
-    return RoutedLLM(model, cfg.routing_config(layers))
+    routed = RoutedLLM(model, cfg.routing_config(layers))
+    routed.neuron_orders = orders
+    return routed
+
+
+def unroute(routed: RoutedLLM) -> torch.nn.Module:
+    """Undo :func:`build_routed`: the original MLPs back in place, their neurons in the original order."""
+    model = routed.unwrap()
+    blocks = decoder_layers(model)
+    for i, order in getattr(routed, "neuron_orders", {}).items():
+        permute_neurons(blocks[i].mlp, inverse_order(order))
+    routed.neuron_orders = {}
+    return model
 
 
 def set_trainable(routed: RoutedLLM, scope: str) -> int:
@@ -242,7 +303,7 @@ def _nll(model, x: torch.Tensor, y: torch.Tensor) -> float:
 
 @torch.no_grad()
 def layer_sensitivity(model: torch.nn.Module, cfg: PathwayStudyConfig, x: torch.Tensor, y: torch.Tensor,
-                      layers: list[int]) -> pd.DataFrame:
+                      layers: list[int], tokenizer=None) -> pd.DataFrame:
     """Mean next-token NLL on (x, y) with *one* layer routed at a time by an untrained router
     (cfg's N, k, gates and init seed), for each of ``layers``; ``delta_nll`` is the increase over
     the un-routed model (``attrs["base_nll"]``) and ``ppl_ratio`` = exp(delta_nll). ``model`` is
@@ -252,11 +313,11 @@ def layer_sensitivity(model: torch.nn.Module, cfg: PathwayStudyConfig, x: torch.
     base = _nll(model, x, y)
     rows = []
     for layer in layers:
-        routed = build_routed(model, dataclasses.replace(cfg, routed_layers=str(layer)))
+        routed = build_routed(model, dataclasses.replace(cfg, routed_layers=str(layer)), tokenizer=tokenizer)
         try:
             nll = _nll(routed, x, y)
         finally:
-            routed.unwrap()
+            unroute(routed)
         rows.append({"layer": layer, "nll": nll, "delta_nll": nll - base, "ppl_ratio": math.exp(nll - base)})
     df = pd.DataFrame(rows)
     df.attrs["base_nll"] = base
@@ -321,6 +382,24 @@ def selection_error(routed: RoutedLLM, x: torch.Tensor, seed: int = 0) -> pd.Dat
     return pd.DataFrame(rows).set_index("layer")
 
 
+@torch.no_grad()
+def grouping_error(model: torch.nn.Module, cfg: PathwayStudyConfig, x: torch.Tensor, tokenizer=None,
+                   groupings: tuple[str, ...] = ("contiguous", "coactivation")) -> pd.DataFrame:
+    """:func:`selection_error` of cfg's routed layers, before any fine-tuning, for each neuron grouping:
+    how much of each MLP's output the best k of N pathways (``best_k``), the untrained router's k
+    (``router``) and k random ones (``random``) leave out, on the held-out windows ``x`` (W, T).
+    Rows: layers; columns: (grouping, measure). ``model`` is routed and un-routed in place per
+    grouping, and comes back unchanged (the permutations are undone exactly)."""
+    frames = {}
+    for grouping in groupings:
+        routed = build_routed(model, dataclasses.replace(cfg, grouping=grouping), tokenizer=tokenizer)
+        try:
+            frames[grouping] = selection_error(routed, x, seed=cfg.seed)
+        finally:
+            unroute(routed)
+    return pd.concat(frames, axis=1, names=["grouping", "measure"])
+
+
 # ------------------------------------------------------------------------------------- fine-tuning
 def routed_lm_loss(model, x: torch.Tensor, y: torch.Tensor):
     """``loss_fn`` for :func:`routelib.train.train`: next-token cross-entropy + the RoutedLLM's
@@ -339,6 +418,8 @@ def run_hash(cfg: PathwayStudyConfig, routing: RoutingConfig, tcfg: TrainConfig)
                     if k not in ("stop_step", "out_dir", "device", "progress")}
     identity = [cfg.model_name, cfg.domain_list(), cfg.seq_len, cfg.batch_size, cfg.train_scope,
                 dataclasses.asdict(routing), train_fields]
+    if cfg.grouping != "contiguous":  # contiguous runs keep the hashes they had before groupings existed
+        identity.append([cfg.grouping, cfg.grouping_windows, cfg.grouping_split, cfg.grouping_iters, cfg.seed])
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
@@ -631,7 +712,10 @@ __all__ = [
     "control_selections",
     "domain_eval_data",
     "evaluate",
+    "apply_grouping",
     "fine_tune",
+    "grouping_error",
+    "grouping_sample",
     "headline_purity",
     "layer_metrics",
     "layer_sensitivity",
@@ -654,4 +738,5 @@ __all__ = [
     "summary_table",
     "switch_arm",
     "training_batches",
+    "unroute",
 ]
