@@ -16,7 +16,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from routelib import metrics
 from routelib.studies import pathways as ps
-from routelib.data import load_tokenizer
 from routelib.errors import ConfigError
 from routelib.models.pathways import PathwayMLP, RoutedLLM, decoder_layers
 
@@ -26,15 +25,9 @@ VOCAB = 8192  # the shipped bpe8k tokenizer, so the real corpus streams feed the
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+def model_dir(tiny_llama_dir):
     """A tiny Llama (4 layers, MLP 64 wide) + the bpe8k tokenizer, saved as load_pretrained reads it."""
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
-    path = tmp_path_factory.mktemp("tiny_llama")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    load_tokenizer("bpe8k").save_pretrained(path)
-    return path
+    return tiny_llama_dir
 
 
 def study_cfg(model_dir, tmp_path, **kw) -> ps.PathwayStudyConfig:
