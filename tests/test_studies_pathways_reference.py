@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -55,7 +56,8 @@ def test_reference_defaults_route_at_least_eight_layers_of_smollm2():
 
 
 # ------------------------------------------------------------------------------------- stop rule
-S = ps.ReferenceSettings(recover_target=0.8, plateau_tol=0.01, plateau_fraction=0.2, min_steps=100)
+S = ps.ReferenceSettings(recover_target=0.8, recovery_scale="linear", plateau_tol=0.01, plateau_fraction=0.2,
+                         min_steps=100)
 
 
 @pytest.mark.parametrize("steps, ppls, expected", [
@@ -71,6 +73,20 @@ def test_stop_rule(steps, ppls, expected):
     reason, facts = ps.stop_rule(steps, ppls, base=37.0, untrained=56.0, max_steps=200, settings=S)
     assert reason == expected
     assert facts["step"] == steps[-1] and facts["recovery"] == pytest.approx((56 - ppls[-1]) / 19)
+
+
+def test_recovery_scales():
+    assert ps.recovery(40.0, 37.0, 56.0, "linear") == pytest.approx(16 / 19)
+    assert ps.recovery(40.0, 37.0, 56.0, "log") == pytest.approx(math.log(56 / 40) / math.log(56 / 37))
+    # 14 routed layers: untrained 1418, base 21 -- perplexity 293 is 81 % of the gap, but only 38 % in loss
+    assert ps.recovery(293.0, 21.0, 1418.0, "linear") > 0.8 > 0.4 > ps.recovery(293.0, 21.0, 1418.0, "log")
+    assert math.isnan(ps.recovery(5.0, 6.0, 6.0)) and math.isnan(ps.recovery(5.0, 0.0, 6.0, "log"))
+    with pytest.raises(ConfigError, match="recovery scale"):
+        ps.recovery(1.0, 1.0, 2.0, "sqrt")
+    log = dataclasses.replace(S, recovery_scale="log")
+    assert ps.stop_rule([25], [293.0], 21.0, 1418.0, 500, S)[0] == "recovered"
+    assert ps.stop_rule([25], [293.0], 21.0, 1418.0, 500, log)[0] is None
+    assert ps.stop_rule([25], [45.0], 21.0, 1418.0, 500, log)[0] == "recovered"
 
 
 def test_stop_rule_plateau_compares_with_the_last_fifth():
@@ -141,7 +157,7 @@ def test_train_until_stops_when_recovered(tiny_llama_dir, tmp_path):
     curve, _ = ps.reference_data(cfg, settings(), tok)
     ppl = ps.evaluate(routed, curve).perplexity["overall"]
     # any perplexity below 10x the untrained one counts as recovered against this made-up gap
-    result, reason, facts = ps.train_until(routed, cfg, settings(), ps.training_batches(cfg, tok), curve,
+    result, reason, facts = ps.train_until(routed, cfg, settings(recovery_scale="linear"), ps.training_batches(cfg, tok), curve,
                                            base_ppl=0.0, untrained_ppl=10 * ppl, name="glbl")
     assert reason == "recovered" and facts["step"] == result.step == 3 and facts["recovery"] >= 0.8
 
@@ -303,6 +319,7 @@ def test_not_made_yet(tmp_path):
     (["reference", "--other_grouping", "blocks"], "other_grouping='blocks'"),
     (["reference", "--recover_target", "1.5"], "recover_target=1.5"),
     (["reference", "--plateau_fraction", "1"], "plateau_fraction"),
+    (["reference", "--recovery_scale", "sqrt"], "recovery_scale='sqrt'"),
     (["reference", "--eval_every", "0"], "eval_every=0"),
     (["reference", "--switch_arm", "maybe"], "expected true or false"),
     (["reference", "--no_such_option", "1"], "unrecognized arguments"),

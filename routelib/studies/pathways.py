@@ -55,8 +55,8 @@ from routelib.models.pathways import (
     decoder_layers,
     pathway_mlp_flops_per_token,
 )
-from routelib.reference import (InvocationLog, load_manifest, load_records, parse_part, reference_made, split_parts,
-                                write_manifest, write_record)
+from routelib.reference import (InvocationLog, load_manifest, load_records, reference_invocation, reference_made,
+                                reference_parser, split_parts, write_manifest, write_record)
 from routelib.train import TrainConfig, TrainResult, train
 
 TRAIN_SCOPES = ("router", "router+mlp", "full")
@@ -759,6 +759,7 @@ class ReferenceSettings:
     eval_every: int = 25  # steps between held-out perplexity evaluations (the stop rule is checked there)
     curve_windows: int = 4  # held-out windows per domain in those evaluations (the final one uses eval_windows)
     recover_target: float = 0.8  # stop once perplexity recovers this share of the gap untrained routing -> base
+    recovery_scale: str = "log"  # ... measured in held-out loss = log perplexity ("log") or perplexity ("linear")
     plateau_tol: float = 0.01  # ... or once it changes by less than this (relative) over the last plateau_fraction
     plateau_fraction: float = 0.2  # of the steps so far ("the last fifth")
     min_steps: int = 100  # the plateau is not checked before this many steps
@@ -774,6 +775,8 @@ class ReferenceSettings:
             raise ConfigError(f"seeds={self.seeds!r}: need distinct non-negative seeds")
         if self.other_grouping and self.other_grouping not in GROUPINGS:
             raise ConfigError(f"other_grouping={self.other_grouping!r}: choose one of {GROUPINGS} or ''")
+        if self.recovery_scale not in RECOVERY_SCALES:
+            raise ConfigError(f"recovery_scale={self.recovery_scale!r}: choose one of {RECOVERY_SCALES}")
         if not 0 < self.recover_target <= 1:
             raise ConfigError(f"recover_target={self.recover_target!r}: need 0 < target <= 1")
         if not self.plateau_tol > 0 or not 0 < self.plateau_fraction < 1:
@@ -817,9 +820,22 @@ def run_config(cfg: PathwayStudyConfig, spec: RunSpec) -> PathwayStudyConfig:
 
 
 # ------------------------------------------------------------------------------------ stop rule
-def recovery(ppl: float, base: float, untrained: float) -> float:
-    """Share of the perplexity gap untrained routing opened that ``ppl`` has closed:
-    (untrained - ppl) / (untrained - base); NaN when there is no gap."""
+RECOVERY_SCALES = ("log", "linear")
+
+
+def recovery(ppl: float, base: float, untrained: float, scale: str = "log") -> float:
+    """Share of the perplexity gap untrained routing opened that ``ppl`` has closed, on a ``scale``:
+    "log" -- of the gap in held-out loss, log(ppl) (nats/token): (log u - log p) / (log u - log b);
+    "linear" -- of the gap in perplexity itself, (u - p) / (u - b), as notebook 01 reports. NaN when
+    there is no gap. With many routed layers the untrained perplexity is in the thousands and the
+    linear share passes 80 % while the model is still several times worse than the base (notebook
+    01's 4-layer gap was 37 -> 56); the log share weighs every halving of perplexity alike."""
+    if scale not in RECOVERY_SCALES:
+        raise ConfigError(f"recovery scale {scale!r}: choose one of {RECOVERY_SCALES}")
+    if scale == "log":
+        if min(ppl, base, untrained) <= 0:
+            return float("nan")
+        ppl, base, untrained = math.log(ppl), math.log(base), math.log(untrained)
     gap = untrained - base
     return (untrained - ppl) / gap if gap > 0 else float("nan")
 
@@ -827,7 +843,7 @@ def recovery(ppl: float, base: float, untrained: float) -> float:
 def stop_rule(steps, ppls, base: float, untrained: float, max_steps: int, settings: ReferenceSettings) -> tuple[str | None, dict]:
     """Whether a run stops after its newest held-out evaluation: ``steps`` and ``ppls`` are the
     evaluations so far (ascending steps). Returns (reason or None, facts): "no_gap" (routing did not
-    raise perplexity), "recovered" (recovery >= recover_target), "plateau" (from ``min_steps`` on, the
+    raise perplexity), "recovered" (:func:`recovery` on ``recovery_scale`` >= recover_target), "plateau" (from ``min_steps`` on, the
     relative change of perplexity since the newest evaluation at or before (1 - plateau_fraction) * step
     is below plateau_tol), "max_steps" (the cap); facts: step, ppl, recovery, change (NaN when no
     earlier evaluation lies in reach)."""
@@ -839,7 +855,7 @@ def stop_rule(steps, ppls, base: float, untrained: float, max_steps: int, settin
     step, ppl = steps[-1], ppls[-1]
     earlier = [p for s, p in zip(steps, ppls) if s <= (1 - settings.plateau_fraction) * step and s < step]
     change = abs(earlier[-1] - ppl) / earlier[-1] if earlier else float("nan")
-    facts = dict(step=step, ppl=ppl, recovery=recovery(ppl, base, untrained), change=change)
+    facts = dict(step=step, ppl=ppl, recovery=recovery(ppl, base, untrained, settings.recovery_scale), change=change)
     if not untrained > base:
         return "no_gap", facts
     if facts["recovery"] >= settings.recover_target:
@@ -949,13 +965,14 @@ def _train_and_record(spec: RunSpec, cfg: PathwayStudyConfig, settings: Referenc
                   curve_untrained_ppl=untrained_curve, curve_ppl=facts["ppl"], curve_recovery=facts["recovery"],
                   curve_change=facts["change"], routed_layers=sorted(trained.sample.selections),
                   ppl_base=base["full"], ppl_untrained=untrained.perplexity, ppl_trained=trained.perplexity,
-                  recovery=recovery(trained.perplexity["overall"], base["full"]["overall"],
-                                    untrained.perplexity["overall"]),
+                  **{f"recovery_{scale}": recovery(trained.perplexity["overall"], base["full"]["overall"],
+                                                   untrained.perplexity["overall"], scale) for scale in RECOVERY_SCALES},
                   train_tokens_per_s=float(np.median(rates)) if rates else float("nan"))
     write_record(out, spec.name, record)
     print(f"{spec.name}: {reason} at step {facts['step']} ({record['stop_tokens']:,} tokens), held-out perplexity "
           f"{untrained.perplexity['overall']:.2f} -> {trained.perplexity['overall']:.2f} (base "
-          f"{base['full']['overall']:.2f}, recovery {record['recovery']:.2f})", flush=True)
+          f"{base['full']['overall']:.2f}; recovery of the gap {record['recovery_log']:.2f} in loss, "
+          f"{record['recovery_linear']:.2f} in perplexity)", flush=True)
     return record
 
 
@@ -1140,7 +1157,7 @@ def _measure(cfg: PathwayStudyConfig, settings: ReferenceSettings, out: Path, sp
     summary = dict(main_runs=main, routed_layers=layers, tokens_per_step=cfg.batch_size * cfg.seq_len,
                    base_ppl=finals[main[0]]["ppl_base"]["overall"],
                    stop={n: {k: finals[n][k] for k in ("stop_reason", "stop_step", "stop_tokens", "curve_recovery",
-                                                       "recovery")} for n in runs.index},
+                                                       "recovery_log", "recovery_linear")} for n in runs.index},
                    eval=f"validation split, {cfg.eval_windows} windows of {cfg.seq_len} tokens per domain "
                         f"({', '.join(cfg.domain_list())}); training curve on {settings.curve_windows} per domain")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -1202,25 +1219,14 @@ def main(argv: list[str] | None = None) -> int:
     [--<field> value ...]``: notebook 01's reference run (:func:`reference_run`). Every field of
     PathwayStudyConfig (defaults: REFERENCE_DEFAULTS) and of ReferenceSettings is an option; lists are
     comma-separated. Side by side: one process per ``--part i/n``, then one without ``--part`` to measure."""
-    parser = cli.ArgumentParser(prog="python -m routelib.studies.pathways", description=main.__doc__)
-    parser.add_argument("command", choices=["reference"], help="reference: the reference run (below)")
-    parser.add_argument("--out", default=REFERENCE_DIR, help=f"results folder (default {REFERENCE_DIR})")
-    parser.add_argument("--part", type=parse_part, default=None, help="train only part i of n of the runs, e.g. 1/2")
-    parser.add_argument("--only_runs", default="", help="train only these runs (comma list of run names)")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser = reference_parser("python -m routelib.studies.pathways", main.__doc__, REFERENCE_DIR)
     cli.add_dataclass_options(parser, PathwayStudyConfig, defaults=REFERENCE_DEFAULTS)
     cli.add_dataclass_options(parser, ReferenceSettings)
     args = parser.parse_args(argv)
-    if args.part and args.only_runs:
-        raise ConfigError("give --part or --only_runs, not both")
-    if args.threads < 0:
-        raise ConfigError(f"--threads {args.threads}: need >= 0")
+    part, only_runs = reference_invocation(args)
     cfg = from_params(PathwayStudyConfig, {**REFERENCE_DEFAULTS, **cli.dataclass_options(args, PathwayStudyConfig)})
     settings = from_params(ReferenceSettings, cli.dataclass_options(args, ReferenceSettings))
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    manifest = reference_run(cfg, settings, args.out, part=args.part,
-                             only_runs=tuple(r for r in args.only_runs.split(",") if r))
+    manifest = reference_run(cfg, settings, args.out, part=part, only_runs=only_runs)
     if manifest:
         print(f"reference run written to {args.out} ({len(manifest['files'])} files)")
     return 0
@@ -1241,6 +1247,7 @@ __all__ = [
     "load_sample",
     "pathway_table",
     "purity_intervals",
+    "RECOVERY_SCALES",
     "recovery",
     "reference_plan",
     "reference_run",
