@@ -20,6 +20,13 @@ MoEfication, Zhang et al. 2022; GLBL with momentum global frequencies, Qiu et al
    and the fine-tuned router's own choices permuted across positions (identical per-pathway loads,
    token association destroyed); purity per domain; pathways characterised with example contexts.
 
+Which neurons form a pathway is a parameter (``grouping``, :mod:`routelib.models.grouping`): contiguous
+blocks of the pretrained MLP (the default, as before), or MoEfication's groups -- a balanced k-means of
+the neurons' activation patterns on held-out text ("coactivation") or of their input weights
+("weights"), the MLP's neurons permuted so that each group is a contiguous pathway;
+:func:`grouping_error` compares the groupings per layer before any fine-tuning. The last section is
+the **reference run** (DESIGN.md §7, issue 14): ``python -m routelib.studies.pathways reference``.
+
 Which layers are routed matters more than anything else here: on SmolLM2 the first MLP is nearly
 irreplaceable (routing layer 0 alone with an untrained router multiplies perplexity by ~100 --
 notebook 01 measures it), the middle layers cost little. ``routed_layers`` / ``first_routed_layer``
@@ -740,7 +747,8 @@ STOP_REASONS = ("recovered", "plateau", "max_steps", "no_gap")
 #: 16 pathways, top-4, every other layer from 2 to 28 (14 layers; layer 0 alone multiplies perplexity
 #: ~100x, notebook 01), co-activation groups (lower best-4-of-16 error than contiguous blocks on every
 #: layer, grouping_error), GLBL with momentum frequencies, routers + routed MLPs fine-tuned.
-#: ``steps`` is the cap of the schedule; sized for ~2 h of two 1-thread processes (see the README).
+#: ``steps`` is the cap of the schedule: 500 steps x 1,024 tokens; at the 6.2 s per step measured on one
+#: thread of a busy 2-core CPU (issue 14), two runs per 1-thread process take at most ~2 h.
 REFERENCE_DEFAULTS = dict(
     model_name="smollm2-135m", num_pathways=16, top_k_pathways=4, route_every_n_layers=2, first_routed_layer=2,
     last_routed_layer=28, grouping="coactivation", grouping_windows=8, glbl_weight=0.1, momentum=0.9,
