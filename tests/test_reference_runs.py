@@ -50,13 +50,18 @@ def test_03_first_steps_reproduce(ref03, arm, tmp_path):
         assert got[key] == pytest.approx(recorded[key], rel=1e-6, abs=1e-7), key
 
 
+def made_or_skip(study, notebook: str) -> dict:
+    """A study's loaded reference run, or a skip naming the command that makes it."""
+    ref = study.load_reference_if_made()  # raises if a file differs from the manifest
+    if ref is None:
+        pytest.skip(f"notebook {notebook}'s reference run is not made yet ({study.REFERENCE_DIR} has no "
+                    f"manifest.json); make it with: {study.REFERENCE_LAUNCH}")
+    return ref
+
+
 @pytest.fixture(scope="module")
 def ref02():
-    ref = attention_routing.load_reference_if_made()  # raises if a file differs from the manifest
-    if ref is None:
-        pytest.skip(f"notebook 02's reference run is not made yet ({attention_routing.REFERENCE_DIR} has no "
-                    f"manifest.json); make it with: {attention_routing.REFERENCE_LAUNCH}")
-    return ref
+    return made_or_skip(attention_routing, "02")
 
 
 def test_02_manifest_is_complete(ref02):
@@ -82,11 +87,7 @@ def test_02_first_steps_reproduce(ref02, tmp_path):
 
 @pytest.fixture(scope="module")
 def ref01():
-    ref = pathways.load_reference_if_made()  # raises if a file differs from the manifest
-    if ref is None:
-        pytest.skip(f"notebook 01's reference run is not made yet ({pathways.REFERENCE_DIR} has no manifest.json); "
-                    f"make it with: {pathways.REFERENCE_LAUNCH}")
-    return ref
+    return made_or_skip(pathways, "01")
 
 
 def test_01_manifest_is_complete(ref01):
