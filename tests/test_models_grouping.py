@@ -89,9 +89,14 @@ def test_coactivation_features_find_neurons_firing_on_the_same_tokens():
     kind = rng.integers(0, 4, size=200)
     hidden = (kind[:, None] == truth[None, :]) * rng.uniform(0.5, 1.5, size=(200, 32))  # (n, I)
     hidden = hidden * rng.choice([-1, 1], size=hidden.shape)  # SwiGLU activations are signed
-    feats = g.activation_features(torch.tensor(hidden, dtype=torch.float32))
-    assert feats.shape == (32, 200)
-    assert same_partition(g.balanced_kmeans(feats, 4), truth)
+    for top in (0.1, 0.0):  # MoEfication's binary "active" pattern (a token's top 10 %), or the magnitudes
+        feats = g.activation_features(torch.tensor(hidden, dtype=torch.float32), top_fraction=top)
+        assert feats.shape == (32, 200)
+        assert same_partition(g.balanced_kmeans(feats, 4), truth)
+    binary = g.activation_features(torch.tensor(hidden, dtype=torch.float32), top_fraction=0.1)
+    assert set(binary.unique().tolist()) == {0.0, 1.0} and (binary.sum(0) >= 3).all()  # >= 10 % of 32 per token
+    with pytest.raises(ConfigError, match="top_fraction"):
+        g.activation_features(torch.ones(3, 4), top_fraction=1.0)
 
 
 # ----------------------------------------------------------------------------------- permutation

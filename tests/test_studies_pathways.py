@@ -399,6 +399,7 @@ def test_probe_batch_takes_domains_in_turn():
     pytest.param({"grouping": "random"}, "grouping", id="grouping"),
     pytest.param({"grouping_split": "dev"}, "unknown split", id="split"),
     pytest.param({"grouping_windows": 0}, "grouping_windows", id="windows"),
+    pytest.param({"grouping_top_fraction": 1.0}, "grouping_top_fraction", id="top-fraction"),
 ])
 def test_grouping_config_rejects_bad_values(kw, match):
     with pytest.raises(ConfigError, match=match):

@@ -13,8 +13,8 @@ groups active for a token carry most of its MLP output. They cluster either the 
   step fills N groups of equal capacity greedily, most similar (neuron, centroid) pairs first, a
   capacity-constrained assignment in the spirit of balanced k-means (Malinen & Fränti 2014) without
   the O(I^3) Hungarian step; deterministic for a seed;
-- :func:`activation_features` (the default: |act(gate x) * up x| of each neuron over the tokens of a
-  text sample, MoEfication's co-activation signal for gated MLPs) and :func:`weight_features` (the
+- :func:`activation_features` (the default: on which tokens of a text sample each neuron is among the
+  most active, |act(gate x) * up x| in a token's top 10 %: MoEfication's binary activation pattern) and :func:`weight_features` (the
   rows of the input projections, MoEfication's parameter clustering);
 - :func:`permute_neurons`: reorder the MLP's neurons so each group is one contiguous block -- rows of
   gate/up (c_fc, ...) and their biases, columns of down (c_proj, ...). The MLP computes the same
@@ -125,13 +125,22 @@ def inverse_order(order: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------- features
-def activation_features(hidden: torch.Tensor) -> torch.Tensor:
-    """Co-activation features: (n, I) intermediate activations of n tokens -> (I, n) each neuron's
-    activation magnitude on every token (|act(gate x) * up x| for a gated MLP). Two neurons are
-    similar when they are strong on the same tokens (k-means normalises the rows)."""
+def activation_features(hidden: torch.Tensor, top_fraction: float = 0.1) -> torch.Tensor:
+    """Co-activation features: (n, I) intermediate activations of n tokens -> (I, n), each neuron's
+    activity on every token; two neurons are similar when they are active on the same tokens (k-means
+    normalises the rows). A neuron is *active* on a token when its |activation| (|act(gate x) * up x|
+    for a gated MLP) is among that token's ``top_fraction`` largest: MoEfication's binary activation
+    pattern (there: ReLU output > 0), adapted to SwiGLU, whose activations are never exactly zero.
+    ``top_fraction=0`` uses the magnitudes themselves. (On SmolLM2-135M, 10 % gave a lower best-4-of-16
+    error than 5 %, 20 %, the magnitudes, their squares or the signed values; issue 14.)"""
     if hidden.dim() != 2:
         raise ConfigError(f"activation_features: expected (tokens, neurons), got shape {tuple(hidden.shape)}")
-    return hidden.detach().float().abs().T.contiguous()  # (I, n)
+    if not 0 <= top_fraction < 1:
+        raise ConfigError(f"activation_features: top_fraction must be in [0, 1), got {top_fraction}")
+    mag = hidden.detach().float().abs()  # (n, I)
+    if top_fraction > 0:
+        mag = (mag >= torch.quantile(mag, 1 - top_fraction, dim=1, keepdim=True)).float()  # (n, I) 0/1
+    return mag.T.contiguous()  # (I, n)
 
 
 def _layout(mlp: nn.Module):
@@ -209,10 +218,11 @@ def permute_neurons(mlp: nn.Module, order: torch.Tensor) -> None:
 
 
 def neuron_groups(mlp: nn.Module, num_groups: int, grouping: str, hidden: torch.Tensor | None = None,
-                  iters: int = 30, seed: int = 0) -> torch.Tensor:
+                  iters: int = 30, seed: int = 0, top_fraction: float = 0.1) -> torch.Tensor:
     """The neuron order (I,) that makes ``grouping``'s groups contiguous blocks of ``mlp``:
     "contiguous" -> the identity; "coactivation" -> balanced k-means of :func:`activation_features`
-    of ``hidden`` ((n, I) activations of this MLP on a text sample, from :func:`mlp_hidden`);
+    of ``hidden`` ((n, I) activations of this MLP on a text sample, from :func:`mlp_hidden`), active =
+    among a token's ``top_fraction`` strongest neurons;
     "weights" -> balanced k-means of :func:`weight_features`."""
     size = intermediate_size(mlp)
     if grouping == "contiguous":
@@ -222,7 +232,7 @@ def neuron_groups(mlp: nn.Module, num_groups: int, grouping: str, hidden: torch.
             raise ConfigError("grouping='coactivation' needs the MLP's activations on a text sample (hidden)")
         if hidden.shape[-1] != size:
             raise ConfigError(f"hidden has {hidden.shape[-1]} neurons, the MLP {size}")
-        feats = activation_features(hidden)
+        feats = activation_features(hidden, top_fraction)
     elif grouping == "weights":
         feats = weight_features(mlp)
     else:

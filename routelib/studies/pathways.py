@@ -94,6 +94,8 @@ class PathwayStudyConfig:
     grouping_windows: int = 8  # windows per domain of grouping_split whose activations "coactivation" clusters
     grouping_split: str = "test"  # corpus split of those windows: neither trained on nor evaluated
     grouping_iters: int = 30  # balanced k-means iterations at most (stops earlier when no label changes)
+    grouping_top_fraction: float = 0.1  # "coactivation": a neuron is active on a token when its |activation|
+    # is among the token's top this fraction (0: cluster the magnitudes themselves)
     compare_switch: bool = False  # also fine-tune a second arm with the Switch loss instead of GLBL
     unrouted_control: bool = False  # also fine-tune the same parameters with routing off (mode "all"):
     # how much of the fine-tune's gain is adaptation to the corpus rather than recovery from routing
@@ -130,6 +132,8 @@ class PathwayStudyConfig:
         if self.grouping not in GROUPINGS:
             raise ConfigError(f"PathwayStudyConfig.grouping={self.grouping!r}: choose one of {GROUPINGS}")
         check_split(self.grouping_split)
+        if not 0 <= self.grouping_top_fraction < 1:
+            raise ConfigError(f"PathwayStudyConfig.grouping_top_fraction must be in [0, 1), got {self.grouping_top_fraction}")
         for name in ("grouping_windows", "grouping_iters"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"PathwayStudyConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -234,7 +238,7 @@ def apply_grouping(model: torch.nn.Module, cfg: PathwayStudyConfig, layers: list
     orders = {}
     for i in layers:
         orders[i] = neuron_groups(blocks[i].mlp, cfg.num_pathways, cfg.grouping, hidden=hidden.get(i),
-                                  iters=cfg.grouping_iters, seed=cfg.seed + i)
+                                  iters=cfg.grouping_iters, seed=cfg.seed + i, top_fraction=cfg.grouping_top_fraction)
         permute_neurons(blocks[i].mlp, orders[i])
         hidden.pop(i, None)
     return orders
@@ -429,7 +433,8 @@ def run_hash(cfg: PathwayStudyConfig, routing: RoutingConfig, tcfg: TrainConfig)
     identity = [cfg.model_name, cfg.domain_list(), cfg.seq_len, cfg.batch_size, cfg.train_scope,
                 dataclasses.asdict(routing), train_fields]
     if cfg.grouping != "contiguous":  # contiguous runs keep the hashes they had before groupings existed
-        identity.append([cfg.grouping, cfg.grouping_windows, cfg.grouping_split, cfg.grouping_iters, cfg.seed])
+        identity.append([cfg.grouping, cfg.grouping_windows, cfg.grouping_split, cfg.grouping_iters, cfg.seed,
+                         cfg.grouping_top_fraction])
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
