@@ -269,6 +269,21 @@ def test_measurements(made):
     assert np.array_equal(untrained.tokens, sample.tokens)
 
 
+def test_views_of_the_reference(made):
+    cfg, _, out, _, _ = made
+    ref = ps.load_reference(out)
+    sample, per_router = ps.reference_routers(ref)
+    assert list(per_router) == list(ps.ROUTERS) and set(per_router["fine-tuned"]) == {1, 3}
+    summary = ps.summary_table(per_router)
+    first = ref["summary"]["main_runs"][0]
+    stored = ref["purity"].query("run == @first and domain == 'all' and layer == '1'").set_index("router")["purity"]
+    assert summary.query("layer == 1").set_index("router")["mean_purity"].to_dict() == pytest.approx(stored.to_dict())
+    curves = ps.recovery_curves(ref)
+    assert set(curves["run"]) == set(ref["runs"].index) and (curves.groupby("run")["step"].min() == 0).all()
+    start = curves[curves["step"] == 0]
+    assert np.allclose(start["recovery_log"], 0.0) or start["recovery_log"].isna().all()  # untrained: no recovery
+
+
 def test_manifest_hashes_every_file_and_refuses_changes(made, tmp_path):
     import shutil
 

@@ -1167,7 +1167,7 @@ def _measure(cfg: PathwayStudyConfig, settings: ReferenceSettings, out: Path, sp
             table.to_csv(out / f"pathways_{spec.name}.csv", index=False)
     pd.concat(frames, ignore_index=True).to_csv(out / "purity.csv", index=False)
     main = [s.name for s in specs if s.arm == "glbl" and s.grouping == cfg.grouping]
-    summary = dict(main_runs=main, routed_layers=layers, tokens_per_step=cfg.batch_size * cfg.seq_len,
+    summary = dict(main_runs=main, routed_layers=layers, tokens_per_step=cfg.batch_size * cfg.seq_len, vocab_size=vocab,
                    base_ppl=finals[main[0]]["ppl_base"]["overall"],
                    stop={n: {k: finals[n][k] for k in ("stop_reason", "stop_step", "stop_tokens", "curve_recovery",
                                                        "recovery_log", "recovery_linear")} for n in runs.index},
@@ -1203,6 +1203,32 @@ def load_reference(out_dir: str | Path = REFERENCE_DIR) -> dict:
         pathways=pd.read_csv(out / f"pathways_{summary['main_runs'][0]}.csv"),
         sample=lambda run, router="trained": load_sample(out / "samples" / f"{run}.npz", router),
     )
+
+
+def reference_routers(ref: dict, run: str | None = None) -> tuple[RoutingSample, dict[str, dict[int, metrics.PathwayMetrics]]]:
+    """A reference run's held-out routing (default: the first main run) and :func:`router_metrics` of its
+    trained router and the controls (:data:`ROUTERS`): what :func:`summary_table`, :func:`pathway_purities`,
+    :func:`specialised_pathways` and the pathway explorer take."""
+    run = run or ref["summary"]["main_runs"][0]
+    cfg, seed = ref["cfg"], int(ref["runs"].loc[run, "seed"])
+    trained, untrained = ref["sample"](run), ref["sample"](run, "untrained")
+    routers = control_selections(trained, untrained, cfg.num_pathways, seed=seed)
+    vocab = int(ref["summary"]["vocab_size"])
+    return trained, router_metrics(trained, routers, cfg.num_pathways, vocab, cfg.min_load, cfg.top_tokens)
+
+
+def recovery_curves(ref: dict) -> pd.DataFrame:
+    """Held-out perplexity against training tokens for every run (long: run, arm, grouping, seed, step,
+    tokens, ppl, recovery_log, recovery_linear), from step 0 (untrained routing), each run's recovery
+    measured against its own untrained and the base perplexity on the curve windows."""
+    frames = []
+    for run, row in ref["runs"].iterrows():
+        h = ref["histories"][run][["step", "tokens", "eval_ppl"]].dropna().rename(columns={"eval_ppl": "ppl"})
+        for scale in RECOVERY_SCALES:
+            h[f"recovery_{scale}"] = [recovery(p, row["curve_base_ppl"], row["curve_untrained_ppl"], scale) for p in h["ppl"]]
+        frames.append(h.assign(run=run, arm=row["arm"], grouping=row["grouping"], seed=row["seed"]))
+    cols = ["run", "arm", "grouping", "seed", "step", "tokens", "ppl", "recovery_log", "recovery_linear"]
+    return pd.concat(frames, ignore_index=True)[cols]
 
 
 def reproduce_first_steps(ref: dict, run: str, out_dir: str | Path) -> tuple[dict, dict]:
@@ -1262,6 +1288,8 @@ __all__ = [
     "purity_intervals",
     "RECOVERY_SCALES",
     "recovery",
+    "recovery_curves",
+    "reference_routers",
     "reference_plan",
     "reference_run",
     "reproduce_first_steps",
