@@ -425,6 +425,20 @@ def test_grouped_routing_is_the_base_model_in_all_mode_and_unroute_restores_it(m
     assert all(torch.equal(before[k], v) for k, v in back.state_dict().items())
 
 
+def test_stored_orders_are_reused_and_checked(model_dir, tmp_path):
+    cfg = study_cfg(model_dir, tmp_path, routed_layers="1,3", grouping="weights")
+    first = ps.build_routed(ps.load_base(cfg)[0], cfg)
+    again = ps.build_routed(ps.load_base(cfg)[0], cfg, orders=first.neuron_orders)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+    ps.save_orders(tmp_path / "g.npz", first.neuron_orders)
+    back = ps.load_orders(tmp_path / "g.npz")
+    assert sorted(back) == [1, 3] and all(torch.equal(back[i], first.neuron_orders[i]) for i in (1, 3))
+    with pytest.raises(ConfigError, match="do not fit"):
+        ps.build_routed(ps.load_base(cfg)[0], cfg, orders={1: first.neuron_orders[1]})
+    with pytest.raises(ConfigError, match="do not fit"):
+        ps.build_routed(ps.load_base(cfg)[0], dataclasses.replace(cfg, grouping="contiguous"), orders=first.neuron_orders)
+
+
 def test_coactivation_needs_the_tokenizer(model_dir, tmp_path):
     cfg = study_cfg(model_dir, tmp_path, routed_layers="1", grouping="coactivation")
     with pytest.raises(ConfigError, match="needs the tokenizer"):

@@ -236,6 +236,14 @@ def test_every_run_once_with_its_files(made):
         assert h["eval_ppl"].iloc[0] == pytest.approx(row["curve_untrained_ppl"])
         assert row["stop_tokens"] == row["stop_step"] * cfg.batch_size * cfg.seq_len
         assert {"ppl_base_overall", "ppl_trained_news", "ppl_untrained_encyclopedic"} <= set(row.index)
+        orders = ref["orders"](name)
+        if row["grouping"] == "contiguous":
+            assert orders == {}
+        else:  # the grouping each run trained with, stored when it started
+            assert sorted(orders) == [1, 3] and all(sorted(o.tolist()) == list(range(64)) for o in orders.values())
+        err = ref["selection_error"][name]
+        assert set(err.index.get_level_values("router_state")) == {"untrained", "trained"}
+        assert set(err.index.get_level_values("layer")) == {1, 3} and {"router", "random", "best_k"} <= set(err.columns)
     invocations = json.loads((out / "invocations.json").read_text())
     assert [i["command"] for i in invocations] == ["test part (1, 2)", "test part (2, 2)", "test final"]
     assert manifest["invocations"] == 3 and manifest["params"]["settings"]["seeds"] == [0, 1]
@@ -302,10 +310,13 @@ def test_first_steps_reproduce(made, tmp_path):
     _, _, out, _, _ = made
     ref = ps.load_reference(out)
     run = ref["summary"]["main_runs"][0]
-    got, recorded = ps.reproduce_first_steps(ref, run, tmp_path)
+    got, recorded = ps.reproduce_first_steps(ref, run, tmp_path / "a")  # the grouping recomputed equals the stored one
     assert got["step"] == recorded["step"] == ref["settings"].log_every
     for key in ("loss", "lm_loss", "glbl"):
         assert got[key] == recorded[key], key  # bit-exact on CPU
+    flipped = {i: o.flip(0) for i, o in ref["orders"](run).items()}
+    with pytest.raises(ReferenceError, match="grouping differs from the stored one"):
+        ps.reproduce_first_steps({**ref, "orders": lambda _: flipped}, run, tmp_path / "b")
 
 
 def test_a_finished_run_is_not_retrained(made, monkeypatch):

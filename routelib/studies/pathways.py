@@ -62,7 +62,7 @@ from routelib.models.pathways import (
     decoder_layers,
     pathway_mlp_flops_per_token,
 )
-from routelib.reference import (InvocationLog, load_manifest, load_records, reference_invocation, reference_made,
+from routelib.reference import (InvocationLog, ReferenceError, load_manifest, load_records, reference_invocation, reference_made,
                                 reference_parser, split_parts, write_manifest, write_record)
 from routelib.train import TrainConfig, TrainResult, train
 
@@ -221,11 +221,20 @@ def grouping_sample(cfg: PathwayStudyConfig, tokenizer) -> torch.Tensor:
 
 
 def apply_grouping(model: torch.nn.Module, cfg: PathwayStudyConfig, layers: list[int],
-                   tokenizer=None) -> dict[int, torch.Tensor]:
+                   tokenizer=None, orders: dict[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
     """Reorder the neurons of each of ``layers``' MLPs in place so that cfg.grouping's groups are the
     contiguous pathways (:mod:`routelib.models.grouping`); the model computes the same function.
     Returns {layer: order} (new neuron j = old neuron order[j]); {} for "contiguous". "coactivation"
-    clusters the activations of the un-routed model on :func:`grouping_sample` (needs ``tokenizer``)."""
+    clusters the activations of the un-routed model on :func:`grouping_sample` (needs ``tokenizer``).
+    ``orders`` (e.g. a run's stored grouping) are applied instead of computing them."""
+    blocks = decoder_layers(model)
+    if orders is not None:
+        if cfg.grouping == "contiguous" or sorted(orders) != sorted(layers):
+            raise ConfigError(f"apply_grouping: orders for layers {sorted(orders)} do not fit grouping "
+                              f"{cfg.grouping!r} of layers {sorted(layers)}")
+        for i in layers:
+            permute_neurons(blocks[i].mlp, orders[i])
+        return dict(orders)
     if cfg.grouping == "contiguous":
         return {}
     hidden = {}
@@ -234,7 +243,6 @@ def apply_grouping(model: torch.nn.Module, cfg: PathwayStudyConfig, layers: list
             raise ConfigError("grouping='coactivation' needs the tokenizer (build_routed(..., tokenizer=tok)) "
                               "to read the text sample it clusters activations on")
         hidden = mlp_hidden(model, layers, grouping_sample(cfg, tokenizer))  # {layer: (n, I)}
-    blocks = decoder_layers(model)
     orders = {}
     for i in layers:
         orders[i] = neuron_groups(blocks[i].mlp, cfg.num_pathways, cfg.grouping, hidden=hidden.get(i),
@@ -245,13 +253,14 @@ def apply_grouping(model: torch.nn.Module, cfg: PathwayStudyConfig, layers: list
 
 
 def build_routed(model: torch.nn.Module, cfg: PathwayStudyConfig, seed: int | None = None,
-                 tokenizer=None) -> RoutedLLM:
+                 tokenizer=None, orders: dict[int, torch.Tensor] | None = None) -> RoutedLLM:
     """Wrap ``model`` (edited in place) so that cfg's layers are routed, after grouping their neurons
-    by cfg.grouping (:func:`apply_grouping`; ``tokenizer`` needed for "coactivation"); router weights
+    by cfg.grouping (:func:`apply_grouping`; ``tokenizer`` needed for "coactivation", ``orders`` reuses
+    a stored grouping); router weights
     drawn from ``seed`` (default cfg.seed), so two calls give the same untrained routers. The orders
     are kept as ``routed.neuron_orders``; :func:`unroute` gives back the model as it was."""
     layers = cfg.layers(len(decoder_layers(model)))
-    orders = apply_grouping(model, cfg, layers, tokenizer)
+    orders = apply_grouping(model, cfg, layers, tokenizer, orders)
     torch.manual_seed(cfg.seed if seed is None else seed)
     routed = RoutedLLM(model, cfg.routing_config(layers))
     routed.neuron_orders = orders
@@ -955,19 +964,41 @@ def load_sample(path: str | Path, router: str = "trained") -> RoutingSample:
                              {int(l): sel[:, j] for j, l in enumerate(z["layers"])})  # noqa: E741
 
 
+def save_orders(path: Path, orders: dict[int, torch.Tensor]) -> None:
+    """A run's neuron grouping, {layer: order (I,)}, as a small npz (int16 orders, layer keys "L<i>")."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **{f"L{i}": o.numpy().astype(np.int16) for i, o in sorted(orders.items())})
+
+
+def load_orders(path: str | Path) -> dict[int, torch.Tensor]:
+    """:func:`save_orders`' file back as {layer: int64 order}."""
+    with np.load(path) as z:
+        return {int(k[1:]): torch.from_numpy(z[k].astype(np.int64)) for k in z.files}
+
+
 def _train_and_record(spec: RunSpec, cfg: PathwayStudyConfig, settings: ReferenceSettings, out: Path,
                       curve: dict[str, list], eval_data: dict[str, list], base: dict) -> dict:
-    """Train (or resume) one run until it stops, then write its history, held-out routing sample and
-    record: stop reason, step and tokens; held-out perplexity per domain of the base model, the
+    """Train (or resume) one run until it stops, then write its grouping (``groupings/``, at the start),
+    the k-of-N selection error before and after training on ``probe_windows`` held-out windows
+    (``selection_error/``), its history, held-out routing sample and record: stop reason, step and tokens; held-out perplexity per domain of the base model, the
     untrained and the trained routing (full evaluation set) and the recovery; training tokens/s."""
     rcfg = run_config(cfg, spec)
     model, tok = load_base(rcfg)
-    routed = build_routed(model, rcfg, tokenizer=tok)
+    stored = out / "groupings" / f"{spec.name}.npz"  # a resumed run keeps the grouping it started with
+    routed = build_routed(model, rcfg, tokenizer=tok, orders=load_orders(stored) if stored.is_file() else None)
+    if routed.neuron_orders and not stored.is_file():
+        save_orders(stored, routed.neuron_orders)
     untrained = evaluate(routed, eval_data)  # the untrained router: control, and the start of the curve
     untrained_curve = evaluate(routed, curve).perplexity["overall"]
+    probe = probe_batch(eval_data, rcfg.probe_windows)[0] if rcfg.probe_windows else None
+    errors = {"untrained": selection_error(routed, probe, seed=spec.seed)} if probe is not None else {}
     result, reason, facts = train_until(routed, rcfg, settings, training_batches(rcfg, tok), curve,
                                         base["curve"], untrained_curve, spec.name)
     trained = evaluate(routed, eval_data)
+    if probe is not None:  # how close the trained router comes to the best k of N (notebook 01's measure)
+        errors["trained"] = selection_error(routed, probe, seed=spec.seed)
+        (out / "selection_error").mkdir(exist_ok=True)
+        pd.concat(errors, names=["router_state"]).to_csv(out / "selection_error" / f"{spec.name}.csv")
     tokens_per_step = rcfg.batch_size * rcfg.seq_len
     _history_frame(result.history, tokens_per_step, untrained_curve).to_csv(out / "history" / f"{spec.name}.csv",
                                                                             index=False)
@@ -1189,7 +1220,8 @@ def load_reference_if_made(out_dir: str | Path = REFERENCE_DIR) -> dict | None:
 def load_reference(out_dir: str | Path = REFERENCE_DIR) -> dict:
     """The reference run (every file checked against the manifest's sha256): manifest, configuration
     (``cfg``, ``settings``), summary, runs, histories, purity intervals, grouping error, the pathway table
-    of the first main run, and ``sample(run, router)`` loading a run's held-out routing."""
+    of the first main run, each run's selection error before and after training, ``sample(run, router)``
+    loading a run's held-out routing and ``orders(run)`` its neuron grouping ({} for contiguous)."""
     out = paths.in_repo(out_dir)
     manifest = load_manifest(out)
     params = manifest["params"]
@@ -1202,6 +1234,9 @@ def load_reference(out_dir: str | Path = REFERENCE_DIR) -> dict:
         grouping_error=pd.read_csv(out / "grouping_error.csv", header=[0, 1], index_col=0),
         pathways=pd.read_csv(out / f"pathways_{summary['main_runs'][0]}.csv"),
         sample=lambda run, router="trained": load_sample(out / "samples" / f"{run}.npz", router),
+        orders=lambda run: load_orders(out / "groupings" / f"{run}.npz") if (out / "groupings" / f"{run}.npz").is_file() else {},
+        selection_error={p.stem: pd.read_csv(p, index_col=["router_state", "layer"])
+                         for p in sorted((out / "selection_error").glob("*.csv"))},
     )
 
 
@@ -1243,7 +1278,10 @@ def reproduce_first_steps(ref: dict, run: str, out_dir: str | Path) -> tuple[dic
     torch.set_num_threads(ref["manifest"]["environment"]["torch_threads"])
     try:
         model, tok = load_base(cfg)
-        routed = build_routed(model, cfg, tokenizer=tok)
+        routed = build_routed(model, cfg, tokenizer=tok)  # the grouping recomputed, not read back
+        stored = ref["orders"](run)
+        if stored and any(not torch.equal(stored[i], o) for i, o in routed.neuron_orders.items()):
+            raise ReferenceError(f"{run}: the recomputed {cfg.grouping} grouping differs from the stored one")
         result = fine_tune(routed, cfg, training_batches(cfg, tok), name=spec.name, stop_step=settings.log_every,
                            eval_every=settings.eval_every, log_every=settings.log_every)
     finally:
@@ -1281,6 +1319,7 @@ __all__ = [
     "STOP_REASONS",
     "bootstrap_mean_purity",
     "curve_metrics",
+    "load_orders",
     "load_reference",
     "load_reference_if_made",
     "load_sample",
@@ -1294,6 +1333,7 @@ __all__ = [
     "reference_run",
     "reproduce_first_steps",
     "run_config",
+    "save_orders",
     "stop_rule",
     "train_until",
     "EvalResult",
