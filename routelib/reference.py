@@ -209,6 +209,37 @@ def parse_part(text: str) -> tuple[int, int]:
     return i, n
 
 
+def reference_parser(prog: str, description: str | None, out: str) -> argparse.ArgumentParser:
+    """The command line every study's reference run shares -- ``reference [--out DIR] [--part i/n |
+    --only_runs a,b] [--threads N]`` -- as a :class:`routelib.cli.ArgumentParser` (errors are one line);
+    the study adds its dataclass options and reads these back with :func:`reference_invocation`."""
+    from routelib import cli
+
+    parser = cli.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("command", choices=["reference"], help="reference: the reference run (below)")
+    parser.add_argument("--out", default=out, help=f"results folder (default {out})")
+    parser.add_argument("--part", type=parse_part, default=None, help="train only part i of n of the runs, e.g. 1/2")
+    parser.add_argument("--only_runs", default="", help="train only these runs (comma list of run names)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    return parser
+
+
+def reference_invocation(args: argparse.Namespace) -> tuple[tuple[int, int] | None, tuple[str, ...]]:
+    """Check the shared options of :func:`reference_parser` and set torch's CPU threads (``--threads``);
+    returns (part, only_runs)."""
+    from routelib.errors import ConfigError
+
+    if args.part and args.only_runs:
+        raise ConfigError("give --part or --only_runs, not both")
+    if args.threads < 0:
+        raise ConfigError(f"--threads {args.threads}: need >= 0")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return args.part, tuple(r for r in args.only_runs.split(",") if r)
+
+
 RECORDS = "final"  # per-run records of a reference run (one JSON file per finished run)
 
 

@@ -326,6 +326,20 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return max(done, key=lambda p: int(p.name[5:]), default=None)
 
 
+def prune_checkpoints(out_dir: str | Path, keep: int = 1) -> list[Path]:
+    """Delete all but the newest ``keep`` complete ``step_*`` folders of ``out_dir`` (never the one
+    ``latest`` names), for long runs whose checkpoints are large; returns the folders deleted."""
+    if keep < 1:
+        raise ConfigError(f"prune_checkpoints: keep must be >= 1, got {keep}")
+    out_dir = Path(out_dir)
+    newest = latest_checkpoint(out_dir)
+    done = sorted((p for p in out_dir.glob("step_*") if (p / "state.json").is_file()), key=lambda p: int(p.name[5:]))
+    gone = [p for p in done[:-keep] if newest is None or p.resolve() != newest.resolve()]
+    for p in gone:
+        shutil.rmtree(p)
+    return gone
+
+
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
     """Load weights (and optimizer state) from a ``step_*`` folder, or an out_dir's latest one.
     Returns the checkpoint's state.json (config, step, history, rng, model_config) plus its "path"."""

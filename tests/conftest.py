@@ -20,3 +20,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A tiny randomly initialised Llama (4 layers, hidden 32, MLP 64 wide, vocabulary 8192) + the shipped
+    bpe8k tokenizer, saved as ``routelib.data.load_pretrained`` reads a model folder: the real corpus
+    streams feed it (the pathway study's tests)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from routelib.data import load_tokenizer
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=8192, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+    path = tmp_path_factory.mktemp("tiny_llama")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    load_tokenizer("bpe8k").save_pretrained(path)
+    return path

@@ -6,7 +6,7 @@ not made yet (its folder has no manifest) is skipped with the command that makes
 import pytest
 import torch
 
-from routelib.studies import attention_routing, moe_vs_dense
+from routelib.studies import attention_routing, moe_vs_dense, pathways
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +50,18 @@ def test_03_first_steps_reproduce(ref03, arm, tmp_path):
         assert got[key] == pytest.approx(recorded[key], rel=1e-6, abs=1e-7), key
 
 
+def made_or_skip(study, notebook: str) -> dict:
+    """A study's loaded reference run, or a skip naming the command that makes it."""
+    ref = study.load_reference_if_made()  # raises if a file differs from the manifest
+    if ref is None:
+        pytest.skip(f"notebook {notebook}'s reference run is not made yet ({study.REFERENCE_DIR} has no "
+                    f"manifest.json); make it with: {study.REFERENCE_LAUNCH}")
+    return ref
+
+
 @pytest.fixture(scope="module")
 def ref02():
-    ref = attention_routing.load_reference_if_made()  # raises if a file differs from the manifest
-    if ref is None:
-        pytest.skip(f"notebook 02's reference run is not made yet ({attention_routing.REFERENCE_DIR} has no "
-                    f"manifest.json); make it with: {attention_routing.REFERENCE_LAUNCH}")
-    return ref
+    return made_or_skip(attention_routing, "02")
 
 
 def test_02_manifest_is_complete(ref02):
@@ -77,4 +82,29 @@ def test_02_first_steps_reproduce(ref02, tmp_path):
     got, recorded = attention_routing.reproduce_first_steps(ref02, run, tmp_path)
     assert got["step"] == recorded["step"] == ref02["settings"].log_every
     for key in ("loss", "lm_loss"):
+        assert got[key] == pytest.approx(recorded[key], rel=1e-6, abs=1e-7), key
+
+
+@pytest.fixture(scope="module")
+def ref01():
+    return made_or_skip(pathways, "01")
+
+
+def test_01_manifest_is_complete(ref01):
+    man, runs, cfg = ref01["manifest"], ref01["runs"], ref01["cfg"]
+    assert man["command"].startswith("python -m routelib.studies.pathways reference")
+    assert man["commit"] and man["wall_s"] > 0 and man["environment"]["torch_threads"] >= 1
+    names = {s.name for s in pathways.reference_plan(cfg, ref01["settings"])}
+    assert set(runs.index) == set(ref01["histories"]) == names
+    # the issue's bar: >= 8 routed layers, >= 2 seeds of the main arm, every run stopped by the rule or the cap
+    assert len(ref01["summary"]["routed_layers"]) >= 8 and len(ref01["summary"]["main_runs"]) >= 2
+    assert set(runs["stop_reason"]) <= {"recovered", "plateau", "max_steps"}
+    assert (cfg.num_pathways, cfg.top_k_pathways) == (16, 4)
+
+
+def test_01_first_steps_reproduce(ref01, tmp_path):
+    run = ref01["summary"]["main_runs"][0]
+    got, recorded = pathways.reproduce_first_steps(ref01, run, tmp_path)
+    assert got["step"] == recorded["step"] == ref01["settings"].log_every
+    for key in ("loss", "lm_loss", "glbl"):
         assert got[key] == pytest.approx(recorded[key], rel=1e-6, abs=1e-7), key

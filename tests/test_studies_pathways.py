@@ -16,7 +16,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from routelib import metrics
 from routelib.studies import pathways as ps
-from routelib.data import load_tokenizer
 from routelib.errors import ConfigError
 from routelib.models.pathways import PathwayMLP, RoutedLLM, decoder_layers
 
@@ -26,15 +25,9 @@ VOCAB = 8192  # the shipped bpe8k tokenizer, so the real corpus streams feed the
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+def model_dir(tiny_llama_dir):
     """A tiny Llama (4 layers, MLP 64 wide) + the bpe8k tokenizer, saved as load_pretrained reads it."""
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
-    path = tmp_path_factory.mktemp("tiny_llama")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    load_tokenizer("bpe8k").save_pretrained(path)
-    return path
+    return tiny_llama_dir
 
 
 def study_cfg(model_dir, tmp_path, **kw) -> ps.PathwayStudyConfig:
@@ -399,3 +392,86 @@ def test_probe_batch_takes_domains_in_turn():
     assert ps.probe_batch(data, 4)[0][:, 0].tolist() == [1, 2, 1, 3]
     with pytest.raises(ConfigError, match="windows"):
         ps.probe_batch(data, 5)
+
+
+# ---------------------------------------------------------------------- neuron grouping (issue 14)
+@pytest.mark.parametrize("kw, match", [
+    pytest.param({"grouping": "random"}, "grouping", id="grouping"),
+    pytest.param({"grouping_split": "dev"}, "unknown split", id="split"),
+    pytest.param({"grouping_windows": 0}, "grouping_windows", id="windows"),
+    pytest.param({"grouping_top_fraction": 1.0}, "grouping_top_fraction", id="top-fraction"),
+])
+def test_grouping_config_rejects_bad_values(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        ps.PathwayStudyConfig(**kw)
+
+
+@pytest.mark.parametrize("grouping", ["coactivation", "weights"])
+def test_grouped_routing_is_the_base_model_in_all_mode_and_unroute_restores_it(model_dir, tmp_path, grouping):
+    cfg = study_cfg(model_dir, tmp_path, routed_layers="1,3", grouping=grouping, grouping_windows=2)
+    model, tok = ps.load_base(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+    routed = ps.build_routed(model, cfg, tokenizer=tok)
+    assert set(routed.neuron_orders) == {1, 3}
+    assert not torch.equal(routed.neuron_orders[1], torch.arange(64))  # the groups are not the base order
+    again = ps.build_routed(ps.load_base(cfg)[0], cfg, tokenizer=tok)
+    assert all(torch.equal(routed.neuron_orders[i], again.neuron_orders[i]) for i in (1, 3))  # deterministic
+    with torch.no_grad():
+        torch.testing.assert_close(routed.set_mode("all")(ids).logits, ref, rtol=1e-5, atol=1e-5)
+    back = ps.unroute(routed)
+    assert all(torch.equal(before[k], v) for k, v in back.state_dict().items())
+
+
+def test_stored_orders_are_reused_and_checked(model_dir, tmp_path):
+    cfg = study_cfg(model_dir, tmp_path, routed_layers="1,3", grouping="weights")
+    first = ps.build_routed(ps.load_base(cfg)[0], cfg)
+    again = ps.build_routed(ps.load_base(cfg)[0], cfg, orders=first.neuron_orders)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+    ps.save_orders(tmp_path / "g.npz", first.neuron_orders)
+    back = ps.load_orders(tmp_path / "g.npz")
+    assert sorted(back) == [1, 3] and all(torch.equal(back[i], first.neuron_orders[i]) for i in (1, 3))
+    with pytest.raises(ConfigError, match="do not fit"):
+        ps.build_routed(ps.load_base(cfg)[0], cfg, orders={1: first.neuron_orders[1]})
+    with pytest.raises(ConfigError, match="do not fit"):
+        ps.build_routed(ps.load_base(cfg)[0], dataclasses.replace(cfg, grouping="contiguous"), orders=first.neuron_orders)
+
+
+def test_coactivation_needs_the_tokenizer(model_dir, tmp_path):
+    cfg = study_cfg(model_dir, tmp_path, routed_layers="1", grouping="coactivation")
+    with pytest.raises(ConfigError, match="needs the tokenizer"):
+        ps.build_routed(ps.load_base(cfg)[0], cfg)
+
+
+def test_grouping_sample_takes_windows_of_every_domain(model_dir, tmp_path):
+    cfg = study_cfg(model_dir, tmp_path, grouping_windows=3)
+    _, tok = ps.load_base(cfg)
+    x = ps.grouping_sample(cfg, tok)
+    assert x.shape == (6, cfg.seq_len)  # 2 domains x 3 windows
+
+
+def test_run_hash_depends_on_grouping(model_dir, tmp_path):
+    from routelib.train import TrainConfig
+
+    cfg = study_cfg(model_dir, tmp_path)
+    rc, tc = cfg.routing_config([0]), TrainConfig(max_steps=6, warmup_steps=1)
+    hashes = {g: ps.run_hash(dataclasses.replace(cfg, grouping=g), rc, tc) for g in ("contiguous", "coactivation", "weights")}
+    assert len(set(hashes.values())) == 3
+
+
+def test_grouping_error_reports_both_groupings_and_leaves_the_model(model_dir, tmp_path):
+    cfg = study_cfg(model_dir, tmp_path, routed_layers="0,2", grouping_windows=2)
+    model, tok = ps.load_base(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(4))
+    table = ps.grouping_error(model, cfg, x, tokenizer=tok, groupings=("contiguous", "coactivation"))
+    assert list(table.index) == [0, 2]
+    assert set(table.columns) == {(g, m) for g in ("contiguous", "coactivation") for m in ("router", "random", "best_k")}
+    assert (table.xs("best_k", axis=1, level="measure") <= table.xs("random", axis=1, level="measure") + 1e-6).all().all()
+    assert ((table > 0) & (table < 2)).all().all()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the model comes back as it was
+    # the contiguous half is selection_error of the plain routed model
+    direct = ps.selection_error(ps.build_routed(model, cfg, tokenizer=tok), x, seed=cfg.seed)
+    np.testing.assert_allclose(table["contiguous"][direct.columns].to_numpy(), direct.to_numpy(), rtol=1e-6)

@@ -205,6 +205,20 @@ def test_resume_from_an_older_checkpoint_when_the_newest_is_gone(tmp_path, refer
     assert resumed.losses == reference.losses
 
 
+def test_prune_checkpoints_keeps_the_newest_and_resume_still_exact(tmp_path, reference):
+    run(cfg(out_dir=tmp_path, ckpt_every=2, stop_step=7))
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == [f"step_{s:06d}" for s in (2, 4, 6, 7)]
+    gone = T.prune_checkpoints(tmp_path, keep=2)
+    assert [p.name for p in gone] == ["step_000002", "step_000004"]
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_000006", "step_000007"]
+    T.prune_checkpoints(tmp_path)
+    assert [p.name for p in tmp_path.glob("step_*")] == ["step_000007"] == [latest_checkpoint(tmp_path).name]
+    assert run(cfg(out_dir=tmp_path), resume=True).losses == reference.losses
+    with pytest.raises(ConfigError, match="keep must be >= 1"):
+        T.prune_checkpoints(tmp_path, keep=0)
+    assert T.prune_checkpoints(tmp_path / "none") == []  # no folder: nothing to delete
+
+
 @pytest.fixture(params=["foreground", "background"])
 def caller_sigint(request):
     """The SIGINT disposition the test starts with: Python's default, or ignored (as in a job started

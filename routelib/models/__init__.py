@@ -12,6 +12,8 @@
 - :mod:`routelib.models.gdn_naive`  the token-by-token gated delta rule the fast paths are tested against
 - :mod:`routelib.models.pathways`   a pretrained LM's MLPs split into N neuron-group pathways, routed top-k
                                     (sparse grouped-GEMM and dense-masked paths), GLBL and Switch losses
+- :mod:`routelib.models.grouping`   which neurons form a pathway: balanced k-means of an MLP's neurons by
+                                    co-activation or input weights (MoEfication), permuted into contiguous blocks
 - :mod:`routelib.models.attention`  causal softmax attention (SDPA, RoPE) with the GDN layer's interface
 - :mod:`routelib.models.hybrid`     4-layer GDN/softmax hybrids: static [GDN, GDN, GDN, softmax] and per-token
                                     routed (parallel router, Gumbel straight-through, balance loss)

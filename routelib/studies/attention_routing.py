@@ -48,8 +48,8 @@ from routelib.data.tokenizer import separator_id
 from routelib.errors import ConfigError
 from routelib.models.hybrid import DYNAMIC_LAYOUT, STATIC_LAYOUT, HybridConfig, HybridLM
 from routelib.evaluation import domain_eval_data, perplexity_by_domain, train_tokens_per_s
-from routelib.reference import (InvocationLog, load_manifest, load_records, parse_part, reference_made, split_parts,
-                                t_interval, wait_for, write_manifest, write_record)
+from routelib.reference import (InvocationLog, load_manifest, load_records, reference_invocation, reference_made,
+                                reference_parser, split_parts, t_interval, wait_for, write_manifest, write_record)
 from routelib.train import TrainConfig, TrainResult, make_optimizer, train
 
 ARMS = {"static": STATIC_LAYOUT, "dynamic": DYNAMIC_LAYOUT}
@@ -902,26 +902,15 @@ def main(argv: list[str] | None = None) -> int:
     HybridStudyConfig (defaults: REFERENCE_DEFAULTS) and of ReferenceSettings is an option; lists are
     comma-separated; ``--lr_same`` is the LR sweep's grid, ``--alpha_sweep_steps`` the alpha runs' length.
     Side by side: one process per ``--part i/n``, then one without ``--part`` to measure."""
-    parser = cli.ArgumentParser(prog="python -m routelib.studies.attention_routing", description=main.__doc__)
-    parser.add_argument("command", choices=["reference"], help="reference: the reference run (below)")
-    parser.add_argument("--out", default=REFERENCE_DIR, help=f"results folder (default {REFERENCE_DIR})")
-    parser.add_argument("--part", type=parse_part, default=None, help="train only part i of n of every group, e.g. 1/2")
-    parser.add_argument("--only_runs", default="", help="train only these runs (comma list of run names)")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser = reference_parser("python -m routelib.studies.attention_routing", main.__doc__, REFERENCE_DIR)
     cli.add_dataclass_options(parser, HybridStudyConfig, skip=("num_threads",), defaults=REFERENCE_DEFAULTS)  # --threads sets num_threads
     cli.add_dataclass_options(parser, ReferenceSettings)
     args = parser.parse_args(argv)
-    if args.part and args.only_runs:
-        raise ConfigError("give --part or --only_runs, not both")
-    if args.threads < 0:
-        raise ConfigError(f"--threads {args.threads}: need >= 0")
+    part, only_runs = reference_invocation(args)
     cfg = from_params(HybridStudyConfig, {**REFERENCE_DEFAULTS, **cli.dataclass_options(args, HybridStudyConfig),
                                           "num_threads": args.threads})
     settings = from_params(ReferenceSettings, cli.dataclass_options(args, ReferenceSettings))
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    manifest = reference_run(cfg, settings, args.out, part=args.part,
-                             only_runs=tuple(r for r in args.only_runs.split(",") if r))
+    manifest = reference_run(cfg, settings, args.out, part=part, only_runs=only_runs)
     if manifest:
         print(reference_verdict(load_reference(args.out)))
     return 0
