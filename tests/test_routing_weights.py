@@ -151,3 +151,22 @@ def test_router_study_config_and_tables(tmp_path):
     assert RouterStudyConfig(windows_per_domain=3).eval_windows == 3  # what domain_eval_data reads
     files = save_tables({"a": pd.DataFrame({"x": [1, 2]})}, tmp_path)
     assert files == [tmp_path / "a.csv"] and pd.read_csv(files[0])["x"].tolist() == [1, 2]
+
+
+def test_domain_routing_reads_windows_with_the_models_own_tokenizer(tmp_path):
+    """tokenizer='model' takes the studied model's tokenizer (the subject's is the project's BPE, so
+    the ids equal bpe8k's); a tokenizer whose ids exceed the model's vocabulary is refused by name."""
+    from routelib.data.tokenizer import load_tokenizer
+    from routelib.errors import ConfigError
+    from routelib.studies.router_weights import RouterStudyConfig, domain_routing, load_subject, window_tokenizer
+
+    cfg = RouterStudyConfig(seq_len=16, windows_per_domain=1)
+    text = "def add(a, b):\n    return a + b"
+    assert window_tokenizer(cfg)(text)["input_ids"] == load_tokenizer("bpe8k")(text)["input_ids"]
+    model = load_subject(cfg)
+    experts, logprobs, domains = domain_routing(model, cfg)
+    assert experts.shape[1:] == (6, 2) and len(experts) == len(domains) == len(logprobs)
+    with pytest.raises(ConfigError, match="embeddings"):
+        domain_routing(model, RouterStudyConfig(seq_len=16, windows_per_domain=1, tokenizer="smollm2"))
+    with pytest.raises(ConfigError, match="no tokenizer"):
+        window_tokenizer(RouterStudyConfig(model=str(tmp_path)))

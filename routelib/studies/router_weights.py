@@ -5,6 +5,7 @@ beside it (``routelib.routing.snapshots``; the subject's are made by its trainin
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ class RouterStudyConfig:
     subspace_rank: int = 16  # r: dimensions of each expert's input subspace in the alignment test
     seq_len: int = 128  # tokens per held-out window routed for co-activation and load balance
     windows_per_domain: int = 16  # held-out windows per domain (validation split)
-    tokenizer: str = "bpe8k"  # tokenizer of the held-out windows (the subject's: the project's BPE)
+    tokenizer: str = "model"  # tokenizer of the held-out windows: "model" = the studied model's own; or any load_tokenizer name
     seed: int = 0  # random baselines
 
     def __post_init__(self):
@@ -37,21 +38,50 @@ class RouterStudyConfig:
         return self.windows_per_domain
 
 
+def _model_source(cfg: RouterStudyConfig) -> str:
+    """``cfg.model`` as a local folder (relative paths: from the repo root) when it exists, else a hub name."""
+    local = paths.in_repo(cfg.model)
+    return str(local) if local.exists() else cfg.model
+
+
 def load_subject(cfg: RouterStudyConfig):
     """The studied transformers MoE (eval mode) from ``cfg.model`` (relative paths: from the repo root)."""
     from transformers import AutoModelForCausalLM
 
-    local = paths.in_repo(cfg.model)
-    return AutoModelForCausalLM.from_pretrained(str(local) if local.exists() else cfg.model).eval()
+    return AutoModelForCausalLM.from_pretrained(_model_source(cfg)).eval()
+
+
+def window_tokenizer(cfg: RouterStudyConfig):
+    """The tokenizer of the held-out windows: the studied model's own for ``tokenizer="model"`` (so an
+    OLMoE or Mixtral reads its own token ids, not the subject's BPE), else ``load_tokenizer(cfg.tokenizer)``."""
+    from routelib.data.tokenizer import load_tokenizer
+
+    if cfg.tokenizer != "model":
+        return load_tokenizer(cfg.tokenizer)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(_model_source(cfg))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"tokenizer='model': no tokenizer could be loaded from {cfg.model!r} ({err}); "
+                          "name one with tokenizer=...") from err
 
 
 def domain_routing(model, cfg: RouterStudyConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Route held-out windows of every corpus domain through ``model``: experts (N, L, k), router
-    log-probabilities (N, L, E) and the domain of each token (N,)."""
+    log-probabilities (N, L, E) and the domain of each token (N,). The windows are tokenised with
+    :func:`window_tokenizer`; a token id outside the model's vocabulary is an error, not a silent
+    lookup of some other embedding."""
     from routelib.evaluation import domain_eval_data
 
+    data = domain_eval_data(dataclasses.replace(cfg, tokenizer=window_tokenizer(cfg)))
+    vocab = model.get_input_embeddings().num_embeddings
+    top = max(int(x.max()) for batches in data.values() for x, _ in batches)
+    if top >= vocab:
+        raise ConfigError(f"tokenizer {cfg.tokenizer!r} produces token id {top}, but {cfg.model!r} has "
+                          f"{vocab} embeddings: the windows must use the model's own tokenizer (tokenizer='model')")
     experts, logprobs, domains = [], [], []
-    for domain, batches in domain_eval_data(cfg).items():
+    for domain, batches in data.items():
         ex, lp = G.route_batches(model, batches)
         experts.append(ex)
         logprobs.append(lp)
