@@ -210,6 +210,17 @@ def test_resume_refuses_other_settings_and_resume_false_starts_over(mixtral, tok
     assert len(df.attrs["manifest"]["shards"]) == 3
 
 
+def test_a_folder_holds_one_models_traces_and_says_so_when_resume_false_cannot_help(mixtral, tokenizer, tmp_path):
+    run(mixtral, tokenizer, tmp_path / "run")  # dataset "toy" from this model
+    other = tiny_model("mixtral", seed=1)  # same architecture, other weights
+    with pytest.raises(ConfigError, match="different model.*--no_resume"):  # resuming: starting over is a way out
+        run(other, tokenizer, tmp_path / "run")
+    with pytest.raises(ConfigError, match="different model.*use another out_dir") as err:  # other datasets bind it
+        run(other, tokenizer, tmp_path / "run", dataset="more", resume=False)
+    assert "--no_resume" not in str(err.value)
+    assert len(load_traces(tmp_path / "run")) > 0  # nothing was deleted
+
+
 def test_sampled_collection_is_seeded_per_batch_and_resumes_exactly(mixtral, tokenizer, tmp_path):
     kw = dict(greedy=False, seed=7, generation_kwargs={"temperature": 1.5, "top_p": 0.95})
     reference = run(mixtral, tokenizer, tmp_path / "ref", **kw)

@@ -701,12 +701,16 @@ def _as_prompts(prompts, problem_ids, dataset: str) -> tuple[list[str], list[str
     return ids, texts
 
 
-def _compare(kind: str, old: dict, new: dict, out_dir: Path) -> None:
+_RESUME_HINT = "Resume only with the same settings, or pass resume=False (--no_resume) to start over, or use another out_dir."
+_SHARED_HINT = ("Its other datasets' traces stay, and one folder holds one model's traces (with one tokenizer), "
+                "so resume=False cannot help: use another out_dir.")
+
+
+def _compare(kind: str, old: dict, new: dict, out_dir: Path, hint: str = _RESUME_HINT) -> None:
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if diff:
         detail = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:6])
-        raise ConfigError(f"{out_dir} holds traces from a different {kind} ({detail}). Resume only with the "
-                          f"same settings, or pass resume=False (--no_resume) to start over, or use another out_dir.")
+        raise ConfigError(f"{out_dir} holds traces from a different {kind} ({detail}). {hint}")
 
 
 _RESUME_MODEL_KEYS = ("architecture", "model_type", "config_sha256", "router_weights_sha256", "dtype")
@@ -770,9 +774,10 @@ def _open_manifest(out_dir: Path, dataset: str, resume: bool, minfo: dict, tinfo
         raise T.TraceError(f"{out_dir} holds {dataset} shards but no manifest.json: nothing says how they were "
                            f"made. Pass resume=False (--no_resume) to start {dataset} over.")
     if manifest is not None and (others or (resume and ours)):  # traces we must be compatible with
+        hint = _RESUME_HINT if resume else _SHARED_HINT  # with resume=False only the other datasets bind us
         _compare("model", {k: manifest["model"].get(k) for k in _RESUME_MODEL_KEYS},
-                 {k: minfo.get(k) for k in _RESUME_MODEL_KEYS}, out_dir)
-        _compare("tokenizer", {"sha256": manifest["tokenizer"].get("sha256")}, {"sha256": tinfo["sha256"]}, out_dir)
+                 {k: minfo.get(k) for k in _RESUME_MODEL_KEYS}, out_dir, hint)
+        _compare("tokenizer", {"sha256": manifest["tokenizer"].get("sha256")}, {"sha256": tinfo["sha256"]}, out_dir, hint)
         if resume and ours and dataset in manifest["datasets"]:
             old, keys = manifest["datasets"][dataset], ("num_problems", "prompts_sha256", "template", "generation")
             _compare(f"{dataset} run", {k: old.get(k) for k in keys}, {k: dinfo.get(k) for k in keys}, out_dir)
