@@ -6,7 +6,7 @@ not made yet (its folder has no manifest) is skipped with the command that makes
 import pytest
 import torch
 
-from routelib.studies import attention_routing, moe_vs_dense, pathways
+from routelib.studies import attention_routing, moe_vs_dense, pathways_reference
 
 
 @pytest.fixture(scope="module")
@@ -87,14 +87,14 @@ def test_02_first_steps_reproduce(ref02, tmp_path):
 
 @pytest.fixture(scope="module")
 def ref01():
-    return made_or_skip(pathways, "01")
+    return made_or_skip(pathways_reference, "01")
 
 
 def test_01_manifest_is_complete(ref01):
     man, runs, cfg = ref01["manifest"], ref01["runs"], ref01["cfg"]
     assert man["command"].startswith("python -m routelib.studies.pathways reference")
     assert man["commit"] and man["wall_s"] > 0 and man["environment"]["torch_threads"] >= 1
-    names = {s.name for s in pathways.reference_plan(cfg, ref01["settings"])}
+    names = {s.name for s in pathways_reference.reference_plan(cfg, ref01["settings"])}
     assert set(runs.index) == set(ref01["histories"]) == names
     # the bar: >= 8 routed layers, >= 2 seeds of the main arm, every run stopped by the rule or the cap
     assert len(ref01["summary"]["routed_layers"]) >= 8 and len(ref01["summary"]["main_runs"]) >= 2
@@ -104,7 +104,7 @@ def test_01_manifest_is_complete(ref01):
 
 def test_01_first_steps_reproduce(ref01, tmp_path):
     run = ref01["summary"]["main_runs"][0]
-    got, recorded = pathways.reproduce_first_steps(ref01, run, tmp_path)
+    got, recorded = pathways_reference.reproduce_first_steps(ref01, run, tmp_path)
     assert got["step"] == recorded["step"] == ref01["settings"].log_every
     for key in ("loss", "lm_loss", "glbl"):
         assert got[key] == pytest.approx(recorded[key], rel=1e-6, abs=1e-7), key

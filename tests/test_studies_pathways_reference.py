@@ -1,4 +1,4 @@
-"""Notebook 01's reference run (routelib.studies.pathways, its last section) on a tiny Llama: the plan, the
+"""Notebook 01's reference run (routelib.studies.pathways_reference) on a tiny Llama: the plan, the
 stop rule, training until it stops with one checkpoint kept and an interrupted run resumed to the same
 weights, the bootstrap purity intervals, a run made by two parts side by side and a measuring invocation
 (every file hashed, load_reference, the explorer's sample, the first steps reproduced bit for bit), and
@@ -18,6 +18,7 @@ from routelib import cli, metrics
 from routelib.errors import ConfigError
 from routelib.reference import ReferenceError
 from routelib.studies import pathways as ps
+from routelib.studies import pathways_reference as pr
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -32,31 +33,31 @@ def tiny_cfg(model_dir, tmp_path, **kw) -> ps.PathwayStudyConfig:
     return ps.PathwayStudyConfig(**{**base, **kw})
 
 
-def settings(**kw) -> ps.ReferenceSettings:
-    return ps.ReferenceSettings(**{**SETTINGS, **kw})
+def settings(**kw) -> pr.ReferenceSettings:
+    return pr.ReferenceSettings(**{**SETTINGS, **kw})
 
 
 # ------------------------------------------------------------------------------------------ plan
 def test_plan_main_arm_seeds_then_switch_then_other_grouping():
     cfg = ps.PathwayStudyConfig(grouping="coactivation")
-    names = [s.name for s in ps.reference_plan(cfg, settings(seeds=[0, 1, 2]))]
+    names = [s.name for s in pr.reference_plan(cfg, settings(seeds=[0, 1, 2]))]
     assert names == ["glbl-coactivation-s0", "glbl-coactivation-s1", "glbl-coactivation-s2",
                      "switch-coactivation-s0", "glbl-contiguous-s0"]
-    assert [s.name for s in ps.reference_plan(cfg, settings(switch_arm=False, other_grouping=""))] == \
+    assert [s.name for s in pr.reference_plan(cfg, settings(switch_arm=False, other_grouping=""))] == \
         ["glbl-coactivation-s0", "glbl-coactivation-s1"]
-    switch = ps.run_config(dataclasses.replace(cfg, glbl_weight=0.1), ps.RunSpec("switch", "weights", 3))
+    switch = pr.run_config(dataclasses.replace(cfg, glbl_weight=0.1), pr.RunSpec("switch", "weights", 3))
     assert (switch.glbl_weight, switch.switch_weight, switch.grouping, switch.seed) == (0.0, 0.1, "weights", 3)
 
 
 def test_reference_defaults_route_at_least_eight_layers_of_smollm2():
-    cfg = ps.PathwayStudyConfig(**ps.REFERENCE_DEFAULTS)
+    cfg = ps.PathwayStudyConfig(**pr.REFERENCE_DEFAULTS)
     layers = cfg.layers(30)
     assert len(layers) >= 8 and (cfg.num_pathways, cfg.top_k_pathways) == (16, 4)
     assert cfg.train_scope == "router+mlp" and cfg.glbl_weight > 0 and cfg.momentum > 0
 
 
 # ------------------------------------------------------------------------------------- stop rule
-S = ps.ReferenceSettings(recover_target=0.8, recovery_scale="linear", plateau_tol=0.01, plateau_fraction=0.2,
+S = pr.ReferenceSettings(recover_target=0.8, recovery_scale="linear", plateau_tol=0.01, plateau_fraction=0.2,
                          min_steps=100)
 
 
@@ -70,30 +71,30 @@ S = ps.ReferenceSettings(recover_target=0.8, recovery_scale="linear", plateau_to
     pytest.param([25, 50, 75, 100, 125, 150, 175, 200], [50, 48, 46, 44, 42, 40.5, 45, 50], "max_steps", id="cap"),
 ])
 def test_stop_rule(steps, ppls, expected):
-    reason, facts = ps.stop_rule(steps, ppls, base=37.0, untrained=56.0, max_steps=200, settings=S)
+    reason, facts = pr.stop_rule(steps, ppls, base=37.0, untrained=56.0, max_steps=200, settings=S)
     assert reason == expected
     assert facts["step"] == steps[-1] and facts["recovery"] == pytest.approx((56 - ppls[-1]) / 19)
 
 
 def test_recovery_scales():
-    assert ps.recovery(40.0, 37.0, 56.0, "linear") == pytest.approx(16 / 19)
-    assert ps.recovery(40.0, 37.0, 56.0, "log") == pytest.approx(math.log(56 / 40) / math.log(56 / 37))
+    assert pr.recovery(40.0, 37.0, 56.0, "linear") == pytest.approx(16 / 19)
+    assert pr.recovery(40.0, 37.0, 56.0, "log") == pytest.approx(math.log(56 / 40) / math.log(56 / 37))
     # 14 routed layers: untrained 1418, base 21 -- perplexity 293 is 81 % of the gap, but only 38 % in loss
-    assert ps.recovery(293.0, 21.0, 1418.0, "linear") > 0.8 > 0.4 > ps.recovery(293.0, 21.0, 1418.0, "log")
-    assert math.isnan(ps.recovery(5.0, 6.0, 6.0)) and math.isnan(ps.recovery(5.0, 0.0, 6.0, "log"))
+    assert pr.recovery(293.0, 21.0, 1418.0, "linear") > 0.8 > 0.4 > pr.recovery(293.0, 21.0, 1418.0, "log")
+    assert math.isnan(pr.recovery(5.0, 6.0, 6.0)) and math.isnan(pr.recovery(5.0, 0.0, 6.0, "log"))
     with pytest.raises(ConfigError, match="recovery scale"):
-        ps.recovery(1.0, 1.0, 2.0, "sqrt")
+        pr.recovery(1.0, 1.0, 2.0, "sqrt")
     log = dataclasses.replace(S, recovery_scale="log")
-    assert ps.stop_rule([25], [293.0], 21.0, 1418.0, 500, S)[0] == "recovered"
-    assert ps.stop_rule([25], [293.0], 21.0, 1418.0, 500, log)[0] is None
-    assert ps.stop_rule([25], [45.0], 21.0, 1418.0, 500, log)[0] == "recovered"
+    assert pr.stop_rule([25], [293.0], 21.0, 1418.0, 500, S)[0] == "recovered"
+    assert pr.stop_rule([25], [293.0], 21.0, 1418.0, 500, log)[0] is None
+    assert pr.stop_rule([25], [45.0], 21.0, 1418.0, 500, log)[0] == "recovered"
 
 
 def test_stop_rule_plateau_compares_with_the_last_fifth():
     # at step 125 the reference point is the newest evaluation at or before 100 (not 25)
-    reason, facts = ps.stop_rule([25, 100, 125], [50.0, 45.0, 44.7], 37.0, 56.0, 500, S)
+    reason, facts = pr.stop_rule([25, 100, 125], [50.0, 45.0, 44.7], 37.0, 56.0, 500, S)
     assert reason == "plateau" and facts["change"] == pytest.approx(0.3 / 45)
-    assert ps.stop_rule([50], [60.0], 37.0, 36.0, 500, S)[0] == "no_gap"
+    assert pr.stop_rule([50], [60.0], 37.0, 36.0, 500, S)[0] == "no_gap"
 
 
 @pytest.mark.parametrize("steps, ppls, match", [
@@ -103,7 +104,7 @@ def test_stop_rule_plateau_compares_with_the_last_fifth():
 ])
 def test_stop_rule_rejects_bad_curves(steps, ppls, match):
     with pytest.raises(ConfigError, match=match):
-        ps.stop_rule(steps, ppls, 1.0, 2.0, 10, S)
+        pr.stop_rule(steps, ppls, 1.0, 2.0, 10, S)
 
 
 # --------------------------------------------------------------------------- training until stop
@@ -114,12 +115,12 @@ def test_train_until_keeps_one_checkpoint_and_resumes_after_an_interrupt(tiny_ll
     def start(c):
         model, tok = ps.load_base(c)
         routed = ps.build_routed(model, c, tokenizer=tok)
-        curve, _ = ps.reference_data(c, never, tok)
+        curve, _ = pr.reference_data(c, never, tok)
         return routed, ps.training_batches(c, tok), curve
 
     routed, batch_fn, curve = start(cfg)
     untrained = ps.evaluate(routed, curve).perplexity["overall"]  # base 0: recovery = the relative drop, < 0.8
-    result, reason, facts = ps.train_until(routed, cfg, never, batch_fn, curve, 0.0, untrained, "glbl")
+    result, reason, facts = pr.train_until(routed, cfg, never, batch_fn, curve, 0.0, untrained, "glbl")
     assert (reason, facts["step"], result.step) == ("max_steps", 9, 9)
     folder = next((cfg.run_dir() / "checkpoints").glob("glbl-*"))
     assert sorted(p.name for p in folder.glob("step_*")) == ["step_000009"]  # older chunks' checkpoints pruned
@@ -138,13 +139,13 @@ def test_train_until_keeps_one_checkpoint_and_resumes_after_an_interrupt(tiny_ll
             raise KeyboardInterrupt
         return real(*args, **kw)
 
-    monkeypatch.setattr(ps, "fine_tune", interrupted)
+    monkeypatch.setattr(pr, "fine_tune", interrupted)
     routed2, batch_fn2, _ = start(cfg2)
     with pytest.raises(KeyboardInterrupt):
-        ps.train_until(routed2, cfg2, never, batch_fn2, curve, 0.0, untrained, "glbl")
-    monkeypatch.setattr(ps, "fine_tune", real)
+        pr.train_until(routed2, cfg2, never, batch_fn2, curve, 0.0, untrained, "glbl")
+    monkeypatch.setattr(pr, "fine_tune", real)
     routed2, batch_fn2, _ = start(cfg2)  # a new process: fresh model, resumes from step 6
-    again, reason2, _ = ps.train_until(routed2, cfg2, never, batch_fn2, curve, 0.0, untrained, "glbl")
+    again, reason2, _ = pr.train_until(routed2, cfg2, never, batch_fn2, curve, 0.0, untrained, "glbl")
     assert reason2 == "max_steps" and [r["step"] for r in again.history if "eval_ppl" in r] == [3, 6, 9]
     for (k, a), b in zip(routed.state_dict().items(), routed2.state_dict().values()):
         assert torch.equal(a, b), k
@@ -154,10 +155,10 @@ def test_train_until_stops_when_recovered(tiny_llama_dir, tmp_path):
     cfg = tiny_cfg(tiny_llama_dir, tmp_path, routed_layers="1")
     model, tok = ps.load_base(cfg)
     routed = ps.build_routed(model, cfg, tokenizer=tok)
-    curve, _ = ps.reference_data(cfg, settings(), tok)
+    curve, _ = pr.reference_data(cfg, settings(), tok)
     ppl = ps.evaluate(routed, curve).perplexity["overall"]
     # any perplexity below 10x the untrained one counts as recovered against this made-up gap
-    result, reason, facts = ps.train_until(routed, cfg, settings(recovery_scale="linear"), ps.training_batches(cfg, tok), curve,
+    result, reason, facts = pr.train_until(routed, cfg, settings(recovery_scale="linear"), ps.training_batches(cfg, tok), curve,
                                            base_ppl=0.0, untrained_ppl=10 * ppl, name="glbl")
     assert reason == "recovered" and facts["step"] == result.step == 3 and facts["recovery"] >= 0.8
 
@@ -176,12 +177,12 @@ def test_bootstrap_mean_purity_matches_the_plain_metric():
     rand = metrics.random_topk(len(sample), 4, 2, seed=1)
     for sel in (idx, rand):
         draws = np.vstack([np.ones(20, dtype=np.int64), np.full(20, 2)])  # every window once; twice
-        got = ps.bootstrap_mean_purity(sample.tokens, sample.seq_ids, sel, draws, 4, 64)
+        got = pr.bootstrap_mean_purity(sample.tokens, sample.seq_ids, sel, draws, 4, 64)
         want = metrics.pathway_metrics(sample.tokens, sel, 4, 64).mean_purity
         assert got == pytest.approx([want, want], rel=1e-9)
     one = np.zeros((1, 20), dtype=np.int64)
     one[0, 3] = 1  # a resample of window 3 alone
-    got = ps.bootstrap_mean_purity(sample.tokens, sample.seq_ids, idx, one, 4, 64)
+    got = pr.bootstrap_mean_purity(sample.tokens, sample.seq_ids, idx, one, 4, 64)
     w = sample.seq_ids == 3
     assert got[0] == pytest.approx(metrics.pathway_metrics(sample.tokens[w], idx[w], 4, 64).mean_purity)
 
@@ -189,7 +190,7 @@ def test_bootstrap_mean_purity_matches_the_plain_metric():
 def test_purity_intervals_separate_a_planted_router_from_controls():
     sample, idx = planted_sample()
     routers = {"fine-tuned": {5: idx}, "random top-k": {5: metrics.random_topk(len(sample), 4, 1, seed=2)}}
-    table = ps.purity_intervals(sample, routers, 4, 64, resamples=200, seed=0)
+    table = pr.purity_intervals(sample, routers, 4, 64, resamples=200, seed=0)
     assert set(table["domain"]) == {"all", "a", "b"} and set(table["layer"]) == {"5", "all"}
     assert set(table.loc[table["domain"] == "a", "windows"]) == {10}
     row = table[(table["router"] == "fine-tuned") & (table["layer"] == "all") & (table["domain"] == "all")].iloc[0]
@@ -198,9 +199,9 @@ def test_purity_intervals_separate_a_planted_router_from_controls():
     assert row["excess_low"] > 0 and row["trained_minus"] == 0.0  # pure beyond its load pattern
     assert rnd["excess_low"] < 0.02 and rnd["trained_minus_low"] > 0  # the interval excludes the control
     with pytest.raises(ConfigError, match="no router"):
-        ps.purity_intervals(sample, routers, 4, 64, trained="nope")
+        pr.purity_intervals(sample, routers, 4, 64, trained="nope")
     with pytest.raises(ConfigError, match="resamples"):
-        ps.purity_intervals(sample, routers, 4, 64, resamples=0)
+        pr.purity_intervals(sample, routers, 4, 64, resamples=0)
 
 
 # --------------------------------------------------------------------------- the run, end to end
@@ -210,29 +211,29 @@ def made(tiny_llama_dir, tmp_path_factory):
     measuring invocation. Counts how often each run is trained."""
     tmp = tmp_path_factory.mktemp("ref01")
     cfg, s, out = tiny_cfg(tiny_llama_dir, tmp), settings(), tmp / "reference"
-    trained, record = [], ps._train_and_record
+    trained, record = [], pr._train_and_record
 
     def counting(spec, *args):
         trained.append(spec.name)
         return record(spec, *args)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ps, "_train_and_record", counting)
+        mp.setattr(pr, "_train_and_record", counting)
         for part in [(1, 2), (2, 2)]:
-            assert ps.reference_run(cfg, s, out, part=part, command=f"test part {part}") is None
-        manifest = ps.reference_run(cfg, s, out, command="test final")
+            assert pr.reference_run(cfg, s, out, part=part, command=f"test part {part}") is None
+        manifest = pr.reference_run(cfg, s, out, command="test final")
     return cfg, s, out, trained, manifest
 
 
 def test_every_run_once_with_its_files(made):
     cfg, s, out, trained, manifest = made
-    names = [sp.name for sp in ps.reference_plan(cfg, s)]
+    names = [sp.name for sp in pr.reference_plan(cfg, s)]
     assert sorted(trained) == sorted(names)  # every run once, none by the measuring invocation
-    ref = ps.load_reference(out)
+    ref = pr.load_reference(out)
     assert list(ref["runs"].index) == names and set(ref["histories"]) == set(names)
     for name, row in ref["runs"].iterrows():
         h = ref["histories"][name]
-        assert row["stop_reason"] in ps.STOP_REASONS and h["step"].iloc[0] == 0
+        assert row["stop_reason"] in pr.STOP_REASONS and h["step"].iloc[0] == 0
         assert h["eval_ppl"].iloc[0] == pytest.approx(row["curve_untrained_ppl"])
         assert row["stop_tokens"] == row["stop_step"] * cfg.batch_size * cfg.seq_len
         assert {"ppl_base_overall", "ppl_trained_news", "ppl_untrained_encyclopedic"} <= set(row.index)
@@ -251,7 +252,7 @@ def test_every_run_once_with_its_files(made):
 
 def test_measurements(made):
     cfg, s, out, _, _ = made
-    ref = ps.load_reference(out)
+    ref = pr.load_reference(out)
     ge = ref["grouping_error"]
     assert list(ge.index) == [1, 3] and {g for g, _ in ge.columns} == {"coactivation", "contiguous"}
     purity = ref["purity"]
@@ -279,14 +280,14 @@ def test_measurements(made):
 
 def test_views_of_the_reference(made):
     cfg, _, out, _, _ = made
-    ref = ps.load_reference(out)
-    sample, per_router = ps.reference_routers(ref)
+    ref = pr.load_reference(out)
+    sample, per_router = pr.reference_routers(ref)
     assert list(per_router) == list(ps.ROUTERS) and set(per_router["fine-tuned"]) == {1, 3}
     summary = ps.summary_table(per_router)
     first = ref["summary"]["main_runs"][0]
     stored = ref["purity"].query("run == @first and domain == 'all' and layer == '1'").set_index("router")["purity"]
     assert summary.query("layer == 1").set_index("router")["mean_purity"].to_dict() == pytest.approx(stored.to_dict())
-    curves = ps.recovery_curves(ref)
+    curves = pr.recovery_curves(ref)
     assert set(curves["run"]) == set(ref["runs"].index) and (curves.groupby("run")["step"].min() == 0).all()
     start = curves[curves["step"] == 0]
     assert np.allclose(start["recovery_log"], 0.0) or start["recovery_log"].isna().all()  # untrained: no recovery
@@ -303,32 +304,32 @@ def test_manifest_hashes_every_file_and_refuses_changes(made, tmp_path):
     shutil.copytree(out, copy)
     (copy / "summary.json").write_text((copy / "summary.json").read_text().replace("{", "{ ", 1))
     with pytest.raises(ReferenceError, match="summary.json: sha256 differs"):
-        ps.load_reference(copy)
+        pr.load_reference(copy)
 
 
 def test_first_steps_reproduce(made, tmp_path):
     _, _, out, _, _ = made
-    ref = ps.load_reference(out)
+    ref = pr.load_reference(out)
     run = ref["summary"]["main_runs"][0]
-    got, recorded = ps.reproduce_first_steps(ref, run, tmp_path / "a")  # the grouping recomputed equals the stored one
+    got, recorded = pr.reproduce_first_steps(ref, run, tmp_path / "a")  # the grouping recomputed equals the stored one
     assert got["step"] == recorded["step"] == ref["settings"].log_every
     for key in ("loss", "lm_loss", "glbl"):
         assert got[key] == recorded[key], key  # bit-exact on CPU
     flipped = {i: o.flip(0) for i, o in ref["orders"](run).items()}
     with pytest.raises(ReferenceError, match="grouping differs from the stored one"):
-        ps.reproduce_first_steps({**ref, "orders": lambda _: flipped}, run, tmp_path / "b")
+        pr.reproduce_first_steps({**ref, "orders": lambda _: flipped}, run, tmp_path / "b")
 
 
 def test_a_finished_run_is_not_retrained(made, monkeypatch):
     cfg, s, out, _, _ = made
-    monkeypatch.setattr(ps, "_train_and_record", lambda *a: pytest.fail("retrained a finished run"))
-    assert ps.reference_run(cfg, s, out, part=(1, 2), command="again") is None
+    monkeypatch.setattr(pr, "_train_and_record", lambda *a: pytest.fail("retrained a finished run"))
+    assert pr.reference_run(cfg, s, out, part=(1, 2), command="again") is None
 
 
 def test_not_made_yet(tmp_path):
-    assert ps.load_reference_if_made(tmp_path) is None
+    assert pr.load_reference_if_made(tmp_path) is None
     with pytest.raises(ReferenceError, match="no manifest"):
-        ps.load_reference(tmp_path)
+        pr.load_reference(tmp_path)
 
 
 # -------------------------------------------------------------------------------- command line
@@ -352,7 +353,7 @@ def test_not_made_yet(tmp_path):
     (["reference", "--only_runs", "glbl-x-s0"], "only_runs: glbl-x-s0 not in the plan"),
 ])
 def test_bad_command_lines_are_one_line_errors(argv, needle, capsys, tmp_path):
-    assert cli.run(ps.main, [*argv, "--out", str(tmp_path / "out")]) == 2
+    assert cli.run(pr.main, [*argv, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
     assert not (tmp_path / "out").exists()  # nothing written
