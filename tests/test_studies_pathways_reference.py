@@ -293,6 +293,74 @@ def test_views_of_the_reference(made):
     assert np.allclose(start["recovery_log"], 0.0) or start["recovery_log"].isna().all()  # untrained: no recovery
 
 
+def test_reading_tables(made):
+    cfg, s, out, _, _ = made
+    ref = pr.load_reference(out)
+    header = pr.reference_header(ref)
+    assert "test final" in header and "2 routed layers (1..3" in header and f"top-{cfg.top_k_pathways} of 8" in header
+    assert pr.reference_header(None) == f"reference run not yet made: {pr.REFERENCE_LAUNCH}"
+    runs = pr.runs_table(ref)
+    assert list(runs.index) == list(ref["runs"].index)
+    assert (runs["ppl_base"] == ref["runs"]["ppl_base_overall"]).all() and set(runs["stop"]) <= set(pr.STOP_REASONS)
+    table = pr.purity_summary(ref)
+    assert list(table.columns) == ["purity", "excess", "trained_minus"] and len(table) == 4 * len(runs)
+    first = ref["summary"]["main_runs"][0]
+    row = ref["purity"].query("run == @first and router == 'untrained' and layer == 'all' and domain == 'all'").iloc[0]
+    assert table.loc[(first, "untrained"), "purity"] == (f"{row['purity']:.4f} [{row['purity_low']:.4f}, "
+                                                         f"{row['purity_high']:.4f}]")
+    assert len(pr.purity_summary(ref, layer=3, domain="news")) == 4  # per domain: the first main run only
+    with pytest.raises(ConfigError, match="no purity rows for layer='7'"):
+        pr.purity_summary(ref, layer="7")
+    errors = pr.selection_error_summary(ref)
+    assert list(errors.columns) == ["router", "random", "best_k"]
+    assert set(errors.index) == {(r, st) for r in runs.index for st in ("trained", "untrained")}
+    assert errors.loc[(first, "trained"), "best_k"] == pytest.approx(ref["selection_error"][first].loc["trained", "best_k"].mean())
+
+
+def test_verdict_follows_the_paired_intervals(made):
+    _, _, out, _, _ = made
+    ref = pr.load_reference(out)
+    v = pr.reference_numbers(ref)
+    main = ref["summary"]["main_runs"]
+    overall = ref["purity"].query("layer == 'all' and domain == 'all'").set_index(["run", "router"])
+    for c in ("untrained", "random top-k", "permuted"):  # above: every main run's paired interval is > 0
+        assert v["above"][c] == all(overall.loc[(r, c), "trained_minus_low"] > 0 for r in main)
+    assert v["cells"]["layer"][1] == 2 * len(main) and v["cells"]["domain"][1] == 2  # 2 layers; 2 domains, first run
+    assert 0 <= v["purest"]["token_share"] <= 1
+
+    def with_gap(low, high):  # the same reference, every paired difference's interval set to [low, high]
+        purity = ref["purity"].copy()
+        trained = purity["router"] == "fine-tuned"
+        purity.loc[~trained, ["trained_minus", "trained_minus_low", "trained_minus_high"]] = [(low + high) / 2, low, high]
+        return pr.reference_verdict({**ref, "purity": purity})
+
+    assert "more token-specific than every control**, by intervals that exclude them" in with_gap(0.01, 0.02)
+    assert "not distinguishable from the controls**" in with_gap(-0.01, 0.02)
+    assert "less token-specific than a control**" in with_gap(-0.02, -0.01)
+    assert all(name in with_gap(0.01, 0.02) for name in ref["runs"].index)
+
+
+def test_reference_figures(made):
+    import matplotlib.pyplot as plt
+
+    from routelib.views import pathways as views
+
+    _, s, out, _, _ = made
+    ref = pr.load_reference(out)
+    first = ref["summary"]["main_runs"][0]
+    fig = views.recovery_curves(pr.recovery_curves(ref), ref["summary"]["base_ppl"], s.recover_target)
+    assert len(fig.axes[0].lines) == len(ref["runs"]) + 1  # one line per run and the base model
+    for by, n in (("layer", 2), ("domain", 2)):
+        fig = views.purity_intervals(ref["purity"], first, by=by)
+        assert [t.get_text() for t in fig.axes[0].get_xticklabels()][:n] and len(fig.axes) == 2
+    assert len(views.balance_over_training(ref["histories"], ref["runs"]).axes[1].lines) == len(ref["runs"])
+    with pytest.raises(ConfigError, match="by='seed'"):
+        views.purity_intervals(ref["purity"], first, by="seed")
+    with pytest.raises(ConfigError, match="no rows for run 'nope'"):
+        views.purity_intervals(ref["purity"], "nope")
+    plt.close("all")
+
+
 def test_manifest_hashes_every_file_and_refuses_changes(made, tmp_path):
     import shutil
 

@@ -569,6 +569,142 @@ def recovery_curves(ref: dict) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)[cols]
 
 
+def reference_header(ref: dict | None) -> str:
+    """What the reference run was (command, commit, machine, wall time, shape, stop rule), or for ``None``
+    the one line saying it has not been made and the command that makes it."""
+    if ref is None:
+        return f"reference run not yet made: {REFERENCE_LAUNCH}"
+    man, cfg, s, st = ref["manifest"], ref["cfg"], ref["summary"], ref["settings"]
+    env = man["environment"]
+    layers = s["routed_layers"]
+    return "\n".join([
+        f"command: {man['command']}",
+        f"commit {str(man['commit'])[:10]}; {env['device']}, torch {env['torch']}, {env['torch_threads']} thread(s); "
+        f"{man['wall_s'] / 60:.0f} min of process wall time over {man['invocations']} invocations",
+        f"{cfg.model_name}: {len(layers)} routed layers ({layers[0]}..{layers[-1]}, every {cfg.route_every_n_layers}), "
+        f"top-{cfg.top_k_pathways} of {cfg.num_pathways} pathways, {cfg.train_scope} fine-tuned at lr {cfg.lr:g}, "
+        f"{s['tokens_per_step']:,} tokens per step, cap {cfg.steps} steps",
+        f"stop rule: recovery >= {st.recover_target:g} of the gap untrained routing -> base ({st.recovery_scale} scale), "
+        f"or < {st.plateau_tol:.0%} change over the last {st.plateau_fraction:.0%} of steps (from step {st.min_steps}), "
+        f"checked every {st.eval_every} steps",
+        f"evaluation: {s['eval']}; purity intervals: {st.bootstrap} bootstrap resamples of held-out windows, "
+        f"{st.confidence:.0%}",
+    ])
+
+
+def runs_table(ref: dict) -> pd.DataFrame:
+    """One row per run: arm, grouping, seed, why and when it stopped (steps, training tokens), held-out
+    perplexity (full evaluation set) of the base model, the untrained and the trained routing, and the
+    share of the gap closed in loss and in perplexity."""
+    r = ref["runs"]
+    return pd.DataFrame({
+        "arm": r["arm"], "grouping": r["grouping"], "seed": r["seed"], "stop": r["stop_reason"],
+        "steps": r["stop_step"], "tokens": r["stop_tokens"], "ppl_base": r["ppl_base_overall"],
+        "ppl_untrained": r["ppl_untrained_overall"], "ppl_trained": r["ppl_trained_overall"],
+        "recovery_loss": r["recovery_log"], "recovery_ppl": r["recovery_linear"]})
+
+
+def _interval(row, stat: str) -> str:
+    return f"{row[stat]:.4f} [{row[f'{stat}_low']:.4f}, {row[f'{stat}_high']:.4f}]"
+
+
+def purity_summary(ref: dict, layer: str = "all", domain: str = "all") -> pd.DataFrame:
+    """Purity of every run's trained router and its controls at one ``layer`` ("all": mean over routed
+    layers) and ``domain`` ("all": every held-out position), each ``value [low, high]`` (95 % bootstrap
+    over held-out windows): ``purity``, ``excess`` over the router's own permuted choices, and
+    ``trained_minus`` (the trained router's purity minus this router's, paired on the same resamples)."""
+    p = ref["purity"]
+    rows = p[(p["layer"] == str(layer)) & (p["domain"] == domain)]
+    if rows.empty:
+        raise ConfigError(f"purity_summary: no purity rows for layer={layer!r}, domain={domain!r}")
+    return pd.DataFrame([{"run": r["run"], "router": r["router"], **{s: _interval(r, s) for s in
+                                                                    ("purity", "excess", "trained_minus")}}
+                         for _, r in rows.iterrows()]).set_index(["run", "router"])
+
+
+def selection_error_summary(ref: dict) -> pd.DataFrame:
+    """Relative output error of the routed MLPs (mean over routed layers, :func:`selection_error`) per run,
+    before and after training: the router's k of N, a random k of N and the best k of N."""
+    frames = {run: e.groupby(level="router_state").mean() for run, e in ref["selection_error"].items()}
+    return pd.concat(frames, names=["run"]).reindex(columns=["router", "random", "best_k"])
+
+
+def reference_numbers(ref: dict) -> dict:
+    """The facts the verdict rests on, from the run's files: per run how it stopped; for the main runs
+    (layer "all", domain "all") the trained router's purity and the controls', and whether the paired
+    interval of trained minus each control excludes 0; in how many (layer, run) and (domain, run) cells
+    it does against the untrained router; the purest pathway of the first main run."""
+    s, p = ref["summary"], ref["purity"]
+    main = s["main_runs"]
+    controls = [r for r in dict.fromkeys(p["router"]) if r != "fine-tuned"]
+    overall = p[(p["layer"] == "all") & (p["domain"] == "all")].set_index(["run", "router"])
+    above = {c: all(overall.loc[(r, c), "trained_minus_low"] > 0 for r in main) for c in controls}
+    below = {c: all(overall.loc[(r, c), "trained_minus_high"] < 0 for r in main) for c in controls}
+    overlap = {c: all(overall.loc[(r, c), "purity_high"] >= overall.loc[(r, "fine-tuned"), "purity_low"] for r in main)
+               for c in controls}
+    cells = {}
+    for scope, mask in (("layer", (p["layer"] != "all") & (p["domain"] == "all")),
+                        ("domain", (p["layer"] == "all") & (p["domain"] != "all"))):
+        unt = p[mask & (p["router"] == "untrained") & p["run"].isin(main)]
+        cells[scope] = (int((unt["trained_minus_low"] > 0).sum()), len(unt))
+    table = ref["pathways"]
+    purest = table.loc[table["purity"].idxmax()]
+    top_token, top_count = purest["top_tokens"].split(" ")[0].rsplit(":", 1)
+    return dict(
+        main_runs=main, stop=s["stop"], routed_layers=len(s["routed_layers"]), controls=controls,
+        purity={c: float(np.mean([overall.loc[(r, c), "purity"] for r in main])) for c in ["fine-tuned", *controls]},
+        excess={c: float(np.mean([overall.loc[(r, c), "excess"] for r in main])) for c in ["fine-tuned", *controls]},
+        gain={c: {r: tuple(float(overall.loc[(r, c), f"trained_minus{x}"]) for x in ("", "_low", "_high")) for r in main}
+              for c in controls},
+        trained={r: tuple(float(overall.loc[(r, "fine-tuned"), f"{stat}{x}"]) for stat in ("purity", "excess")
+                          for x in ("", "_low", "_high")) for r in dict.fromkeys(p["run"])},
+        above=above, below=below, overlap=overlap, cells=cells,
+        purest=dict(layer=int(purest["layer"]), pathway=int(purest["pathway"]), purity=float(purest["purity"]),
+                    token=top_token, token_share=int(top_count) / int(purest["selections"])),
+        pathway_purity=(float(table["purity"].min()), float(table["purity"].median()), float(table["purity"].max())),
+    )
+
+
+def reference_verdict(ref: dict) -> str:
+    """The verdict of the reference run in a few Markdown sentences, every number from its files."""
+    v = reference_numbers(ref)
+    stops = "; ".join(f"{run}: {st['stop_reason']} at {st['stop_tokens']:,} tokens (gap closed {st['recovery_log']:.0%} "
+                      f"in loss, {st['recovery_linear']:.0%} in perplexity)" for run, st in v["stop"].items())
+    trained = v["purity"]["fine-tuned"]
+    if all(v["above"].values()):
+        outcome = "**more token-specific than every control**, by intervals that exclude them"
+    elif any(v["below"].values()):
+        outcome = "**less token-specific than a control**"
+    else:
+        outcome = "**not distinguishable from the controls**: some intervals include them"
+    gains = "; ".join(f"{c} " + " and ".join(f"{g:+.4f} [{lo:+.4f}, {hi:+.4f}]" for g, lo, hi in per_run.values())
+                      for c, per_run in v["gain"].items())
+    arms = "; ".join(f"{run} {t[0]:.4f} [{t[1]:.4f}, {t[2]:.4f}], excess {t[3]:.4f} [{t[4]:.4f}, {t[5]:.4f}]"
+                     for run, t in v["trained"].items())
+    gain_untrained = float(np.mean([g for g, _, _ in v["gain"]["untrained"].values()]))
+    overl = [c for c, o in v["overlap"].items() if o]
+    (nl, tl), (nd, td) = v["cells"]["layer"], v["cells"]["domain"]
+    pu = v["purest"]
+    lo, med, hi = v["pathway_purity"]
+    return "\n\n".join([
+        f"Training ({v['routed_layers']} routed layers): {stops}.",
+        f"Trained routers of the main arm ({', '.join(v['main_runs'])}) are {outcome}: mean purity {trained:.4f} against "
+        + ", ".join(f"{c} {v['purity'][c]:.4f}" for c in v["controls"])
+        + f" (mean over the main runs). Trained minus control, paired on the same bootstrap resamples (95 %, one "
+          f"interval per main run): {gains}.",
+        (f"The separate intervals of purity overlap for the {', '.join(overl)} control{'s' if len(overl) > 1 else ''}: "
+         "only the paired difference resolves it. " if overl else "")
+        + f"Against the untrained router the paired interval excludes 0 in {nl} of {tl} (layer, main run) cells and "
+          f"{nd} of {td} domains (first main run). Excess over the router's own permuted choices: trained "
+          f"{v['excess']['fine-tuned']:.4f}, untrained {v['excess']['untrained']:.4f}.",
+        f"Every run's trained router, purity and excess with intervals: {arms}.",
+        f"**The size says no to \"monosemantic\"**: the gain over the untrained router is {gain_untrained:.4f} "
+        f"of purity ({gain_untrained / (1 - v['purity']['untrained']):.1%} of the way to a one-token pathway). "
+        f"Per-pathway purity spans {lo:.2f}-{hi:.2f} (median {med:.2f}); the purest pathway (layer {pu['layer']}, "
+        f"pathway {pu['pathway']}, purity {pu['purity']:.3f}) gives its most frequent token {pu['token']} "
+        f"{pu['token_share']:.0%} of its selections.",
+    ])
+
 def reproduce_first_steps(ref: dict, run: str, out_dir: str | Path) -> tuple[dict, dict]:
     """Re-train the first ``log_every`` steps of reference run ``run`` from the manifest's configuration
     on the manifest's number of torch threads, checkpoints under ``out_dir``. Returns the first history

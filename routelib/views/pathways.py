@@ -120,8 +120,87 @@ def purity_by_domain(table: pd.DataFrame, ax=None):
     return ax.figure
 
 
-__all__ = ["monosemanticity_figure", "purity_across_layers", "purity_by_domain", "purity_distribution",
-           "top_pathways", "utilisation_by_layer"]
+# ------------------------------------------------------------------------------ reference run
+RUN_STYLES = {"glbl": "-", "switch": "--"}  # line style per arm; colour per grouping, shade per seed
+
+
+def _run_colour(grouping: str, seed: int) -> str:
+    palette = {"coactivation": sns.color_palette("Blues_r", 4), "contiguous": sns.color_palette("Oranges_r", 4),
+               "weights": sns.color_palette("Greens_r", 4)}.get(grouping, sns.color_palette("Greys_r", 4))
+    return palette[min(int(seed), 3)]
+
+
+def recovery_curves(curves: pd.DataFrame, base_ppl: float, target: float, scale: str = "log"):
+    """Held-out perplexity (log axis) and the share of the gap closed (on ``scale``) against training
+    tokens, one line per reference run (``curves`` from
+    :func:`routelib.studies.pathways_reference.recovery_curves`), with the base model and the target."""
+    fig, axes = plt.subplots(1, 2, figsize=(13, 3.8))
+    for run, g in curves.groupby("run", sort=False):
+        style = dict(color=_run_colour(g["grouping"].iloc[0], g["seed"].iloc[0]), ls=RUN_STYLES.get(g["arm"].iloc[0], ":"),
+                     marker=".", label=run)
+        axes[0].plot(g["tokens"] / 1e3, g["ppl"], **style)
+        axes[1].plot(g["tokens"] / 1e3, g[f"recovery_{scale}"], **style)
+    axes[0].axhline(base_ppl, color="black", ls=":", lw=1, label=f"base model {base_ppl:.1f}")
+    axes[0].set_yscale("log")
+    axes[1].axhline(target, color="black", ls=":", lw=1, label=f"target {target:.0%}")
+    axes[0].set(xlabel="training tokens (k)", ylabel="held-out perplexity (curve windows)",
+                title="perplexity while the routed model trains")
+    axes[1].set(xlabel="training tokens (k)", ylabel=f"share of the gap closed ({scale})", ylim=(-0.05, 1.05),
+                title="recovery of the gap untrained routing -> base")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def purity_intervals(purity: pd.DataFrame, run: str, by: str = "layer"):
+    """One reference run per routed layer (``by="layer"``, every position) or per domain (``by="domain"``,
+    mean over layers), 95 % bootstrap intervals over held-out windows (``purity`` from
+    :func:`routelib.studies.pathways_reference.purity_intervals`): (left) the purity of the trained
+    router and each control; (right) trained minus each control, paired on the same resamples -- the
+    interval that decides whether the trained router is purer."""
+    if by not in ("layer", "domain"):
+        raise ConfigError(f"purity_intervals: by={by!r}: choose 'layer' or 'domain'")
+    other = "domain" if by == "layer" else "layer"
+    rows = purity[(purity["run"] == run) & (purity[other] == "all") & (purity[by] != "all")]
+    if rows.empty:
+        raise ConfigError(f"purity_intervals: no rows for run {run!r} by {by}")
+    fig, axes = plt.subplots(1, 2, figsize=(14, 3.6))
+    names = list(dict.fromkeys(rows["router"]))
+    keys = list(dict.fromkeys(rows[by]))
+    for ax, stat, shown in ((axes[0], "purity", names), (axes[1], "trained_minus", names[1:])):
+        width = 0.8 / len(shown)
+        for i, name in enumerate(shown):
+            g = rows[rows["router"] == name].set_index(by).loc[keys]
+            x = np.arange(len(keys)) + (i - (len(shown) - 1) / 2) * width
+            ax.errorbar(x, g[stat], yerr=[g[stat] - g[f"{stat}_low"], g[f"{stat}_high"] - g[stat]], fmt="o", ms=3,
+                        capsize=2, color=_colour(name, names.index(name)), label=name)
+        ax.set_xticks(np.arange(len(keys)), keys)
+        ax.legend(fontsize=7)
+    axes[1].axhline(0, color="black", lw=0.8)
+    axes[0].set(xlabel=by, ylabel="purity 1 - H / log V", title=f"{run}: purity by {by} (95 % intervals)")
+    axes[1].set(xlabel=by, ylabel="trained - control", title="trained router minus each control, paired (95 %)")
+    fig.tight_layout()
+    return fig
+
+
+def balance_over_training(histories: Mapping[str, pd.DataFrame], runs: pd.DataFrame):
+    """Held-out utilisation and load balance (mean over routed layers) at every evaluation of each
+    reference run (``histories`` and ``runs`` of :func:`routelib.studies.pathways_reference.load_reference`)."""
+    fig, axes = plt.subplots(1, 2, figsize=(13, 3.4))
+    for run, h in histories.items():
+        g = h.dropna(subset=["eval_load_balance"])
+        row = runs.loc[run]
+        style = dict(color=_run_colour(row["grouping"], row["seed"]), ls=RUN_STYLES.get(row["arm"], ":"), marker=".",
+                     label=run)
+        axes[0].plot(g["tokens"] / 1e3, g["eval_utilisation"], **style)
+        axes[1].plot(g["tokens"] / 1e3, g["eval_load_balance"], **style)
+    axes[0].set(xlabel="training tokens (k)", ylabel="share of pathways used", title="utilisation (held out)", ylim=(0, 1.05))
+    axes[1].set(xlabel="training tokens (k)", ylabel="H(load) / log N", title="load balance (held out)", ylim=(0, 1.05))
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 
 
 # ------------------------------------------------------------------------------ pathway explorer
@@ -208,4 +287,6 @@ def purest_pathway(per_layer: Mapping[int, PathwayMetrics]) -> tuple[int, int]:
     return best[1], best[2]
 
 
-__all__ = ["pathway_explorer", "pathway_html", "purest_pathway"]
+__all__ = ["balance_over_training", "monosemanticity_figure", "pathway_explorer", "pathway_html", "purest_pathway",
+           "purity_across_layers", "purity_by_domain", "purity_distribution", "purity_intervals", "recovery_curves",
+           "top_pathways", "utilisation_by_layer"]
