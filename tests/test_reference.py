@@ -96,3 +96,25 @@ def test_records_and_waiting(tmp_path):
     assert wait_for(lambda: load_records(tmp_path).get("run-a"), wait_s=0) == {"val_loss": 1.5}
     calls = []
     assert wait_for(lambda: calls.append(1), wait_s=0.05, poll_s=0.01) is None and len(calls) >= 2  # polled, gave up
+
+
+# The command line every reference study shares (reference_parser / reference_invocation), through each
+# study's main: one-line errors, nothing written. Each study's own options are tested in its test file.
+@pytest.mark.parametrize("study", ["attention_routing", "pathways_reference"])
+@pytest.mark.parametrize("argv, needle", [
+    (["train"], "invalid choice: 'train'"),
+    (["reference", "--part", "3/2"], "need 1 <= i <= n"),
+    (["reference", "--part", "half"], "expected i/n"),
+    (["reference", "--part", "1/2", "--only_runs", "x"], "not both"),
+    (["reference", "--threads", "-1"], "--threads -1"),
+])
+def test_shared_command_line_errors(study, argv, needle, capsys, tmp_path):
+    import importlib
+
+    from routelib import cli
+
+    main = importlib.import_module(f"routelib.studies.{study}").main
+    assert cli.run(main, [*argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+    assert not (tmp_path / "out").exists()

@@ -190,10 +190,6 @@ def test_not_made_yet(tmp_path):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["train"], "invalid choice: 'train'"),
-    (["reference", "--part", "3/2"], "need 1 <= i <= n"),
-    (["reference", "--part", "half"], "expected i/n"),
-    (["reference", "--part", "1/2", "--only_runs", "x"], "not both"),
     (["reference", "--seeds", "0,x"], "--seeds 'x': expected an integer"),
     (["reference", "--steps", "0"], "steps >= 1"),
     (["reference", "--sweep_steps", "0"], "sweep_steps=0"),

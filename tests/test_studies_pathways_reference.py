@@ -402,11 +402,6 @@ def test_not_made_yet(tmp_path):
 
 # -------------------------------------------------------------------------------- command line
 @pytest.mark.parametrize("argv, needle", [
-    (["train"], "invalid choice: 'train'"),
-    (["reference", "--part", "3/2"], "need 1 <= i <= n"),
-    (["reference", "--part", "half"], "expected i/n"),
-    (["reference", "--part", "1/2", "--only_runs", "x"], "not both"),
-    (["reference", "--threads", "-1"], "--threads -1"),
     (["reference", "--seeds", "0,x"], "--seeds 'x': expected an integer"),
     (["reference", "--seeds", "1,1"], "distinct"),
     (["reference", "--steps", "0"], "steps must be >= 1"),
