@@ -181,8 +181,8 @@ def recovery(ppl: float, base: float, untrained: float, scale: str = "log") -> f
 def stop_rule(steps, ppls, base: float, untrained: float, max_steps: int, settings: ReferenceSettings) -> tuple[str | None, dict]:
     """Whether a run stops after its newest held-out evaluation: ``steps`` and ``ppls`` are the
     evaluations so far (ascending steps). Returns (reason or None, facts): "no_gap" (routing did not
-    raise perplexity), "recovered" (:func:`recovery` on ``recovery_scale`` >= recover_target), "plateau" (from ``min_steps`` on, the
-    relative change of perplexity since the newest evaluation at or before (1 - plateau_fraction) * step
+    raise perplexity), "recovered" (:func:`recovery` on ``recovery_scale`` >= recover_target), "plateau"
+    (from ``min_steps`` on, the relative change of perplexity since the newest evaluation at or before (1 - plateau_fraction) * step
     is below plateau_tol), "max_steps" (the cap); facts: step, ppl, recovery, change (NaN when no
     earlier evaluation lies in reach)."""
     steps, ppls = list(steps), list(ppls)
@@ -283,8 +283,9 @@ def _train_and_record(spec: RunSpec, cfg: PathwayStudyConfig, settings: Referenc
                       curve: dict[str, list], eval_data: dict[str, list], base: dict) -> dict:
     """Train (or resume) one run until it stops, then write its grouping (``groupings/``, at the start),
     the k-of-N selection error before and after training on ``probe_windows`` held-out windows
-    (``selection_error/``), its history, held-out routing sample and record: stop reason, step and tokens; held-out perplexity per domain of the base model, the
-    untrained and the trained routing (full evaluation set) and the recovery; training tokens/s."""
+    (``selection_error/``), its history, held-out routing sample and record: stop reason, step and tokens;
+    held-out perplexity per domain of the base model, the untrained and the trained routing (full
+    evaluation set) and the recovery; training tokens/s."""
     rcfg = run_config(cfg, spec)
     model, tok = load_base(rcfg)
     stored = out / "groupings" / f"{spec.name}.npz"  # a resumed run keeps the grouping it started with
