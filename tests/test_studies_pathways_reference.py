@@ -327,6 +327,9 @@ def test_verdict_follows_the_paired_intervals(made):
         assert v["above"][c] == all(overall.loc[(r, c), "trained_minus_low"] > 0 for r in main)
     assert v["cells"]["layer"][1] == 2 * len(main) and v["cells"]["domain"][1] == 2  # 2 layers; 2 domains, first run
     assert 0 <= v["purest"]["token_share"] <= 1
+    lows, highs = zip(*[(t[1], t[2]) for t in v["trained"].values()])
+    assert v["arms_overlap"] == (max(lows) <= min(highs))
+    assert ("these intervals all overlap" in pr.reference_verdict(ref)) == v["arms_overlap"]
 
     def with_gap(low, high):  # the same reference, every paired difference's interval set to [low, high]
         purity = ref["purity"].copy()

@@ -648,6 +648,8 @@ def reference_numbers(ref: dict) -> dict:
                         ("domain", (p["layer"] == "all") & (p["domain"] != "all"))):
         unt = p[mask & (p["router"] == "untrained") & p["run"].isin(main)]
         cells[scope] = (int((unt["trained_minus_low"] > 0).sum()), len(unt))
+    trained = {r: tuple(float(overall.loc[(r, "fine-tuned"), f"{stat}{x}"]) for stat in ("purity", "excess")
+                        for x in ("", "_low", "_high")) for r in dict.fromkeys(p["run"])}  # (purity, low, high, excess, ...)
     table = ref["pathways"]
     purest = table.loc[table["purity"].idxmax()]
     top_token, top_count = purest["top_tokens"].split(" ")[0].rsplit(":", 1)
@@ -657,9 +659,9 @@ def reference_numbers(ref: dict) -> dict:
         excess={c: float(np.mean([overall.loc[(r, c), "excess"] for r in main])) for c in ["fine-tuned", *controls]},
         gain={c: {r: tuple(float(overall.loc[(r, c), f"trained_minus{x}"]) for x in ("", "_low", "_high")) for r in main}
               for c in controls},
-        trained={r: tuple(float(overall.loc[(r, "fine-tuned"), f"{stat}{x}"]) for stat in ("purity", "excess")
-                          for x in ("", "_low", "_high")) for r in dict.fromkeys(p["run"])},
+        trained=trained,
         above=above, below=below, overlap=overlap, cells=cells,
+        arms_overlap=bool(max(t[1] for t in trained.values()) <= min(t[2] for t in trained.values())),
         purest=dict(layer=int(purest["layer"]), pathway=int(purest["pathway"]), purity=float(purest["purity"]),
                     token=top_token, token_share=int(top_count) / int(purest["selections"])),
         pathway_purity=(float(table["purity"].min()), float(table["purity"].median()), float(table["purity"].max())),
@@ -669,8 +671,11 @@ def reference_numbers(ref: dict) -> dict:
 def reference_verdict(ref: dict) -> str:
     """The verdict of the reference run in a few Markdown sentences, every number from its files."""
     v = reference_numbers(ref)
-    stops = "; ".join(f"{run}: {st['stop_reason']} at {st['stop_tokens']:,} tokens (gap closed {st['recovery_log']:.0%} "
-                      f"in loss, {st['recovery_linear']:.0%} in perplexity)" for run, st in v["stop"].items())
+    runs = ref["runs"]
+    stops = "; ".join(f"{run}: {st['stop_reason']} at {st['stop_tokens']:,} tokens, perplexity "
+                      f"{runs.loc[run, 'ppl_untrained_overall']:.0f} -> {runs.loc[run, 'ppl_trained_overall']:.1f} (gap "
+                      f"closed {st['recovery_log']:.0%} in loss, {st['recovery_linear']:.0%} in perplexity)"
+                      for run, st in v["stop"].items())
     trained = v["purity"]["fine-tuned"]
     if all(v["above"].values()):
         outcome = "**more token-specific than every control**, by intervals that exclude them"
@@ -688,7 +693,7 @@ def reference_verdict(ref: dict) -> str:
     pu = v["purest"]
     lo, med, hi = v["pathway_purity"]
     return "\n\n".join([
-        f"Training ({v['routed_layers']} routed layers): {stops}.",
+        f"Training ({v['routed_layers']} routed layers; base model perplexity {ref['summary']['base_ppl']:.1f}): {stops}.",
         f"Trained routers of the main arm ({', '.join(v['main_runs'])}) are {outcome}: mean purity {trained:.4f} against "
         + ", ".join(f"{c} {v['purity'][c]:.4f}" for c in v["controls"])
         + f" (mean over the main runs). Trained minus control, paired on the same bootstrap resamples (95 %, one "
@@ -698,7 +703,9 @@ def reference_verdict(ref: dict) -> str:
         + f"Against the untrained router the paired interval excludes 0 in {nl} of {tl} (layer, main run) cells and "
           f"{nd} of {td} domains (first main run). Excess over the router's own permuted choices: trained "
           f"{v['excess']['fine-tuned']:.4f}, untrained {v['excess']['untrained']:.4f}.",
-        f"Every run's trained router, purity and excess with intervals: {arms}.",
+        f"Every run's trained router, purity and excess with intervals: {arms}; "
+        + ("these intervals all overlap: neither the balance loss (GLBL or Switch) nor the grouping moves purity "
+           "measurably." if v["arms_overlap"] else "not all of these intervals overlap (see the table)."),
         f"**The size says no to \"monosemantic\"**: the gain over the untrained router is {gain_untrained:.4f} "
         f"of purity ({gain_untrained / (1 - v['purity']['untrained']):.1%} of the way to a one-token pathway). "
         f"Per-pathway purity spans {lo:.2f}-{hi:.2f} (median {med:.2f}); the purest pathway (layer {pu['layer']}, "
