@@ -6,7 +6,8 @@ not made yet (its folder has no manifest) is skipped with the command that makes
 import pytest
 import torch
 
-from routelib.studies import attention_routing, moe_vs_dense, pathways_reference
+from routelib.studies import attention_routing, moe_vs_dense
+from routelib.studies.pathways import reference as pathways_reference
 
 
 @pytest.fixture(scope="module")

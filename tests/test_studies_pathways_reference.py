@@ -1,4 +1,4 @@
-"""Notebook 01's reference run (routelib.studies.pathways_reference) on a tiny Llama: the plan, the
+"""Notebook 01's reference run (routelib.studies.pathways.reference) on a tiny Llama: the plan, the
 stop rule, training until it stops with one checkpoint kept and an interrupted run resumed to the same
 weights, the bootstrap purity intervals, a run made by two parts side by side and a measuring invocation
 (every file hashed, load_reference, the explorer's sample, the first steps reproduced bit for bit), and
@@ -18,7 +18,7 @@ from routelib import cli, metrics
 from routelib.errors import ConfigError
 from routelib.reference import ReferenceError
 from routelib.studies import pathways as ps
-from routelib.studies import pathways_reference as pr
+from routelib.studies.pathways import reference as pr
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

@@ -6,7 +6,7 @@ them; their figures and dashboards are in :mod:`routelib.views`, one module per 
 ==============================  ==========================================================
 notebook                        study module
 ==============================  ==========================================================
-01_train_pathway_llm            :mod:`.pathways`, its reference run :mod:`.pathways_reference`
+01_train_pathway_llm            :mod:`.pathways`, its reference run :mod:`.pathways.reference`
                                 (``python -m routelib.studies.pathways reference``)
 02_dynamic_attention_routing    :mod:`.attention_routing`
 03_moe_speedup                  :mod:`.moe_vs_dense` (``python -m routelib.studies.moe_vs_dense subject``)

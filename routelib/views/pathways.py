@@ -133,7 +133,7 @@ def _run_colour(grouping: str, seed: int) -> str:
 def recovery_curves(curves: pd.DataFrame, base_ppl: float, target: float, scale: str = "log"):
     """Held-out perplexity (log axis) and the share of the gap closed (on ``scale``) against training
     tokens, one line per reference run (``curves`` from
-    :func:`routelib.studies.pathways_reference.recovery_curves`), with the base model and the target."""
+    :func:`routelib.studies.pathways.reference.recovery_curves`), with the base model and the target."""
     fig, axes = plt.subplots(1, 2, figsize=(13, 3.8))
     for run, g in curves.groupby("run", sort=False):
         style = dict(color=_run_colour(g["grouping"].iloc[0], g["seed"].iloc[0]), ls=RUN_STYLES.get(g["arm"].iloc[0], ":"),
@@ -156,7 +156,7 @@ def recovery_curves(curves: pd.DataFrame, base_ppl: float, target: float, scale:
 def purity_intervals(purity: pd.DataFrame, run: str, by: str = "layer"):
     """One reference run per routed layer (``by="layer"``, every position) or per domain (``by="domain"``,
     mean over layers), 95 % bootstrap intervals over held-out windows (``purity`` from
-    :func:`routelib.studies.pathways_reference.purity_intervals`): (left) the purity of the trained
+    :func:`routelib.studies.pathways.reference.purity_intervals`): (left) the purity of the trained
     router and each control; (right) trained minus each control, paired on the same resamples -- the
     interval that decides whether the trained router is purer."""
     if by not in ("layer", "domain"):
@@ -186,7 +186,7 @@ def purity_intervals(purity: pd.DataFrame, run: str, by: str = "layer"):
 
 def balance_over_training(histories: Mapping[str, pd.DataFrame], runs: pd.DataFrame):
     """Held-out utilisation and load balance (mean over routed layers) at every evaluation of each
-    reference run (``histories`` and ``runs`` of :func:`routelib.studies.pathways_reference.load_reference`)."""
+    reference run (``histories`` and ``runs`` of :func:`routelib.studies.pathways.reference.load_reference`)."""
     fig, axes = plt.subplots(1, 2, figsize=(13, 3.4))
     for run, h in histories.items():
         g = h.dropna(subset=["eval_load_balance"])

@@ -4,8 +4,8 @@ SmolLM2-135M trained until held-out perplexity recovers most of the gap routing 
 its purity measured with bootstrap intervals against controls, its small result files committed under
 ``data/reference/01_train_pathway_llm/`` with a manifest, and the functions notebook 01 reads them with.
 
-Command: ``python -m routelib.studies.pathways reference`` (or ``python -m
-routelib.studies.pathways_reference``); :data:`REFERENCE_LAUNCH` is how the committed run was made.
+Command: ``python -m routelib.studies.pathways reference``; :data:`REFERENCE_LAUNCH` is how the
+committed run was made.
 """
 
 from __future__ import annotations
@@ -754,7 +754,3 @@ def main(argv: list[str] | None = None) -> int:
     if manifest:
         print(f"reference run written to {args.out} ({len(manifest['files'])} files)")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(cli.run(main))

@@ -25,7 +25,7 @@ blocks of the pretrained MLP (the default, as before), or MoEfication's groups -
 the neurons' activation patterns on held-out text ("coactivation") or of their input weights
 ("weights"), the MLP's neurons permuted so that each group is a contiguous pathway;
 :func:`grouping_error` compares the groupings per layer before any fine-tuning. The **reference run**
-(DESIGN.md §7, issue 14) is :mod:`routelib.studies.pathways_reference`: ``python -m routelib.studies.pathways reference``.
+(DESIGN.md §7, issue 14) is :mod:`routelib.studies.pathways.reference`: ``python -m routelib.studies.pathways reference``.
 
 Which layers are routed matters more than anything else here: on SmolLM2 the first MLP is nearly
 irreplaceable (routing layer 0 alone with an untrained router multiplies perplexity by ~100 --
@@ -47,7 +47,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from routelib import cli, metrics, paths
+from routelib import metrics, paths
 from routelib.data import TokenWindows, eval_batches, load_pretrained, token_stream
 from routelib.data.corpus import DOMAINS, check_domains, check_split
 from routelib.errors import ConfigError
@@ -779,9 +779,3 @@ __all__ = [
     "training_batches",
     "unroute",
 ]
-
-
-if __name__ == "__main__":  # the reference run's command: python -m routelib.studies.pathways reference
-    from routelib.studies.pathways_reference import main
-
-    raise SystemExit(cli.run(main))
