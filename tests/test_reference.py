@@ -100,7 +100,7 @@ def test_records_and_waiting(tmp_path):
 
 # The command line every reference study shares (reference_parser / reference_invocation), through each
 # study's main: one-line errors, nothing written. Each study's own options are tested in its test file.
-@pytest.mark.parametrize("study", ["attention_routing", "pathways.reference"])
+@pytest.mark.parametrize("study", ["attention_routing.reference", "pathways.reference"])
 @pytest.mark.parametrize("argv, needle", [
     (["train"], "invalid choice: 'train'"),
     (["reference", "--part", "3/2"], "need 1 <= i <= n"),

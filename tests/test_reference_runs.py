@@ -6,7 +6,8 @@ not made yet (its folder has no manifest) is skipped with the command that makes
 import pytest
 import torch
 
-from routelib.studies import attention_routing, moe_vs_dense
+from routelib.studies import moe_vs_dense
+from routelib.studies.attention_routing import reference as attention_reference
 from routelib.studies.pathways import reference as pathways_reference
 
 
@@ -62,15 +63,15 @@ def made_or_skip(study, notebook: str) -> dict:
 
 @pytest.fixture(scope="module")
 def ref02():
-    return made_or_skip(attention_routing, "02")
+    return made_or_skip(attention_reference, "02")
 
 
 def test_02_manifest_is_complete(ref02):
     man, runs = ref02["manifest"], ref02["runs"]
     assert man["command"].startswith("python -m routelib.studies.attention_routing reference")
     assert man["commit"] and man["wall_s"] > 0 and man["environment"]["torch_threads"] >= 1
-    plan = attention_routing.reference_plan(ref02["cfg"], ref02["settings"], ref02["summary"]["shared_lr"])
-    names = {s.name for s in attention_routing.unique_runs(plan)}
+    plan = attention_reference.reference_plan(ref02["cfg"], ref02["settings"], ref02["summary"]["shared_lr"])
+    names = {s.name for s in attention_reference.unique_runs(plan)}
     assert set(runs.index) == set(ref02["histories"]) == names
     assert len(ref02["cfg"].seeds) >= 3 and ref02["summary"]["delta"]["n"] == len(ref02["cfg"].seeds)
     # the bar: every run but the (shorter) sweep-only ones ends >= 1 nat below the unigram model
@@ -79,8 +80,8 @@ def test_02_manifest_is_complete(ref02):
 
 
 def test_02_first_steps_reproduce(ref02, tmp_path):
-    run = attention_routing.shared_run(ref02, "static")
-    got, recorded = attention_routing.reproduce_first_steps(ref02, run, tmp_path)
+    run = attention_reference.shared_run(ref02, "static")
+    got, recorded = attention_reference.reproduce_first_steps(ref02, run, tmp_path)
     assert got["step"] == recorded["step"] == ref02["settings"].log_every
     for key in ("loss", "lm_loss"):
         assert got[key] == pytest.approx(recorded[key], rel=1e-6, abs=1e-7), key

@@ -1,4 +1,4 @@
-"""Notebook 02's reference run (routelib.studies.attention_routing, its last section) and its views on a tiny
+"""Notebook 02's reference run (routelib.studies.attention_routing.reference) and its views on a tiny
 configuration: the plan, the LR sweep's choice, a run trained
 by two parts side by side and finished by a measuring invocation (each run trained once, every planned
 run on disk, manifest hashes, load_reference, first steps reproduced), the verdict, figures, the CLI."""
@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 from routelib import cli  # noqa: E402
 from routelib.errors import ConfigError  # noqa: E402
 from routelib.reference import ReferenceError, t_interval  # noqa: E402
-from routelib.studies import attention_routing as ref_run  # noqa: E402
+from routelib.studies.attention_routing import reference as ref_run  # noqa: E402
 from routelib.studies.attention_routing import HybridStudyConfig  # noqa: E402
 from routelib.views import attention_routing as views  # noqa: E402
 

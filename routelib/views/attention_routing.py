@@ -9,7 +9,8 @@ import html
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from routelib.studies.attention_routing import ARMS, HybridStudyConfig, StudyRuns, curve_bands, main_runs, reference_numbers
+from routelib.studies.attention_routing import ARMS, HybridStudyConfig, StudyRuns, main_runs
+from routelib.studies.attention_routing.reference import curve_bands, reference_numbers
 from routelib.views.figures import PALETTE
 
 ROUTE_COLOURS = ("#ffffff", "#fdd49e", "#e34a33")  # 0, 1, 2 routed layers on softmax
