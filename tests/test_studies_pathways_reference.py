@@ -311,6 +311,8 @@ def test_reading_tables(made):
     assert len(pr.purity_summary(ref, layer=3, domain="news")) == 4  # per domain: the first main run only
     with pytest.raises(ConfigError, match="no purity rows for layer='7'"):
         pr.purity_summary(ref, layer="7")
+    one_run = pr.interval_table(ref["purity"].query("run == @first").drop(columns="run"))  # a live run's frame
+    assert list(one_run.index) == list(ps.ROUTERS) and one_run.loc["untrained"].equals(table.loc[(first, "untrained")])
     errors = pr.selection_error_summary(ref)
     assert list(errors.columns) == ["router", "random", "best_k"]
     assert set(errors.index) == {(r, st) for r in runs.index for st in ("trained", "untrained")}

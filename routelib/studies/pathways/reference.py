@@ -609,18 +609,23 @@ def _interval(row, stat: str) -> str:
     return f"{row[stat]:.4f} [{row[f'{stat}_low']:.4f}, {row[f'{stat}_high']:.4f}]"
 
 
-def purity_summary(ref: dict, layer: str = "all", domain: str = "all") -> pd.DataFrame:
-    """Purity of every run's trained router and its controls at one ``layer`` ("all": mean over routed
-    layers) and ``domain`` ("all": every held-out position), each ``value [low, high]`` (95 % bootstrap
-    over held-out windows): ``purity``, ``excess`` over the router's own permuted choices, and
-    ``trained_minus`` (the trained router's purity minus this router's, paired on the same resamples)."""
-    p = ref["purity"]
-    rows = p[(p["layer"] == str(layer)) & (p["domain"] == domain)]
+def interval_table(purity: pd.DataFrame, layer: str = "all", domain: str = "all") -> pd.DataFrame:
+    """Rows of :func:`purity_intervals` (one run's, or a reference run's with its ``run`` column) at one
+    ``layer`` ("all": mean over routed layers) and ``domain`` ("all": every held-out position), each
+    statistic as ``value [low, high]`` (95 % bootstrap over held-out windows): ``purity``, ``excess``
+    over the router's own permuted choices, and ``trained_minus`` (the trained router's purity minus
+    this router's, paired on the same resamples). Indexed by (run, router), or router alone."""
+    rows = purity[(purity["layer"] == str(layer)) & (purity["domain"] == domain)]
     if rows.empty:
-        raise ConfigError(f"purity_summary: no purity rows for layer={layer!r}, domain={domain!r}")
-    return pd.DataFrame([{"run": r["run"], "router": r["router"], **{s: _interval(r, s) for s in
-                                                                    ("purity", "excess", "trained_minus")}}
-                         for _, r in rows.iterrows()]).set_index(["run", "router"])
+        raise ConfigError(f"no purity rows for layer={str(layer)!r}, domain={domain!r}")
+    keys = [k for k in ("run", "router") if k in rows.columns]
+    return pd.DataFrame([{**{k: r[k] for k in keys}, **{s: _interval(r, s) for s in ("purity", "excess", "trained_minus")}}
+                         for _, r in rows.iterrows()]).set_index(keys)
+
+
+def purity_summary(ref: dict, layer: str = "all", domain: str = "all") -> pd.DataFrame:
+    """:func:`interval_table` of every run of the reference run ``ref``: its trained routers and controls."""
+    return interval_table(ref["purity"], layer, domain)
 
 
 def selection_error_summary(ref: dict) -> pd.DataFrame:
