@@ -1167,8 +1167,9 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--temperature {args.temperature}: must be > 0 (greedy decoding: leave out --sample)")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise ConfigError(f"--top_p {args.top_p}: must lie in (0, 1]")
+    seed = args.seed if args.sample else None  # greedy decoding draws nothing
     if args.backend == "vllm":
-        return _main_vllm(args, datasets, max_new, limits, command, sampling)
+        return _main_vllm(args, datasets, max_new, limits, command, sampling, seed)
     device_map = args.device_map or ("auto" if torch.cuda.is_available() else None)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device_map=device_map, load_in_4bit=args.load_in_4bit)
     out = Path(args.out)
@@ -1180,8 +1181,7 @@ def main(argv: list[str] | None = None) -> int:
                            greedy=not args.sample, full_distribution=args.full_distribution,
                            resume=not args.no_resume, stop_at_eos=not args.no_stop_at_eos,
                            prepend_bos=args.prepend_bos, prompt_source=bench.source, prompt_template=bench.template,
-                           model_name=args.model, command=command, generation_kwargs=sampling,
-                           seed=args.seed if args.sample else None)
+                           model_name=args.model, command=command, generation_kwargs=sampling, seed=seed)
         counts = manifest["datasets"][name]["counts"]
         print(f"{name}: {counts['problems']} problems, {counts['prompt_tokens']:,} prompt + "
               f"{counts['generated_tokens']:,} generated tokens, {counts['bytes'] / 1e6:.2f} MB "
@@ -1218,7 +1218,8 @@ _NOT_IN_VLLM = {"full_distribution": False, "no_stop_at_eos": False, "prepend_bo
                 "device_map": None, "load_in_4bit": False, "overhead_problems": 0}
 
 
-def _main_vllm(args, datasets: list[str], max_new: dict, limits: dict, command: str, sampling: dict) -> int:
+def _main_vllm(args, datasets: list[str], max_new: dict, limits: dict, command: str, sampling: dict,
+               seed: int | None) -> int:
     """``--backend vllm``: generate with vLLM and import its routed experts (:mod:`.vllm_backend`)."""
     from routelib.routing.vllm_backend import collect_vllm
 
@@ -1231,8 +1232,7 @@ def _main_vllm(args, datasets: list[str], max_new: dict, limits: dict, command: 
         prompts[name] = dict(zip(bench.problem_ids, bench.prompts))
     manifest = collect_vllm(args.model, prompts, args.out, greedy=not args.sample, dtype=args.dtype,
                             max_new_tokens={d: max_new[d] or DEFAULT_MAX_NEW_TOKENS for d in datasets},
-                            num_experts=args.num_experts, command=command, sampling=sampling,
-                            seed=args.seed if args.sample else None)
+                            num_experts=args.num_experts, command=command, sampling=sampling, seed=seed)
     for name, counts in ((d, manifest["datasets"][d]["counts"]) for d in datasets):
         print(f"{name}: {counts['problems']} problems, {counts['prompt_tokens']:,} prompt + "
               f"{counts['generated_tokens']:,} generated tokens (vLLM)")
