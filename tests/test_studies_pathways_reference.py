@@ -328,7 +328,7 @@ def test_verdict_follows_the_paired_intervals(made):
     for c in ("untrained", "random top-k", "permuted"):  # above: every main run's paired interval is > 0
         assert v["above"][c] == all(overall.loc[(r, c), "trained_minus_low"] > 0 for r in main)
     assert v["cells"]["layer"][1] == 2 * len(main) and v["cells"]["domain"][1] == 2  # 2 layers; 2 domains, first run
-    assert 0 <= v["purest"]["token_share"] <= 1
+    assert 0 <= v["purest"]["token_share"] <= v["max_token_share"] <= 1
     lows, highs = zip(*[(t[1], t[2]) for t in v["trained"].values()])
     assert v["arms_overlap"] == (max(lows) <= min(highs))
     assert ("these intervals all overlap" in pr.reference_verdict(ref)) == v["arms_overlap"]
@@ -343,6 +343,13 @@ def test_verdict_follows_the_paired_intervals(made):
     assert "not distinguishable from the controls**" in with_gap(-0.01, 0.02)
     assert "less token-specific than a control**" in with_gap(-0.02, -0.01)
     assert all(name in with_gap(0.01, 0.02) for name in ref["runs"].index)
+
+
+@pytest.mark.parametrize("token", [".", " of", "it's", "a:b", "\\", '"', "' '"])
+def test_first_top_token_reads_any_token_repr(token):
+    assert pr.first_top_token(f"{token!r}:12 ' x':3") == (repr(token), 12)
+    with pytest.raises(ConfigError, match="expected repr"):
+        pr.first_top_token("of:12")
 
 
 def test_reference_figures(made):

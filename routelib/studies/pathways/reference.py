@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -635,6 +636,18 @@ def selection_error_summary(ref: dict) -> pd.DataFrame:
     return pd.concat(frames, names=["run"]).reindex(columns=["router", "random", "best_k"])
 
 
+_TOP_TOKEN = re.compile(r"""('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"):(\d+)""")  # repr(token):count
+
+
+def first_top_token(top_tokens: str) -> tuple[str, int]:
+    """The most frequent token of a :func:`pathway_table` ``top_tokens`` cell ("'.':120 ' of':17 ...",
+    tokens as Python reprs, which may hold spaces, colons and quotes) and its count."""
+    m = _TOP_TOKEN.match(top_tokens)
+    if m is None:
+        raise ConfigError(f"top_tokens {top_tokens[:40]!r}: expected repr(token):count")
+    return m.group(1), int(m.group(2))
+
+
 def reference_numbers(ref: dict) -> dict:
     """The facts the verdict rests on, from the run's files: per run how it stopped; for the main runs
     (layer "all", domain "all") the trained router's purity and the controls', and whether the paired
@@ -657,7 +670,7 @@ def reference_numbers(ref: dict) -> dict:
                         for x in ("", "_low", "_high")) for r in dict.fromkeys(p["run"])}  # (purity, low, high, excess, ...)
     table = ref["pathways"]
     purest = table.loc[table["purity"].idxmax()]
-    top_token, top_count = purest["top_tokens"].split(" ")[0].rsplit(":", 1)
+    top_token, top_count = first_top_token(purest["top_tokens"])
     return dict(
         main_runs=main, stop=s["stop"], routed_layers=len(s["routed_layers"]), controls=controls,
         purity={c: float(np.mean([overall.loc[(r, c), "purity"] for r in main])) for c in ["fine-tuned", *controls]},
@@ -670,6 +683,8 @@ def reference_numbers(ref: dict) -> dict:
         purest=dict(layer=int(purest["layer"]), pathway=int(purest["pathway"]), purity=float(purest["purity"]),
                     token=top_token, token_share=int(top_count) / int(purest["selections"])),
         pathway_purity=(float(table["purity"].min()), float(table["purity"].median()), float(table["purity"].max())),
+        max_token_share=float(max(first_top_token(t)[1] / n for t, n in zip(table["top_tokens"], table["selections"])
+                                  if n > 0)),
     )
 
 
@@ -715,7 +730,8 @@ def reference_verdict(ref: dict) -> str:
         f"of purity ({gain_untrained / (1 - v['purity']['untrained']):.1%} of the way to a one-token pathway). "
         f"Per-pathway purity spans {lo:.2f}-{hi:.2f} (median {med:.2f}); the purest pathway (layer {pu['layer']}, "
         f"pathway {pu['pathway']}, purity {pu['purity']:.3f}) gives its most frequent token {pu['token']} "
-        f"{pu['token_share']:.0%} of its selections.",
+        f"{pu['token_share']:.0%} of its selections, and no pathway gives any token more than "
+        f"{v['max_token_share']:.0%} of its selections.",
     ])
 
 def reproduce_first_steps(ref: dict, run: str, out_dir: str | Path) -> tuple[dict, dict]:
