@@ -124,10 +124,11 @@ def purity_by_domain(table: pd.DataFrame, ax=None):
 RUN_STYLES = {"glbl": "-", "switch": "--"}  # line style per arm; colour per grouping, shade per seed
 
 
-def _run_colour(grouping: str, seed: int) -> str:
+def _run_style(run: str, arm: str, grouping: str, seed: int) -> dict:
+    """Line style of one reference run: colour by grouping (shade by seed), dash by arm, labelled by name."""
     palette = {"coactivation": sns.color_palette("Blues_r", 4), "contiguous": sns.color_palette("Oranges_r", 4),
                "weights": sns.color_palette("Greens_r", 4)}.get(grouping, sns.color_palette("Greys_r", 4))
-    return palette[min(int(seed), 3)]
+    return dict(color=palette[min(int(seed), 3)], ls=RUN_STYLES.get(arm, ":"), marker=".", label=run)
 
 
 def recovery_curves(curves: pd.DataFrame, base_ppl: float, target: float, scale: str = "log"):
@@ -136,8 +137,7 @@ def recovery_curves(curves: pd.DataFrame, base_ppl: float, target: float, scale:
     :func:`routelib.studies.pathways.reference.recovery_curves`), with the base model and the target."""
     fig, axes = plt.subplots(1, 2, figsize=(13, 3.8))
     for run, g in curves.groupby("run", sort=False):
-        style = dict(color=_run_colour(g["grouping"].iloc[0], g["seed"].iloc[0]), ls=RUN_STYLES.get(g["arm"].iloc[0], ":"),
-                     marker=".", label=run)
+        style = _run_style(run, g["arm"].iloc[0], g["grouping"].iloc[0], g["seed"].iloc[0])
         axes[0].plot(g["tokens"] / 1e3, g["ppl"], **style)
         axes[1].plot(g["tokens"] / 1e3, g[f"recovery_{scale}"], **style)
     axes[0].axhline(base_ppl, color="black", ls=":", lw=1, label=f"base model {base_ppl:.1f}")
@@ -190,9 +190,7 @@ def balance_over_training(histories: Mapping[str, pd.DataFrame], runs: pd.DataFr
     fig, axes = plt.subplots(1, 2, figsize=(13, 3.4))
     for run, h in histories.items():
         g = h.dropna(subset=["eval_load_balance"])
-        row = runs.loc[run]
-        style = dict(color=_run_colour(row["grouping"], row["seed"]), ls=RUN_STYLES.get(row["arm"], ":"), marker=".",
-                     label=run)
+        style = _run_style(run, *runs.loc[run, ["arm", "grouping", "seed"]])
         axes[0].plot(g["tokens"] / 1e3, g["eval_utilisation"], **style)
         axes[1].plot(g["tokens"] / 1e3, g["eval_load_balance"], **style)
     axes[0].set(xlabel="training tokens (k)", ylabel="share of pathways used", title="utilisation (held out)", ylim=(0, 1.05))

@@ -681,7 +681,7 @@ def reference_numbers(ref: dict) -> dict:
         above=above, below=below, overlap=overlap, cells=cells,
         arms_overlap=bool(max(t[1] for t in trained.values()) <= min(t[2] for t in trained.values())),
         purest=dict(layer=int(purest["layer"]), pathway=int(purest["pathway"]), purity=float(purest["purity"]),
-                    token=top_token, token_share=int(top_count) / int(purest["selections"])),
+                    token=top_token, token_share=top_count / int(purest["selections"])),
         pathway_purity=(float(table["purity"].min()), float(table["purity"].median()), float(table["purity"].max())),
         max_token_share=float(max(first_top_token(t)[1] / n for t, n in zip(table["top_tokens"], table["selections"])
                                   if n > 0)),
@@ -733,6 +733,7 @@ def reference_verdict(ref: dict) -> str:
         f"{pu['token_share']:.0%} of its selections, and no pathway gives any token more than "
         f"{v['max_token_share']:.0%} of its selections.",
     ])
+
 
 def reproduce_first_steps(ref: dict, run: str, out_dir: str | Path) -> tuple[dict, dict]:
     """Re-train the first ``log_every`` steps of reference run ``run`` from the manifest's configuration
