@@ -113,3 +113,32 @@ def test_dashboard_html_and_figures(tiny):
     assert len(views.expert_heatmaps(records).axes) >= cfg.num_layers
     assert figures.training_curves({"moe": result.history}).axes
     assert views.capacity_sweep(study.capacity_sweep(model, eval_data, [0.5, 1.0])).axes
+
+
+def test_matched_arm_trains_on_the_moes_training_flops():
+    from routelib.models import LM
+
+    cfg = study.MoEStudyConfig(hidden_size=32, intermediate_size=32, num_experts=8, top_k=2, steps=100, warmup_steps=10)
+    m = study.matched_config(cfg)
+    arms = cfg.arm_configs()
+    moe, dense = (LM(arms[a]).flops_per_token(cfg.seq_len) for a in ("moe", "dense_total"))
+    assert m.steps < cfg.steps and abs(m.steps * dense - cfg.steps * moe) <= dense  # within one step's FLOPs
+    assert m.warmup_steps == round(10 * moe / dense)
+
+
+@pytest.mark.parametrize("name", ["moe", "moe_seedx", "sparse_seed0", "dense_total_matched_seed"])
+def test_bad_run_names_are_refused(name):
+    with pytest.raises(ConfigError, match="run"):
+        study.parse_run_name(name)
+
+
+def test_train_runs_writes_history_and_record(tiny, tmp_path):
+    cfg = tiny[0]
+    records = study.train_runs(cfg, ("moe_seed0", "dense_total_matched_seed1"), tmp_path, eval_every=2, log_every=1)
+    for name in ("moe_seed0", "dense_total_matched_seed1"):
+        assert (tmp_path / "history" / f"{name}.csv").is_file() and (tmp_path / "final" / f"{name}.json").is_file()
+    assert study.parse_run_name("dense_total_matched_seed1") == ("dense_total_matched", 1)
+    r = records["dense_total_matched_seed1"]
+    assert r["steps"] == study.matched_config(cfg).steps and r["seed"] == 1
+    assert math.isclose(r["loss_nats"]["overall"], math.log(r["perplexity"]["overall"]))
+    assert records["moe_seed0"]["steps"] == cfg.steps

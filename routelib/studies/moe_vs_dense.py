@@ -44,6 +44,9 @@ from routelib.reference import InvocationLog, load_manifest, write_manifest
 from routelib.train import TrainConfig, TrainResult, load_checkpoint, train
 
 ARMS = ("moe", "dense_active", "dense_total")
+# The equal-total dense model trained with its own complete schedule (warm-up and full decay) for the
+# MoE's training FLOPs: fewer steps, same batches; a compute-matched comparison (reference run only).
+MATCHED = "dense_total_matched"
 
 
 @dataclass
@@ -544,6 +547,66 @@ def reference_run(cfg: MoEStudyConfig, out_dir: str | Path = REFERENCE_DIR, seed
                           extra={"flops_formula": flops_formula(arms_cfg["moe"]), **log.code, **summary})
 
 
+def matched_config(cfg: MoEStudyConfig) -> MoEStudyConfig:
+    """The compute-matched arm's training: the equal-total dense model's steps (and warm-up) scaled
+    by the ratio of the MoE's to its forward FLOPs per token, so that it trains on the MoE's total
+    training FLOPs with a complete schedule of its own (warm-up, then cosine decay to the end)."""
+    arms = cfg.arm_configs()
+    moe, dense = (LM(arms[a]).flops_per_token(cfg.seq_len) for a in ("moe", "dense_total"))
+    ratio = moe / dense
+    return dataclasses.replace(cfg, steps=max(1, round(cfg.steps * ratio)),
+                               warmup_steps=max(1, round(cfg.warmup_steps * ratio)))
+
+
+def run_name(arm: str, seed: int) -> str:
+    """A reference run's name, as ``--only_runs`` takes it and its files are named: ``<arm>_seed<k>``."""
+    return f"{arm}_seed{seed}"
+
+
+def parse_run_name(name: str) -> tuple[str, int]:
+    arm, sep, seed = name.rpartition("_seed")
+    if not sep or arm not in (*ARMS, MATCHED) or not seed.isdigit():
+        raise ConfigError(f"run {name!r}: expected <arm>_seed<k> with arm one of {', '.join((*ARMS, MATCHED))}")
+    return arm, int(seed)
+
+
+def train_runs(cfg: MoEStudyConfig, runs: tuple[str, ...], out_dir: str | Path = REFERENCE_DIR,
+               eval_every: int = 50, log_every: int = 10, eval_per_domain: int = 2,
+               command: str | None = None) -> dict[str, dict]:
+    """Train the named runs (``<arm>_seed<k>``, :func:`run_name`; the arms of :data:`ARMS` and the
+    compute-matched :data:`MATCHED`) and evaluate each on the full held-out set: its history goes to
+    ``history/<run>.csv`` and its record (perplexity and mean loss per domain, steps, tokens, training
+    FLOPs and time) to ``final/<run>.json``, as each run finishes. Runs resume from their checkpoints;
+    several processes can train different runs side by side. Returns the records."""
+    from routelib.reference import write_record
+
+    out = paths.in_repo(out_dir)
+    (out / "history").mkdir(parents=True, exist_ok=True)
+    log = InvocationLog(out, command)
+    eval_data = domain_eval_data(cfg)
+    curve_data = _reference_eval_list(eval_data, eval_per_domain)
+    arms_cfg = cfg.arm_configs()
+    records = {}
+    for name in runs:
+        arm, seed = parse_run_name(name)
+        cfg_s = dataclasses.replace(matched_config(cfg) if arm == MATCHED else cfg, seed=seed)
+        lm_cfg = arms_cfg["dense_total" if arm == MATCHED else arm]
+        batches = training_batches(cfg_s)
+        model, result = train_arm(arm, lm_cfg, cfg_s, batches, eval_data=curve_data, eval_every=eval_every,
+                                  log_every=log_every)
+        fwd = model.flops_per_token(cfg.seq_len)
+        _history_frame(result, batches.tokens_per_step, 3 * fwd).to_csv(out / "history" / f"{name}.csv", index=False)
+        ppl = perplexity_by_domain(model, eval_data)
+        tokens = cfg_s.steps * batches.tokens_per_step
+        records[name] = dict(arm=arm, seed=seed, steps=cfg_s.steps, warmup_steps=cfg_s.warmup_steps, tokens=tokens,
+                             train_flops=3 * fwd * tokens, forward_flops_per_token=fwd, wall_s=result.wall_s,
+                             perplexity=ppl, loss_nats={d: math.log(v) for d, v in ppl.items()})
+        write_record(out, name, records[name])
+        print(f"{name}: perplexity {ppl['overall']:.2f} ({result.wall_s:.0f} s)", flush=True)
+    log.finish()
+    return records
+
+
 def load_reference(out_dir: str | Path = REFERENCE_DIR) -> dict:
     """The committed reference run (hash-checked): manifest, comparison, perplexity per arm/seed/domain,
     histories, FLOPs split, claims, layer benchmark, specialisation over checkpoints, balance, capacity."""
@@ -636,6 +699,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval_every", type=int, default=50, help="reference: held-out loss every this many steps")
     parser.add_argument("--log_every", type=int, default=10, help="reference: training-loss record every this many steps")
     parser.add_argument("--train_only", default="", help="reference: only train these arms of the first seed (comma list)")
+    parser.add_argument("--only_runs", default="", help="reference: train and evaluate only these runs "
+                        f"(comma list of <arm>_seed<k>, arms {', '.join((*ARMS, MATCHED))}) and stop")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     for f in dataclasses.fields(MoEStudyConfig):
         parser.add_argument(f"--{f.name}", type=type(f.default) if f.default is not None else str, default=None)
@@ -650,6 +715,12 @@ def main(argv: list[str] | None = None) -> int:
         seed_arms = tuple(a for a in args.seed_arms.split(",") if a)
         if not set(seed_arms) <= set(ARMS):
             parser.error(f"--seed_arms {args.seed_arms!r}: choose from {', '.join(ARMS)}")
+        only_runs = tuple(r for r in args.only_runs.split(",") if r)
+        if only_runs:
+            for r in only_runs:
+                parse_run_name(r)
+            train_runs(cfg, only_runs, args.out or REFERENCE_DIR, args.eval_every, args.log_every)
+            return 0
         train_only = tuple(a for a in args.train_only.split(",") if a)
         if not set(seed_arms + train_only) <= set(ARMS):
             parser.error(f"--seed_arms/--train_only: choose from {', '.join(ARMS)}")
