@@ -30,18 +30,18 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str):
     pytest.param("routelib", ["routelib has no config.json"], id="not-a-model-folder"),
 ])
 def test_collect_model_errors(tmp_path, model, needles):
-    assert_one_line_error(run_module("routelib.routing.collect", "--model", model, "--out", str(tmp_path / "t")), *needles)
+    assert_one_line_error(run_module("routelib.routing.record.collect", "--model", model, "--out", str(tmp_path / "t")), *needles)
 
 
 def test_collect_unknown_dataset_fails_before_loading_the_model(tmp_path):
-    proc = run_module("routelib.routing.collect", "--model", "/no/such/dir", "--datasets", "humaneval,mmlu",
+    proc = run_module("routelib.routing.record.collect", "--model", "/no/such/dir", "--datasets", "humaneval,mmlu",
                       "--out", str(tmp_path / "t"))
     assert_one_line_error(proc, "--datasets", "mmlu", "choose from gsm8k, humaneval")
 
 
 def test_predictors_on_corrupt_traces(tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
-    assert_one_line_error(run_module("routelib.routing.predictors", str(tmp_path)))
+    assert_one_line_error(run_module("routelib.routing.predict", str(tmp_path)))
 
 
 def test_notebook_runner_unknown_notebook():

@@ -61,7 +61,7 @@ def test_smoke_results_hold_the_studies_outputs(smoke):
     assert first["step"].max() < second["step"].max()
     assert second["step"].iloc[: len(first)].tolist() == first["step"].tolist()
     # the larger subject's traces load like the shipped ones, for both benchmarks
-    from routelib.routing.traces import load_traces
+    from routelib.routing.record.traces import load_traces
 
     traces = load_traces(results / "06_subject_traces" / "traces")
     assert len(traces) > 0 and set(traces["dataset"]) == {"humaneval", "gsm8k"}

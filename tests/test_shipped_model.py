@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from routelib import paths
-from routelib.routing.snapshots import load_snapshots
+from routelib.routing.analyse.snapshots import load_snapshots
 from routelib.studies import moe_vs_dense as study
 
 SUBJECT = paths.DATA_DIR / "moe-subject"
@@ -42,7 +42,7 @@ def test_transformers_loads_it_and_reproduces_the_card_perplexities(card):
 
 
 def test_training_snapshots_load_and_end_at_the_shipped_routers(card):
-    from routelib.routing.weights import moe_weights
+    from routelib.routing.analyse.weights import moe_weights
     from transformers import AutoModelForCausalLM
 
     snaps = load_snapshots(SUBJECT / study.SNAPSHOTS_FILE)

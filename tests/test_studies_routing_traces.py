@@ -119,7 +119,7 @@ def test_consecutive_locality_on_the_shipped_traces(shipped):
 
 
 def test_decoding_comparison_sets_trace_sets_side_by_side():
-    from routelib.routing.repetition import repetition_rate
+    from routelib.routing.analyse.repetition import repetition_rate
     from routelib.studies.routing_traces import decoding_comparison
 
     df = load_traces(paths.in_repo(SHIPPED))

@@ -504,7 +504,8 @@ def subject_traces_estimate() -> Estimate:
 def run_subject_traces(ctx: Context) -> dict:
     from routelib.evaluation import domain_eval_data
     from routelib.reference import load_manifest
-    from routelib.routing.collect import benchmark_prompts, collect, load_model
+    from routelib.routing.record.collect import benchmark_prompts, collect
+    from routelib.routing.record.routers import load_model
     from routelib.studies.moe_vs_dense import export_subject, train_arm, training_batches
 
     cfg = _subject_cfg(ctx, ctx.smoke)

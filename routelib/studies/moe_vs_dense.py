@@ -357,12 +357,12 @@ def _describe(eval_data: dict[str, list]) -> str:
 
 
 def subject_snapshots(cfg: MoEStudyConfig, lm_cfg: LMConfig, run_dir: Path):
-    """Training snapshots of the subject run (``routelib.routing.snapshots``): the initialisation
+    """Training snapshots of the subject run (``routelib.routing.analyse.snapshots``): the initialisation
     (rebuilt from ``cfg.seed`` exactly as :func:`train_arm` builds it) and every kept checkpoint in
     ``run_dir``, each routing the same held-out windows (``snapshot_windows`` x ``snapshot_seq_len``
     tokens per domain)."""
-    from routelib.routing.snapshots import collect_snapshots
-    from routelib.routing.weights import checkpoint_steps, hf_from_checkpoint, hf_from_lm
+    from routelib.routing.analyse.snapshots import collect_snapshots
+    from routelib.routing.analyse.weights import checkpoint_steps, hf_from_checkpoint, hf_from_lm
 
     batches = domain_eval_data(dataclasses.replace(cfg, seq_len=cfg.snapshot_seq_len, eval_windows=cfg.snapshot_windows))
 
@@ -384,8 +384,8 @@ def export_subject(model: LM, cfg: MoEStudyConfig, result: TrainResult, eval_dat
     ``README.md``: config, data, steps, validation perplexity per domain on ``eval_data`` (and on
     ``at_context`` when given; see :func:`card_eval_sets`), measured on the export through
     ``AutoModelForCausalLM``, the command that made it, and the training ``snapshots`` when given
-    (written beside it, ``routelib.routing.snapshots``)."""
-    from routelib.routing.snapshots import save_snapshots
+    (written beside it, ``routelib.routing.analyse.snapshots``)."""
+    from routelib.routing.analyse.snapshots import save_snapshots
 
     export_dir = Path(export_dir)
     export_hf(model.cpu().float(), load_tokenizer(cfg.tokenizer), export_dir)
@@ -433,7 +433,7 @@ def subject_readme(card: dict, lm_cfg: LMConfig, cfg: MoEStudyConfig, name: str)
     lines += [f"| {d} | {v:.2f} |" + (f" {ppl_at[d]:.2f} |" if ppl_at else "") for d, v in card["validation_perplexity"].items()]
     if "training_snapshots" in card:
         snap = card["training_snapshots"]
-        lines += ["", f"Training snapshots (`{snap['file']}`, `routelib.routing.snapshots.load_snapshots`): {snap['contents']}, "
+        lines += ["", f"Training snapshots (`{snap['file']}`, `routelib.routing.analyse.snapshots.load_snapshots`): {snap['contents']}, "
                   f"{snap['tokens_per_domain']} held-out tokens per domain, at steps {snap['steps']}."]
     lines += ["", "Load it: `AutoModelForCausalLM.from_pretrained(path)` or `routelib.models.load_hf(path)`."]
     return "\n".join(lines) + "\n"
@@ -485,7 +485,7 @@ def reference_run(cfg: MoEStudyConfig, out_dir: str | Path = REFERENCE_DIR, seed
     ``train_only``: train just these arms of the first seed and stop (several processes can then train
     arms side by side; a final invocation without it loads them and measures)."""
     from routelib import moe_bench
-    from routelib.routing.weights import checkpoint_steps
+    from routelib.routing.analyse.weights import checkpoint_steps
 
     out = paths.in_repo(out_dir)
     (out / "history").mkdir(parents=True, exist_ok=True)

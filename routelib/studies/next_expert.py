@@ -2,7 +2,7 @@
 expert prediction from recorded traces (the seed ``004``, section 3).
 
 The predictors, the leak-free splits and the evaluation over them are a library
-(:mod:`routelib.routing.predictors`, also ``python -m routelib.routing.predictors <trace_dir>``);
+(:mod:`routelib.routing.predict.predictors`, also ``python -m routelib.routing.predict <trace_dir>``);
 this module adds what notebook 05 measures on top: the cost of a prediction against one MoE layer
 of the studied model (:func:`latency`) and the comparison with the seed's numbers
 (:func:`seed_gap`), and the predictors' ranking on greedy against sampled traces of the same prompts
@@ -15,13 +15,13 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from routelib.routing import prefetch as F
-from routelib.routing.predictors import EvalConfig, SEED_CLAIMS, SplitResult, metric_table
+from routelib.routing.predict import prefetch
+from routelib.routing.predict.evaluation import SEED_CLAIMS, EvalConfig, SplitResult, metric_table
 
 
 @dataclass
 class NextExpertConfig(EvalConfig):
-    """:class:`~routelib.routing.predictors.EvalConfig` (traces, splits, predictors, their training)
+    """:class:`~routelib.routing.predict.predictors.EvalConfig` (traces, splits, predictors, their training)
     plus notebook 05's cost measurement."""
 
     latency_batch: int = 256  # tokens per call in the batched latency measurement
@@ -34,9 +34,9 @@ def latency(result: SplitResult, hidden, cfg: NextExpertConfig) -> pd.DataFrame:
     """Per predictor and batch size (1 and ``cfg.latency_batch`` tokens): microseconds per token and
     the share of one MoE layer of the studied model (``hidden.model``, layer 0) on the same tokens."""
     batches = (1, cfg.latency_batch)
-    return F.latency_table(
-        F.predictor_latency(result.predictors, result.test, batch_sizes=batches, min_time_s=cfg.bench_min_time_s),
-        F.moe_layer_latency(hidden.model, result.test.hidden.x[:, 0], batch_sizes=batches,
+    return prefetch.latency_table(
+        prefetch.predictor_latency(result.predictors, result.test, batch_sizes=batches, min_time_s=cfg.bench_min_time_s),
+        prefetch.moe_layer_latency(hidden.model, result.test.hidden.x[:, 0], batch_sizes=batches,
                             min_time_s=cfg.bench_min_time_s))
 
 

@@ -1,6 +1,6 @@
 """Notebook 06's parameters and pipeline: a MoE model's router/expert geometry and routing on
 domain text, and the evolution of its routing over training from the training snapshots shipped
-beside it (``routelib.routing.snapshots``; the subject's are made by its training command).
+beside it (``routelib.routing.analyse.snapshots``; the subject's are made by its training command).
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import pandas as pd
 
 from routelib import paths
 from routelib.errors import ConfigError
-from routelib.routing import geometry as G
+from routelib.routing.analyse import geometry as G
 
 
 @dataclass
 class RouterStudyConfig:
     model: str = "data/moe-subject"  # transformers MoE to study (a local folder or a hub name)
-    snapshots: str = "data/moe-subject/training_snapshots.npz"  # its training snapshots (routelib.routing.snapshots)
+    snapshots: str = "data/moe-subject/training_snapshots.npz"  # its training snapshots (routelib.routing.analyse.snapshots)
     subspace_rank: int = 16  # r: dimensions of each expert's input subspace in the alignment test
     seq_len: int = 128  # tokens per held-out window routed for co-activation and load balance
     windows_per_domain: int = 16  # held-out windows per domain (validation split)
@@ -94,7 +94,7 @@ def domain_routing(model, cfg: RouterStudyConfig) -> tuple[np.ndarray, np.ndarra
 
 def load_training_snapshots(cfg: RouterStudyConfig):
     """The model's training snapshots (``cfg.snapshots``, relative paths from the repo root)."""
-    from routelib.routing.snapshots import load_snapshots
+    from routelib.routing.analyse.snapshots import load_snapshots
 
     return load_snapshots(paths.in_repo(cfg.snapshots))
 

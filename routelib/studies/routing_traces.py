@@ -18,7 +18,7 @@ import pandas as pd
 
 from routelib import paths
 from routelib.errors import ConfigError
-from routelib.routing.traces import load_traces, read_manifest, trace_arrays
+from routelib.routing.record.traces import load_traces, read_manifest, trace_arrays
 
 
 @dataclass
@@ -57,9 +57,9 @@ def phase_mask(df: pd.DataFrame, phase: str) -> np.ndarray:
 
 
 def consecutive_locality(df: pd.DataFrame, arrays, cfg: TraceStudyConfig) -> pd.DataFrame:
-    """The Mixtral paper's routing analysis across tokens (:func:`routelib.routing.locality.consecutive_routing`)
+    """The Mixtral paper's routing analysis across tokens (:func:`routelib.routing.analyse.locality.consecutive_routing`)
     on a trace frame: every dataset and phase, distances 1..``cfg.max_distance``, problems as sequences."""
-    from routelib.routing.locality import consecutive_routing
+    from routelib.routing.analyse.locality import consecutive_routing
 
     num_experts = int(df.attrs["manifest"]["layout"]["num_experts"])
     problem = (df["dataset"] + "/" + df["problem_id"]).to_numpy()
@@ -71,13 +71,13 @@ def consecutive_locality(df: pd.DataFrame, arrays, cfg: TraceStudyConfig) -> pd.
 def decoding_comparison(sets: dict[str, pd.DataFrame], cfg: TraceStudyConfig) -> pd.DataFrame:
     """Trace sets of the same prompts (e.g. ``{"greedy": ..., "sampled": ...}``, from ``load_traces``)
     side by side, per set and dataset, on ``cfg.phase`` tokens: generated tokens, repetition rate
-    (inside a repeated 4-gram of the same sequence, :mod:`routelib.routing.repetition`), adjacent-layer
+    (inside a repeated 4-gram of the same sequence, :mod:`routelib.routing.analyse.repetition`), adjacent-layer
     predictability (U and lookup gain over the prior at hop 1), distinct full-depth top-1 paths per
     1,000 tokens and the share of the 10 most frequent; per set (``dataset = "both"``) also the
     problem-level permutation test of HumanEval vs GSM8K expert usage (layers with p < 0.05, mean
     total-variation distance over layers)."""
-    from routelib.routing import analysis as A
-    from routelib.routing.repetition import repetition_rate
+    from routelib.routing.analyse import predictability as A
+    from routelib.routing.analyse.repetition import repetition_rate
 
     rows = []
     for name, df in sets.items():
@@ -115,7 +115,8 @@ def live_collection(cfg: TraceStudyConfig, reference_dir: str | Path | None = No
     decoding reproduced), ``same_top1`` and ``same_set`` (identical top-1 expert / top-k set at every
     layer) among tokens with the same id. Batch composition changes left padding and so the float
     rounding of attention, which can flip a near-tie in the router: agreement near, not always at, 1."""
-    from routelib.routing.collect import benchmark_prompts, collect, load_model
+    from routelib.routing.record.collect import benchmark_prompts, collect
+    from routelib.routing.record.routers import load_model
 
     if cfg.live_model is None:
         raise ConfigError("live_model is None: no live collection to run")

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from routelib.routing.traces import TraceArrays, TraceError
+from routelib.routing.record.traces import TraceArrays, TraceError
 from routelib.views.figures import PALETTE
 
 
@@ -175,7 +175,7 @@ def usage_heatmaps(usage: Mapping[str, np.ndarray]):
 def locality_curves(table: pd.DataFrame, *, distance: int = 1, group: str = "all",
                     measures: tuple[str, ...] = ("top1_same", "set_shared")):
     """Routing across consecutive tokens per layer (a table of
-    :func:`routelib.routing.locality.consecutive_routing`): one panel per measure, one colour per
+    :func:`routelib.routing.analyse.locality.consecutive_routing`): one panel per measure, one colour per
     phase; the rate with its bootstrap interval (band), the usage chance (dashed), the in-sequence
     chance (dotted) and uniform routing (grey)."""
     rows = table[(table["distance"] == distance) & (table["group"] == group)]

@@ -1,0 +1,13 @@
+"""Analysing routing: what traces and weights say about a model's routing.
+
+==========================  ==================================================================
+:mod:`.predictability`      layer-to-layer predictability (uncertainty coefficient, lookup vs
+                            prior accuracy), hop curves, paths, dataset usage tests
+:mod:`.locality`            routing across consecutive tokens (the Mixtral paper's §5): top-1
+                            repetition and top-k overlap per layer, phase, distance, vs chance
+:mod:`.repetition`          repeated n-grams in generated text
+:mod:`.weights`             router and expert weights of any supported MoE
+:mod:`.geometry`            router similarity, subspaces, co-activation, saturation over training
+:mod:`.snapshots`           a model's routers and routing over its training snapshots
+==========================  ==================================================================
+"""

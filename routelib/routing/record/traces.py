@@ -1,0 +1,442 @@
+"""Routing traces on disk: the Parquet shards, the manifest, and a loader that validates both.
+
+A trace directory (e.g. ``routing_data_collected/moe-subject/``) holds::
+
+    manifest.json                  how the traces were made + the list of shards with sha256
+    humaneval-00000.parquet        one shard per batch of problems (problems 0..B-1 of humaneval)
+    humaneval-00016.parquet        ...
+    gsm8k-00000.parquet
+
+Shard schema -- one row per token (prompt and generated), rows ordered by problem, then position:
+
+=============  ==========================================  ==========================================
+column         Arrow type                                  meaning
+=============  ==========================================  ==========================================
+dataset        string                                      "humaneval", "gsm8k", ...
+problem_id     string                                      the dataset's id ("HumanEval/0", "gsm8k/test/17")
+problem_index  int32                                       index of the problem in the dataset's prompt list
+position       int32                                       0-based position in the sequence (padding excluded)
+phase          string                                      "prompt" (fed in the prefill) or "generated"
+token_id       int32                                       the token
+token_text     string                                      ``tokenizer.decode([token_id])``
+experts        fixed_size_list<int16>[L*k]                 top-k expert ids, row-major (layer, slot): the
+                                                           expert of MoE layer l, slot j is ``[l*k + j]``;
+                                                           slots in the router's order (descending weight)
+weights        fixed_size_list<float32>[L*k]               the gate weight the model multiplied that expert's
+                                                           output by (renormalised over the top-k where the
+                                                           model does so, e.g. Mixtral)
+probs          fixed_size_list<float16>[L*E] (optional)    the full router distribution, row-major (layer, expert);
+                                                           only with ``full_distribution``: softmax(logits),
+                                                           sigmoid(logits) or the router's own probabilities,
+                                                           as ``layout["router_scores"]`` says
+source_        int32 (optional)                            imported traces (:mod:`.convert`): the token's
+position                                                   position in the source, which may have gaps
+=============  ==========================================  ==========================================
+
+L = number of MoE layers (``manifest["layout"]["num_moe_layers"]``; ``moe_layers`` gives their
+decoder-layer indices), k = experts per token, E = experts per layer -- the width of the router's
+scores, so expert ids lie in [0, E). Layouts written since transformers-wide coverage (issue 17) also
+record ``router_scores`` (the kind of the router's scores: "softmax", "sigmoid", "sqrtsoftplus",
+"probabilities" or "unknown", one value or one per layer) and, for LongCat-Flash,
+``zero_computation_experts`` (ids the router may pick that run no expert: the token passes through
+unchanged, scaled by its weight); older layouts lack both keys and mean softmax routers without
+such experts. Lists are flat, not nested,
+so a column converts to one contiguous ``(N, L, k)`` array without a Python loop
+(:func:`trace_arrays`). Each shard also carries the layout in its Parquet key-value metadata.
+
+``manifest.json`` (see ``routing_data_collected/README.md`` for every field): format + version, the
+model (name or path, architecture, config sha256, router-weights sha256, router modules), the
+tokenizer (name, class, sha256, special ids), the layout, per dataset the prompt source, template,
+prompts sha256, generation settings, counts and the exact command, the list of shards (file, dataset,
+problems, rows, prompt/generated tokens, bytes, sha256), totals, the software versions and,
+where measured, the collection overhead. Traces imported from another tool (:mod:`.convert`) carry a
+``source`` entry instead of a collection command: the kind of input, its files with sha256, the exact
+command and the import report (tokens kept; duplicates, incomplete tokens and gaps counted).
+
+Files are written atomically: to ``<name>.tmp``, flushed, fsync'ed, then ``os.replace``'d, and the
+directory fsync'ed; a run killed at any point leaves either the old file or the new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, NamedTuple
+
+import numpy as np
+
+from routelib.errors import RoutelibError
+from routelib.io import atomic_write_bytes as _atomic_write_bytes, fsync_path
+
+FORMAT = "routelib-routing-traces"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SHARD_SUFFIX = ".parquet"
+TMP_SUFFIX = ".tmp"
+PHASES = ("prompt", "generated")
+EXPERTS_DTYPE = "int16"  # expert ids: up to 32767 experts per layer (Mixtral 8, OLMoE 64, Qwen3 128)
+WEIGHTS_DTYPE = "float32"  # gate weights exactly as the model computed them (fp32 softmax in Mixtral)
+PROBS_DTYPE = "float16"  # the optional full distribution: L*E values per token, so half precision
+# Scalar columns, in file order, with their Arrow type names.
+SCALAR_COLUMNS = {
+    "dataset": "string",
+    "problem_id": "string",
+    "problem_index": "int32",
+    "position": "int32",
+    "phase": "string",
+    "token_id": "int32",
+    "token_text": "string",
+}
+LIST_COLUMNS = ("experts", "weights", "probs")
+
+
+class TraceError(RoutelibError, ValueError):
+    """A trace directory or shard is missing, truncated, altered, or does not match its manifest."""
+
+
+# ----------------------------------------------------------------------------------------------
+# atomic writes and checksums
+
+
+def _fsync_dir(path: Path) -> None:
+    fsync_path(path, strict=False)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves the old file or the new one, never a mix."""
+    path = Path(path)
+    _atomic_write_bytes(path, data, tmp=path.with_name(path.name + TMP_SUFFIX), strict_dir_sync=False)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    """sha256 of the canonical JSON of ``obj`` (sorted keys, no spaces)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+
+
+def read_manifest(trace_dir: str | os.PathLike) -> dict:
+    """The parsed ``manifest.json`` of ``trace_dir`` (TraceError if missing, unreadable or foreign)."""
+    path = Path(trace_dir) / MANIFEST
+    if not path.is_file():
+        raise TraceError(f"{path} not found: {trace_dir} is not a routing-trace directory "
+                         f"(collect one with `python -m routelib.routing.record.collect`)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise TraceError(f"{path} is not valid JSON ({err}); the manifest was truncated or altered") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise TraceError(f"{path} is not a routelib routing-trace manifest (format {FORMAT!r} expected)")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise TraceError(f"{path}: format_version {manifest.get('format_version')!r}, this routelib reads "
+                         f"{FORMAT_VERSION}")
+    return manifest
+
+
+def _dumps(obj: Any) -> str:
+    """Indented JSON with lists of scalars on one line (problem indices, layer lists)."""
+    text = json.dumps(obj, indent=1)  # JSON strings never hold a raw newline: only json's own are touched
+    return re.sub(r"\[\n\s+([^\[\]{}]*?)\n\s*\]", lambda m: "[" + re.sub(r",\n\s*", ", ", m.group(1)) + "]", text)
+
+
+def write_manifest(trace_dir: str | os.PathLike, manifest: dict) -> None:
+    """Write ``manifest.json`` atomically."""
+    atomic_write_bytes(Path(trace_dir) / MANIFEST, (_dumps(manifest) + "\n").encode())
+
+
+# ----------------------------------------------------------------------------------------------
+# shards
+
+
+def shard_name(dataset: str, first_problem: int) -> str:
+    return f"{dataset}-{first_problem:05d}{SHARD_SUFFIX}"
+
+
+def arrow_schema(num_layers: int, top_k: int, num_experts: int, full_distribution: bool):
+    import pyarrow as pa
+
+    fields = [pa.field(name, getattr(pa, kind)(), nullable=False) for name, kind in SCALAR_COLUMNS.items()]
+    fields.append(pa.field("experts", pa.list_(pa.int16(), num_layers * top_k), nullable=False))
+    fields.append(pa.field("weights", pa.list_(pa.float32(), num_layers * top_k), nullable=False))
+    if full_distribution:
+        fields.append(pa.field("probs", pa.list_(pa.float16(), num_layers * num_experts), nullable=False))
+    meta = {"routelib.format": FORMAT, "routelib.format_version": str(FORMAT_VERSION),
+            "routelib.layout": json.dumps({"num_moe_layers": num_layers, "top_k": top_k,
+                                           "num_experts": num_experts})}
+    return pa.schema(fields, metadata=meta)
+
+
+def _fixed_list(values: np.ndarray, width: int, arrow_type):
+    import pyarrow as pa
+
+    flat = pa.array(np.ascontiguousarray(values).reshape(-1), type=arrow_type)
+    return pa.FixedSizeListArray.from_arrays(flat, width)
+
+
+def shard_table(columns: dict[str, Any], experts: np.ndarray, weights: np.ndarray, probs: np.ndarray | None,
+                num_experts: int):
+    """An Arrow table in the trace schema. ``columns``: the scalar columns (length N);
+    experts/weights: (N, L, k); probs: (N, L, E) or None."""
+    import pyarrow as pa
+
+    _, num_layers, top_k = experts.shape
+    schema = arrow_schema(num_layers, top_k, num_experts, probs is not None)
+    arrays = [pa.array(columns[name], type=schema.field(name).type) for name in SCALAR_COLUMNS]
+    arrays.append(_fixed_list(experts.astype(np.int16), num_layers * top_k, pa.int16()))
+    arrays.append(_fixed_list(weights.astype(np.float32), num_layers * top_k, pa.float32()))
+    if probs is not None:
+        arrays.append(_fixed_list(probs.astype(np.float16), num_layers * num_experts, pa.float16()))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def write_shard(path: str | os.PathLike, table) -> dict:
+    """Write ``table`` atomically as a zstd-compressed Parquet file; returns {bytes, sha256}."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    pq.write_table(table, tmp, compression="zstd", compression_level=9)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def shard_counts(table) -> dict:
+    """rows / problems / prompt and generated token counts of a shard table."""
+    import pyarrow.compute as pc
+
+    phase = table.column("phase")
+    generated = int(pc.sum(pc.equal(phase, "generated")).as_py() or 0)
+    return {"rows": table.num_rows, "problems": len(pc.unique(table.column("problem_index"))),
+            "prompt_tokens": table.num_rows - generated, "generated_tokens": generated}
+
+
+def summarise_manifest(manifest: dict) -> None:
+    """Recompute per-dataset counts and totals from the shard list."""
+    keys = ("problems", "rows", "prompt_tokens", "generated_tokens", "bytes")
+    totals = dict.fromkeys(keys, 0)
+    for ds, info in manifest["datasets"].items():
+        counts = dict.fromkeys(keys, 0)
+        counts["shards"] = 0
+        for s in manifest["shards"]:
+            if s["dataset"] == ds:
+                counts["shards"] += 1
+                for k in keys:
+                    counts[k] += s[k]
+        counts["complete"] = counts["problems"] == info["num_problems"]
+        info["counts"] = counts
+        for k in keys:
+            totals[k] += counts[k]
+    totals["shards"] = len(manifest["shards"])
+    manifest["totals"] = totals
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+
+
+class TraceArrays(NamedTuple):
+    experts: np.ndarray  # (N, L, k) int16: expert ids per MoE layer and slot
+    weights: np.ndarray  # (N, L, k) float32: gate weights
+    probs: np.ndarray | None  # (N, L, E) float16: full router distribution, or None when not collected
+
+
+def _layout(manifest: dict) -> tuple[int, int, int]:
+    try:
+        lay = manifest["layout"]
+        return int(lay["num_moe_layers"]), int(lay["top_k"]), int(lay["num_experts"])
+    except (KeyError, TypeError, ValueError):
+        raise TraceError("manifest.json has no valid 'layout' (num_moe_layers, top_k, num_experts)") from None
+
+
+def check_shard_file(path: Path, entry: dict) -> None:
+    """TraceError unless the shard exists with the byte count and sha256 of its manifest entry."""
+    if not path.is_file():
+        raise TraceError(f"shard {path.name} is listed in the manifest but missing from {path.parent}")
+    size = path.stat().st_size
+    if "bytes" in entry and size != entry["bytes"]:
+        kind = "truncated" if size < entry["bytes"] else "longer than recorded"
+        raise TraceError(f"shard {path.name} is {kind}: {size} bytes, the manifest says {entry['bytes']}")
+    digest = sha256_file(path)
+    if digest != entry.get("sha256"):
+        raise TraceError(f"shard {path.name} was altered: sha256 {digest[:16]}..., the manifest says "
+                         f"{str(entry.get('sha256'))[:16]}...")
+
+
+def _type_name(t) -> str:
+    """An Arrow type as text, ignoring the child field name of lists (Parquet writers differ)."""
+    import pyarrow as pa
+
+    if pa.types.is_fixed_size_list(t):
+        return f"fixed_size_list<{t.value_type}>[{t.list_size}]"
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return f"list<{t.value_type}>"
+    return str(t)
+
+
+def _check_table(table, name: str, entry: dict, layout: tuple[int, int, int], full: bool) -> None:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    num_layers, top_k, num_experts = layout
+    expected = arrow_schema(num_layers, top_k, num_experts, full)
+    have = {f.name: f.type for f in table.schema}
+    missing = [f.name for f in expected if f.name not in have]
+    if missing:
+        raise TraceError(f"shard {name} lacks column(s) {missing}; expected {expected.names}")
+    for f in expected:
+        if _type_name(have[f.name]) != _type_name(f.type):
+            raise TraceError(f"shard {name}: column {f.name!r} has type {_type_name(have[f.name])}, expected "
+                             f"{_type_name(f.type)} (layout from the manifest: {num_layers} MoE layers x "
+                             f"top-{top_k} of {num_experts} experts)")
+    if entry.get("rows") is not None and table.num_rows != entry["rows"]:
+        raise TraceError(f"shard {name} has {table.num_rows} rows, the manifest says {entry['rows']}")
+    for col in ("dataset", "problem_id", "phase", "token_text", "experts", "weights"):
+        if table.column(col).null_count:
+            raise TraceError(f"shard {name}: column {col!r} has nulls")
+    if entry.get("dataset") is not None and not pc.all(pc.equal(table.column("dataset"), entry["dataset"])).as_py():
+        raise TraceError(f"shard {name}: rows of another dataset than {entry['dataset']!r}")
+    bad = pc.invert(pc.is_in(table.column("phase"), value_set=pa.array(PHASES)))
+    if table.num_rows and pc.any(bad).as_py():
+        raise TraceError(f"shard {name}: phase values other than {PHASES}")
+    experts = table.column("experts").combine_chunks().flatten()
+    if len(experts) and (pc.min(experts).as_py() < 0 or pc.max(experts).as_py() >= num_experts):
+        raise TraceError(f"shard {name}: expert ids outside [0, {num_experts})")
+    weights = table.column("weights").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    if not np.isfinite(weights).all():
+        raise TraceError(f"shard {name}: non-finite gate weights")
+
+
+def _check_order(df, name: str) -> None:
+    """Every (dataset, problem, position) once; within each problem positions 0..n-1 in row order and
+    prompt tokens before generated ones."""
+    if df.empty:
+        return
+    dup = df.duplicated(subset=["dataset", "problem_id", "position"], keep=False)
+    if dup.any():
+        row = df[dup].iloc[0]
+        raise TraceError(f"{name}: token ({row['dataset']}, {row['problem_id']}, position {row['position']}) "
+                         f"appears more than once")
+    grouped = df.groupby(["dataset", "problem_id"], sort=False)
+    if not (df["position"].to_numpy() == grouped.cumcount().to_numpy()).all():
+        raise TraceError(f"{name}: positions are not 0..n-1 in order within every problem")
+    generated = (df["phase"] == "generated").astype(np.int8)
+    if (generated.groupby([df["dataset"], df["problem_id"]], sort=False).diff().fillna(0) < 0).any():
+        raise TraceError(f"{name}: a prompt token follows a generated token within a problem")
+
+
+def load_traces(trace_dir: str | os.PathLike, validate: bool = True, *, datasets: Iterable[str] | None = None,
+                columns: Iterable[str] | None = None):
+    """Read a trace directory into one pandas DataFrame (one row per token; columns as in the module
+    docstring; ``df.attrs["manifest"]`` holds the manifest).
+
+    validate: check every shard against the manifest -- present, not truncated (byte count), not
+    altered (sha256), the schema and list widths of the manifest's layout, the row counts, expert ids
+    in range, finite weights, and every (dataset, problem, position) exactly once with positions
+    0..n-1; any failure raises :class:`TraceError` naming the file and the problem.
+    datasets: only these datasets' shards. columns: only these columns (validation still reads all).
+    Shards found on disk but not listed in the manifest (a collection killed right after writing
+    one; ``collect(..., resume=True)`` adopts them) are ignored with a warning.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    trace_dir = Path(trace_dir)
+    manifest = read_manifest(trace_dir)
+    layout = _layout(manifest)
+    full = bool(manifest.get("layout", {}).get("full_distribution", False))
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        raise TraceError(f"{trace_dir / MANIFEST} has no 'shards' list")
+    wanted = set(datasets) if datasets is not None else None
+    if wanted is not None:
+        unknown = wanted - set(manifest.get("datasets", {}))
+        if unknown:
+            raise TraceError(f"{trace_dir} has no dataset(s) {sorted(unknown)}; it has "
+                             f"{sorted(manifest.get('datasets', {}))}")
+    listed = {s.get("file") for s in shards}
+    orphans = sorted(p.name for p in trace_dir.glob(f"*{SHARD_SUFFIX}") if p.name not in listed)
+    if orphans:
+        warnings.warn(f"{trace_dir}: shard(s) not in the manifest, ignored: {orphans} "
+                      f"(an interrupted collection; resume it to adopt them)", stacklevel=2)
+    tables = []
+    for entry in shards:
+        if wanted is not None and entry.get("dataset") not in wanted:
+            continue
+        path = trace_dir / str(entry.get("file"))
+        if validate:
+            check_shard_file(path, entry)
+        try:
+            table = pq.read_table(path)
+        except FileNotFoundError:
+            raise TraceError(f"shard {path.name} is listed in the manifest but missing from {trace_dir}") from None
+        except (OSError, pa.ArrowException) as err:
+            raise TraceError(f"shard {path.name} is not a readable Parquet file (truncated or corrupt): "
+                             f"{err}") from None
+        if validate:
+            _check_table(table, path.name, entry, layout, full)
+        tables.append(table)
+    num_layers, top_k, num_experts = layout
+    if tables:
+        try:
+            table = pa.concat_tables(tables)
+        except pa.ArrowInvalid as err:
+            raise TraceError(f"{trace_dir}: shards have different schemas: {err}") from None
+    else:
+        table = arrow_schema(num_layers, top_k, num_experts, full).empty_table()
+    if validate:
+        _check_order(table.select(["dataset", "problem_id", "position", "phase"]).to_pandas(), str(trace_dir))
+    if columns is not None:
+        table = table.select(list(columns))
+    df = table.to_pandas()
+    df.attrs["manifest"] = manifest
+    return df
+
+
+def trace_arrays(df, manifest: dict | None = None) -> TraceArrays:
+    """The list columns of a trace DataFrame as contiguous arrays: experts and weights (N, L, k) and,
+    when collected, probs (N, L, E). The layout comes from ``manifest`` or ``df.attrs["manifest"]``."""
+    manifest = manifest if manifest is not None else df.attrs.get("manifest")
+    if manifest is None:
+        raise TraceError("trace_arrays needs the manifest (pass it, or a DataFrame from load_traces)")
+    num_layers, top_k, num_experts = _layout(manifest)
+    n = len(df)
+
+    def stack(col: str, width: int, dtype) -> np.ndarray:
+        if n == 0:
+            return np.zeros((0, num_layers, width), dtype)
+        flat = np.concatenate(df[col].to_numpy()).astype(dtype, copy=False)
+        if flat.size != n * num_layers * width:
+            raise TraceError(f"column {col!r}: {flat.size} values for {n} rows, expected {num_layers}x{width} each")
+        return flat.reshape(n, num_layers, width)
+
+    experts = stack("experts", top_k, np.int16)
+    weights = stack("weights", top_k, np.float32)
+    probs = stack("probs", num_experts, np.float16) if "probs" in df.columns else None
+    return TraceArrays(experts, weights, probs)
+
+
+def router_scores(manifest: dict) -> list[str]:
+    """The kind of each MoE layer's router scores ("softmax", "sigmoid", "sqrtsoftplus",
+    "probabilities", "unknown"); layouts written before the kind was recorded mean "softmax"."""
+    num_layers = _layout(manifest)[0]
+    kind = manifest["layout"].get("router_scores", "softmax")
+    return [kind] * num_layers if isinstance(kind, str) else list(kind)
+
+
+def zero_computation_experts(manifest: dict) -> list[int]:
+    """Expert ids that run no computation (LongCat-Flash: the token passes through, scaled by its
+    weight); they are counted like any expert by the analyses, which take E = ``num_experts`` (all ids)."""
+    return list(manifest["layout"].get("zero_computation_experts", []))
