@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
+from routelib.device import resolve_device
 from routelib.errors import ConfigError
 
 
@@ -55,7 +56,7 @@ def time_fn(fn: Callable[[], Any], *, warmup: int = 3, repeats: int | None = Non
     if warmup < 0 or (repeats is not None and repeats < 1) or min_time_s < 0 or max_repeats < 1:
         raise ConfigError(f"time_fn: need warmup >= 0, repeats >= 1, min_time_s >= 0, max_repeats >= 1; "
                           f"got {warmup}, {repeats}, {min_time_s}, {max_repeats}")
-    kind = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    kind = resolve_device(device).type
     cuda = kind == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(warmup):

@@ -17,13 +17,13 @@ alone, >= 3x naive, and >= 3.2x faster than the equal-total dense FFN (ideal E/k
 from __future__ import annotations
 
 import argparse
-import sys
 
 import pandas as pd
 import torch
 
+from routelib.device import resolve_device
 from routelib.bench import compare
-from routelib.models.moe import DenseFFN, MoEConfig, MoEFFN, grouped_matmul, _swiglu_act
+from routelib.models.moe import DenseFFN, MoEConfig, MoEFFN, grouped_matmul, swiglu_act
 
 HF_IMPLS = ("eager", "grouped_mm")  # transformers' experts implementations we compare with
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -52,7 +52,7 @@ def benchmark(hidden: int = 4096, ffn: int = 14336, experts: int = 8, top_k: int
               tokens: tuple[int, ...] = (4096, 8192, 16384), dtype: str = "bf16", device: str | None = None,
               rounds: int = 3, min_time_s: float = 0.5, with_hf: bool = True) -> pd.DataFrame:
     """One row per (tokens, implementation): median ms, TFLOP/s and ratios (see module docstring)."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     dt = DTYPES[dtype]
     cfg = MoEConfig(hidden_size=hidden, intermediate_size=ffn, num_experts=experts, top_k=top_k)
     layer = MoEFFN(cfg).to(dev, dt).eval()
@@ -69,7 +69,7 @@ def benchmark(hidden: int = 4096, ffn: int = 14336, experts: int = 8, top_k: int
         xs = x.index_select(0, slots // top_k).contiguous()  # (N*k, H), the routed work
         w13t, w2t = layer.w13.transpose(1, 2), layer.w2.transpose(1, 2)
         fns = {f"moe_{impl}": (lambda impl=impl: layer(x, impl=impl)) for impl in ("naive", "padded", "grouped")}
-        fns["grouped_mm_alone"] = lambda: grouped_matmul(_swiglu_act(grouped_matmul(xs, w13t, offs)), w2t, offs)
+        fns["grouped_mm_alone"] = lambda: grouped_matmul(swiglu_act(grouped_matmul(xs, w13t, offs)), w2t, offs)
         fns["dense_equal_total"] = lambda: dense_total(x)
         fns["dense_equal_active"] = lambda: dense_active(x)
         for name, block in peers.items():

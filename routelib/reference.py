@@ -6,9 +6,11 @@ notebook never shows numbers that are not the ones the run wrote.
 
 Shared plumbing of the studies' reference runs: the invocation log (:class:`InvocationLog`; a run
 resumed or trained by processes side by side has several invocations), splitting runs into parts for
-processes side by side (:func:`split_parts`, :func:`parse_part`), per-run records written as runs
-finish (:func:`write_record`, :func:`load_records`), and the t-interval of a difference over seeds
-(:func:`t_interval`).
+processes side by side (:func:`split_parts`, :func:`parse_part`), the command line every study's
+reference run shares (:func:`reference_main`), reading a run that may not be made yet
+(:func:`load_if_made`), reproducing on the recorded thread count (:func:`torch_threads`), per-run
+records written as runs finish (:func:`write_record`, :func:`load_records`), and the t-interval of a
+difference over seeds (:func:`t_interval`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from __future__ import annotations
 import argparse
 import calendar
 import fcntl
-import hashlib
 import json
 import math
 import os
@@ -25,13 +26,14 @@ import subprocess
 import sys
 import time
 import uuid
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from routelib import paths
 from routelib.errors import RoutelibError
-from routelib.io import atomic_write_bytes
+from routelib.io import atomic_write_bytes, is_temporary, sha256_file
 
 MANIFEST = "manifest.json"
 INVOCATIONS = "invocations.json"  # every invocation of a (resumed or split) reference run
@@ -39,14 +41,6 @@ INVOCATIONS = "invocations.json"  # every invocation of a (resumed or split) ref
 
 class ReferenceError(RoutelibError, ValueError):
     """A reference-run folder is missing, incomplete or does not match its manifest."""
-
-
-def sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def git_commit() -> dict:
@@ -91,11 +85,11 @@ def write_manifest(out_dir: str | os.PathLike, *, command: str, params: dict, wa
     """Hash every result file in ``out_dir`` (all files but the manifest) and write the manifest
     atomically. Returns it."""
     out = paths.in_repo(out_dir)
-    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp"))
+    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != MANIFEST and not is_temporary(p))
     manifest = {
         "command": command, **git_commit(), "params": params, "environment": environment(),
         "wall_s": round(float(wall_s), 1),
-        "files": {p.relative_to(out).as_posix(): {"sha256": sha256(p), "bytes": p.stat().st_size} for p in files},
+        "files": {p.relative_to(out).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files},
         **(extra or {}),
     }
     atomic_write_bytes(out / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n").encode())
@@ -122,7 +116,7 @@ def load_manifest(out_dir: str | os.PathLike) -> dict:
         f = out / name
         if not f.is_file():
             raise ReferenceError(f"{f}: listed in {path.name} but missing")
-        if sha256(f) != meta["sha256"]:
+        if sha256_file(f) != meta["sha256"]:
             raise ReferenceError(f"{f}: sha256 differs from {path.name}; the file was changed after the run")
     return manifest
 
@@ -238,6 +232,55 @@ def reference_invocation(args: argparse.Namespace) -> tuple[tuple[int, int] | No
 
         torch.set_num_threads(args.threads)
     return args.part, tuple(r for r in args.only_runs.split(",") if r)
+
+
+# ------------------------------------------------------------------- the skeleton of every study's run
+def load_if_made(load: Callable[[str | os.PathLike], dict], out_dir: str | os.PathLike) -> dict | None:
+    """``load(out_dir)`` (a study's hash-checked reader), or None while the run has not been made (no
+    manifest yet): what a notebook calls so that it runs before the reference run exists."""
+    return load(out_dir) if reference_made(out_dir) else None
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block on ``n`` torch CPU threads (None or 0: unchanged), restoring the count after it: a
+    reproduction on the thread count the manifest recorded, since CPU results depend on it."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def reference_main(argv: Sequence[str] | None, *, prog: str, description: str | None, out: str, config: type,
+                   settings: type, run: Callable[..., dict | None], report: Callable[[dict, str], None],
+                   defaults: dict[str, Any] | None = None, skip: Sequence[str] = (),
+                   config_extra: Callable[[argparse.Namespace], dict] | None = None) -> int:
+    """The command every study's reference run shares: ``reference [--out DIR] [--part i/n | --only_runs a,b]
+    [--threads N] [--<field> value ...]`` (:func:`reference_parser`), one option per field of the study's
+    ``config`` dataclass (defaults: ``defaults``; fields in ``skip`` left out) and of its ``settings``
+    dataclass; then ``run(cfg, settings, out_dir, part=..., only_runs=...)``, and ``report(manifest,
+    out_dir)`` when the run wrote its manifest (a ``--part`` invocation only trains). ``config_extra(args)``
+    adds config values derived from the shared options (e.g. the thread count)."""
+    from routelib import cli
+    from routelib.config import from_params
+
+    parser = reference_parser(prog, description, out)
+    cli.add_dataclass_options(parser, config, skip=skip, defaults=defaults)
+    cli.add_dataclass_options(parser, settings)
+    args = parser.parse_args(argv)
+    part, only_runs = reference_invocation(args)
+    extra = config_extra(args) if config_extra else {}
+    cfg = from_params(config, {**(defaults or {}), **cli.dataclass_options(args, config), **extra})
+    opts = from_params(settings, cli.dataclass_options(args, settings))
+    manifest = run(cfg, opts, args.out, part=part, only_runs=only_runs)
+    if manifest:
+        report(manifest, args.out)
+    return 0
 
 
 RECORDS = "final"  # per-run records of a reference run (one JSON file per finished run)

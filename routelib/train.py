@@ -51,8 +51,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from routelib.device import resolve_device
 from routelib.errors import ConfigError
-from routelib.io import atomic_write_bytes, fsync_path
+from routelib.io import atomic_write, atomic_write_bytes
 from routelib.progress import progress_bar
 
 BatchFn = Callable[[int, int, int], "tuple[torch.Tensor, torch.Tensor]"]  # (step, rank, world) -> (x, y)
@@ -221,10 +222,6 @@ def evaluate(model: nn.Module, eval_data, *, loss_fn: LossFn | None = None, max_
 
 # ---- checkpoints ---------------------------------------------------------------------------------
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode(), tmp=path.with_name(f".{path.name}.tmp{os.getpid()}"))
-
-
 def _rng_state() -> dict:
     b64 = lambda t: base64.b64encode(t.numpy().tobytes()).decode()  # noqa: E731
     np_state = np.random.get_state()
@@ -275,15 +272,13 @@ def _load_trainable(model: nn.Module, path: Path) -> None:
 
 def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict, save_frozen: bool = True) -> Path:
-    """Write ``out_dir/step_{step:06d}/`` atomically (temp folder + fsync + rename), then ``latest``.
+    """Write ``out_dir/step_{step:06d}/`` atomically (:func:`routelib.io.atomic_write`), then ``latest``.
     ``save_frozen=False`` stores only trainable parameters and buffers (``state["weights"]`` says so)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / f"step_{step:06d}"
-    tmp = out_dir / f".tmp_{final.name}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_write(final) as tmp:  # the same step written again (resumed, then interrupted): swapped whole
+        tmp.mkdir()
         if save_frozen:
             save_model(model, str(tmp / "model.safetensors"))
         else:
@@ -300,19 +295,7 @@ def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, optimizer:
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         state = {**state, "optimizer": {"param_groups": opt["param_groups"], "state": extra}}
         (tmp / "state.json").write_text(json.dumps(state, indent=1, default=str))
-        for p in tmp.iterdir():
-            fsync_path(p)
-        fsync_path(tmp)
-        if final.exists():  # the same step written again (resumed, then interrupted): swap it out
-            old = out_dir / f".old_{final.name}_{os.getpid()}"
-            os.replace(final, old)
-            shutil.rmtree(old)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fsync_path(out_dir)
-    _atomic_write_text(out_dir / "latest", final.name + "\n")
+    atomic_write_bytes(out_dir / "latest", (final.name + "\n").encode())
     return final
 
 
@@ -394,7 +377,7 @@ def _setup(cfg: TrainConfig) -> tuple[int, int, torch.device, bool]:
     """(rank, world_size, device, whether we created the process group)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    name = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    name = str(resolve_device(cfg.device))
     if name == "cuda" and world > 1:
         name = f"cuda:{local_rank}"
     device = torch.device(name)

@@ -205,14 +205,17 @@ def test_every_step_fits_a_slot_and_says_how_it_was_estimated():
 
 
 def test_full_size_steps_take_their_settings_from_the_gpu_yaml():
-    from routelib.gpu import steps
+    from routelib.gpu.sizing import RUNNER_FIELDS, gpu_yaml
+    from routelib.studies.attention_routing import gpu as attention_gpu
+    from routelib.studies.moe_vs_dense import gpu as moe_gpu
 
-    moe = steps._moe_study_cfg(None)
-    for key, value in steps.gpu_yaml("03_moe_speedup").items():
-        if key not in steps.RUNNER_FIELDS:
+    moe = moe_gpu.study_config(None)
+    for key, value in gpu_yaml("03_moe_speedup").items():
+        if key not in RUNNER_FIELDS:
             assert getattr(moe, key) == value, key
-    yml = steps.gpu_yaml("02_dynamic_attention_routing")
-    assert steps.HYBRID_GPU["hidden_size"] == yml["hidden_size"] and steps.ALPHA_SWEEP["alpha_sweep"] == yml["alpha_sweep"]
+    yml = gpu_yaml("02_dynamic_attention_routing")
+    assert attention_gpu.HYBRID_GPU["hidden_size"] == yml["hidden_size"]
+    assert attention_gpu.ALPHA_SWEEP["alpha_sweep"] == yml["alpha_sweep"]
     text = next(s for s in PLAN if s.name == "04_attention_routing_seed1").keeps
     assert f"seeds [1] (yaml: {yml['seeds']!r})" in text and "lr_same [0.002]" in text
 

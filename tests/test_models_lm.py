@@ -227,8 +227,8 @@ def test_generate_greedy_matches_hf(exported, variant):
 def test_generate_sampling_and_eos():
     model = make(TINY)
     x = ids(2, 4)
-    a = model.generate(x, 5, greedy=False, temperature=0.8, top_k=10, generator=torch.Generator().manual_seed(0))
-    b = model.generate(x, 5, greedy=False, temperature=0.8, top_k=10, generator=torch.Generator().manual_seed(0))
+    a = model.generate(x, 5, greedy=False, temperature=0.8, sample_top_k=10, generator=torch.Generator().manual_seed(0))
+    b = model.generate(x, 5, greedy=False, temperature=0.8, sample_top_k=10, generator=torch.Generator().manual_seed(0))
     assert torch.equal(a, b) and a.shape == (2, 9)
     greedy = model.generate(x, 6)
     eos = int(greedy[0, 5])  # row 0's second new token

@@ -8,7 +8,7 @@ import pytest
 
 from routelib import paths
 
-DASHBOARDS = {  # notebook: what its dashboard shows by default (an HTML view built by routelib.views)
+DASHBOARDS = {  # notebook: what its dashboard shows by default (an HTML view built by the study's views module)
     "01_train_pathway_llm": "pathway",
     "03_moe_speedup": "layer",
     "04_mixtral_routing_collection": "position",

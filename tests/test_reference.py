@@ -56,7 +56,7 @@ def test_invocation_log_records_every_invocation(tmp_path):
     assert summary["invocations"] == 2 and summary["first_started"] == done[0]["started"]
     assert summary["wall_s"] == pytest.approx(sum(e["wall_s"] for e in json.loads((tmp_path / "invocations.json").read_text())))
     assert summary["span_s"] >= 0
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob(".*.tmp-*"))
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])

@@ -4,16 +4,16 @@ the manifest's parameters on the same number of CPU threads, give the recorded l
 not made yet (its folder has no manifest) is skipped with the command that makes it."""
 
 import pytest
-import torch
 
 from routelib.studies import moe_vs_dense
 from routelib.studies.attention_routing import reference as attention_reference
+from routelib.studies.moe_vs_dense import reference as moe_reference
 from routelib.studies.pathways import reference as pathways_reference
 
 
 @pytest.fixture(scope="module")
 def ref03():
-    return moe_vs_dense.load_reference()  # raises if a file differs from the manifest
+    return moe_reference.load_reference()  # raises if a file differs from the manifest
 
 
 def test_03_manifest_is_complete(ref03):
@@ -34,20 +34,10 @@ def test_03_manifest_is_complete(ref03):
 # interrupts, which restarts the window a logged loss averages over)
 @pytest.mark.parametrize("arm", ["dense_total"])
 def test_03_first_steps_reproduce(ref03, arm, tmp_path):
-    man = ref03["manifest"]
-    params = man["params"]
-    cfg = moe_vs_dense.MoEStudyConfig(**{**params["study_config"], "out_dir": str(tmp_path), "device": "cpu"})
-    seed = params["seeds"][0]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(man["environment"]["torch_threads"])
-    try:
-        _, result = moe_vs_dense.train_arm(arm, cfg.arm_configs()[arm], cfg, moe_vs_dense.training_batches(cfg),
-                                           log_every=params["log_every"], stop_step=params["log_every"])
-    finally:
-        torch.set_num_threads(threads)
-    recorded = ref03["histories"][f"{arm}_seed{seed}"].iloc[0]
-    got = result.history[0]
-    assert got["step"] == recorded["step"] == params["log_every"]
+    log_every = ref03["manifest"]["params"]["log_every"]
+    got, recorded = moe_reference.reproduce_first_steps(ref03, f"{arm}_seed{ref03['manifest']['params']['seeds'][0]}",
+                                                        tmp_path)
+    assert got["step"] == recorded["step"] == log_every
     for key in ("loss", "lm_loss"):
         assert got[key] == pytest.approx(recorded[key], rel=1e-6, abs=1e-7), key
 

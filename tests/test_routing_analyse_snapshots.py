@@ -11,6 +11,7 @@ from routelib.models import LM
 from routelib.routing.analyse import snapshots as S
 from routelib.routing.analyse.weights import checkpoint_steps, hf_from_checkpoint, hf_from_lm, moe_weights
 from routelib.studies import moe_vs_dense as study
+from routelib.studies.moe_vs_dense import subject
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,7 +23,7 @@ def run(tmp_path_factory):
                                ckpt_every=2, eval_windows=2, card_seq_len=16, snapshot_seq_len=16, snapshot_windows=2,
                                device="cpu", out_dir=str(tmp_path_factory.mktemp("subject")))
     model, result = study.train_arm("moe", cfg.moe_config(), cfg, study.training_batches(cfg))
-    snaps = study.subject_snapshots(cfg, cfg.moe_config(), Path(result.checkpoint).parent)
+    snaps = subject.subject_snapshots(cfg, cfg.moe_config(), Path(result.checkpoint).parent)
     return cfg, model, result, snaps
 
 
@@ -92,14 +93,14 @@ def test_inconsistent_snapshots_are_rejected(run, change, match):
 
 def test_subject_export_writes_snapshots_and_both_perplexities(run, tmp_path):
     cfg, model, result, snaps = run
-    headline, at_context = study.card_eval_sets(cfg)
-    card = study.export_subject(model, cfg, result, headline, tmp_path / "subject", "test", snaps, at_context)
+    headline, at_context = subject.card_eval_sets(cfg)
+    card = subject.export_subject(model, cfg, result, headline, tmp_path / "subject", "test", snaps, at_context)
     assert card["eval"] == "validation split, up to 2 windows of 16 tokens per domain"
     assert card["eval_at_context"] == "validation split, up to 1 windows of 32 tokens per domain"
     ours = study.perplexity_by_domain(model, at_context)
     assert card["validation_perplexity_at_context"]["overall"] == pytest.approx(ours["overall"], rel=1e-4)
     assert card["training_snapshots"]["steps"] == [0, 2, 4]
-    assert S.load_snapshots(tmp_path / "subject" / study.SNAPSHOTS_FILE).steps.tolist() == [0, 2, 4]
+    assert S.load_snapshots(tmp_path / "subject" / subject.SNAPSHOTS_FILE).steps.tolist() == [0, 2, 4]
     assert json.loads((tmp_path / "subject" / "model_card.json").read_text())["train_wall_s"] == card["train_wall_s"]
     readme = (tmp_path / "subject" / "README.md").read_text()
     assert "at context (32)" in readme and "training_snapshots.npz" in readme
@@ -108,7 +109,7 @@ def test_subject_export_writes_snapshots_and_both_perplexities(run, tmp_path):
 def test_history_train_s_sums_every_logged_window():
     result = study.TrainResult(history=[{"step": 2, "tokens_per_s": 100.0}, {"step": 4, "tokens_per_s": 50.0},
                                         {"step": 4, "eval_loss": 1.0}], step=4, checkpoint=None, wall_s=0.1)
-    assert study.history_train_s(result, tokens_per_step=100) == pytest.approx(2 * 100 / 100 + 2 * 100 / 50)
+    assert subject.history_train_s(result, tokens_per_step=100) == pytest.approx(2 * 100 / 100 + 2 * 100 / 50)
 
 
 def test_notebook_06_evolution_reads_the_snapshots(run, tmp_path):

@@ -119,7 +119,7 @@ def test_coactivation_saturation_drift_and_specialisation():
     w = torch.randn(1, 4, 8)
     drift = G.router_drift({1: w * 2, 2: w})
     assert drift["cosine_to_final"].tolist() == pytest.approx([1.0, 1.0]) and drift["relative_change"].iloc[1] == pytest.approx(0.5)
-    spec = G.domain_specialisation(experts, np.where(first[:, 0] == 0, "code", "math"), 2)
+    spec = G.domain_predictability(experts, np.where(first[:, 0] == 0, "code", "math"), 2)
     assert spec["u_domain_given_expert"].tolist() == pytest.approx([1.0, 1.0])
     bal = G.load_balance(experts, 2)
     assert bal["cv"].tolist() == pytest.approx([0, 0]) and bal["entropy_norm"].tolist() == pytest.approx([1, 1])

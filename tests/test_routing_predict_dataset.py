@@ -88,7 +88,7 @@ def write_traces(out, experts, weights, problems, num_experts=EXPERTS, token_ids
                 "layout": {"num_moe_layers": num_layers, "moe_layers": list(range(num_layers)), "top_k": k,
                            "num_experts": num_experts, "full_distribution": False},
                 "datasets": datasets, "shards": shards}
-    T.write_manifest(out, manifest)
+    T.write_trace_manifest(out, manifest)
     return out
 
 

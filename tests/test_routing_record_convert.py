@@ -8,6 +8,8 @@ import json
 import numpy as np
 import pytest
 
+from routelib.io import sha256_file
+
 from routelib.routing.record import convert as C
 from routelib.routing.record import traces as T
 from routelib.routing.predict.dataset import load_routing
@@ -56,7 +58,7 @@ def test_jsonl_round_trip(tmp_path):
         np.testing.assert_array_equal(arrays.weights[rows], w)
     g0 = df[df["problem_id"] == "g/0"]
     assert g0["phase"].tolist() == ["prompt"] * 3 + ["generated"] * 4  # from the companion's prompt_tokens
-    assert manifest["source"]["kind"] == "jsonl" and manifest["source"]["files"][0]["sha256"] == T.sha256_file(src)
+    assert manifest["source"]["kind"] == "jsonl" and manifest["source"]["files"][0]["sha256"] == sha256_file(src)
     assert manifest["source"]["report"]["tokens"] == 16
     assert T.read_manifest(tmp_path / "out")["layout"] | {} == manifest["layout"]
     assert (tmp_path / "out" / C.TEXTS_FILE).read_text() == texts.read_text()

@@ -9,6 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from routelib.io import sha256_file
+
 from routelib import paths
 from routelib.paths import TRACES_DIR
 from routelib.routing.record import traces as T
@@ -49,8 +51,8 @@ def rewrite(trace_dir, table):
     path = first_shard(trace_dir)
     pq.write_table(table, path)
     manifest = T.read_manifest(trace_dir)
-    manifest["shards"][0].update(bytes=path.stat().st_size, sha256=T.sha256_file(path))
-    T.write_manifest(trace_dir, manifest)
+    manifest["shards"][0].update(bytes=path.stat().st_size, sha256=sha256_file(path))
+    T.write_trace_manifest(trace_dir, manifest)
 
 
 def test_round_trip(traces):
@@ -115,7 +117,7 @@ def test_mismatched_shapes(traces):
 def test_layout_of_another_model(traces):
     manifest = T.read_manifest(traces)
     manifest["layout"]["top_k"] = 1
-    T.write_manifest(traces, manifest)
+    T.write_trace_manifest(traces, manifest)
     with pytest.raises(TraceError, match="expected fixed_size_list"):
         load_traces(traces)
 
@@ -134,7 +136,7 @@ def test_expert_ids_out_of_range(traces):
 def test_row_count_mismatch(traces):
     manifest = T.read_manifest(traces)
     manifest["shards"][0]["rows"] += 1
-    T.write_manifest(traces, manifest)
+    T.write_trace_manifest(traces, manifest)
     with pytest.raises(TraceError, match="rows, the manifest says"):
         load_traces(traces)
 
@@ -144,7 +146,7 @@ def test_duplicated_tokens(traces):
     copy = dict(manifest["shards"][0], file="toy-copy.parquet")
     shutil.copy(traces / manifest["shards"][0]["file"], traces / "toy-copy.parquet")
     manifest["shards"].append(copy)
-    T.write_manifest(traces, manifest)
+    T.write_trace_manifest(traces, manifest)
     with pytest.raises(TraceError, match=r"token \(toy, a, position 0\) appears more than once"):
         load_traces(traces)
 
@@ -159,12 +161,6 @@ def test_bad_manifest(traces, tmp_path):
     (traces / "manifest.json").write_text(json.dumps({"format": "something else"}))
     with pytest.raises(TraceError, match="not a routelib routing-trace manifest"):
         load_traces(traces)
-
-
-def test_atomic_write_leaves_no_temporary_file(tmp_path):
-    T.atomic_write_bytes(tmp_path / "x.json", b"{}")
-    T.atomic_write_bytes(tmp_path / "x.json", b"[]")
-    assert [p.name for p in tmp_path.iterdir()] == ["x.json"] and (tmp_path / "x.json").read_bytes() == b"[]"
 
 
 SAMPLED = TRACES_DIR / "moe-subject-sampled"

@@ -9,6 +9,7 @@ import torch
 from routelib import paths
 from routelib.routing.analyse.snapshots import load_snapshots
 from routelib.studies import moe_vs_dense as study
+from routelib.studies.moe_vs_dense import subject
 
 SUBJECT = paths.DATA_DIR / "moe-subject"
 V1_OVERALL_PERPLEXITY = 71.87  # subject v1 (4.1 M tokens, 256-token context) on the same 256-token windows
@@ -33,7 +34,7 @@ def test_transformers_loads_it_and_reproduces_the_card_perplexities(card):
     model = AutoModelForCausalLM.from_pretrained(SUBJECT, dtype=torch.float32).eval()
     assert isinstance(model, MixtralForCausalLM)
     assert model.config.max_position_embeddings >= card["study_config"]["seq_len"]
-    headline, at_context = study.card_eval_sets(study.MoEStudyConfig(**card["study_config"]))
+    headline, at_context = subject.card_eval_sets(study.MoEStudyConfig(**card["study_config"]))
     for key, data in (("validation_perplexity", headline), ("validation_perplexity_at_context", at_context)):
         ppl = study.perplexity_by_domain(model, data)
         for domain, expected in card[key].items():
@@ -45,7 +46,7 @@ def test_training_snapshots_load_and_end_at_the_shipped_routers(card):
     from routelib.routing.analyse.weights import moe_weights
     from transformers import AutoModelForCausalLM
 
-    snaps = load_snapshots(SUBJECT / study.SNAPSHOTS_FILE)
+    snaps = load_snapshots(SUBJECT / subject.SNAPSHOTS_FILE)
     assert snaps.steps.tolist() == card["training_snapshots"]["steps"] and len(snaps.steps) >= 11  # init + >= 10
     assert snaps.steps[-1] == card["steps"]
     routers = moe_weights(AutoModelForCausalLM.from_pretrained(SUBJECT, dtype=torch.float32)).routers().numpy()

@@ -1,4 +1,4 @@
-"""routelib.studies.attention_routing (notebook 02's logic) and routelib.views.attention_routing on a tiny study: run plan, training with routing
+"""routelib.studies.attention_routing (notebook 02's logic) and routelib.studies.attention_routing.views on a tiny study: run plan, training with routing
 statistics, checkpoint reuse, comparisons and the verdict rule, the alpha sweep, the speed sweep,
 token analysis and HTML, figures."""
 
@@ -13,7 +13,7 @@ import torch
 matplotlib.use("Agg")
 
 from routelib.studies import attention_routing as study  # noqa: E402
-from routelib.views import attention_routing as views  # noqa: E402
+from routelib.studies.attention_routing import views  # noqa: E402
 from routelib.config import from_params  # noqa: E402
 from routelib.data import load_tokenizer  # noqa: E402
 from routelib.errors import ConfigError  # noqa: E402

@@ -17,7 +17,7 @@ from routelib.errors import ConfigError  # noqa: E402
 from routelib.reference import ReferenceError, t_interval  # noqa: E402
 from routelib.studies.attention_routing import reference as ref_run  # noqa: E402
 from routelib.studies.attention_routing import HybridStudyConfig  # noqa: E402
-from routelib.views import attention_routing as views  # noqa: E402
+from routelib.studies.attention_routing import views  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -175,15 +175,15 @@ def test_verdict_and_figures(made):
     speed = ref["train_speed"].set_index("arm")["tokens_per_s"]
     assert v["train_speed_ratio"] == pytest.approx(speed["dynamic"] / speed["static"]) and v["longest"] == 32
     assert f"{v['prefill_ratio_longest']:.2f}x at 32 tokens" in text
-    assert views.reference_curves(ref).axes and views.reference_delta(ref).axes
-    assert len(views.reference_routing(ref, ref_run.shared_run(ref, "dynamic", seed=1)).axes) == 3
+    assert views.plot_reference_curves(ref).axes and views.plot_reference_delta(ref).axes
+    assert len(views.plot_reference_routing(ref, ref_run.shared_run(ref, "dynamic", seed=1)).axes) == 3
     head = ref_run.reference_header(ref)
     assert "command: test final" in head and f"shared learning rate {ref['summary']['shared_lr']:g}" in head
     assert views.plot_alpha_sweep(ref_run.alpha_table(ref)).axes
 
 
 def test_not_made_yet(tmp_path):
-    assert not ref_run.reference_made(tmp_path)
+    assert ref_run.load_reference_if_made(tmp_path) is None
     assert ref_run.reference_header(None) == f"reference run not yet made: {ref_run.REFERENCE_LAUNCH}" and "\n" not in ref_run.REFERENCE_LAUNCH
     with pytest.raises(ReferenceError, match="no manifest"):
         ref_run.load_reference(tmp_path)

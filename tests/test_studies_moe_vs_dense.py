@@ -1,4 +1,4 @@
-"""routelib.studies.moe_vs_dense (notebook 03's logic), routelib.views.figures and routelib.views.moe_vs_dense on a tiny study."""
+"""routelib.studies.moe_vs_dense (notebook 03's logic), routelib.plots and routelib.studies.moe_vs_dense.views on a tiny study."""
 
 import math
 
@@ -10,7 +10,9 @@ import torch
 matplotlib.use("Agg")
 
 from routelib.studies import moe_vs_dense as study
-from routelib.views import figures, moe_vs_dense as views  # noqa: E402
+from routelib.studies.moe_vs_dense import reference, subject
+from routelib import plots  # noqa: E402
+from routelib.studies.moe_vs_dense import views  # noqa: E402
 from routelib.data import load_tokenizer  # noqa: E402
 from routelib.errors import ConfigError  # noqa: E402
 
@@ -93,7 +95,7 @@ def test_layer_benchmark_covers_every_implementation(tiny):
 
 def test_export_reproduces_perplexity_through_transformers(tiny, tmp_path):
     cfg, eval_data, model, result = tiny
-    card = study.export_subject(model, cfg, result, eval_data, tmp_path / "export", "test")
+    card = subject.export_subject(model, cfg, result, eval_data, tmp_path / "export", "test")
     ours = study.perplexity_by_domain(model, eval_data)
     assert card["validation_perplexity"]["overall"] == pytest.approx(ours["overall"], rel=1e-4)
     assert (tmp_path / "export" / "README.md").read_text().count("|") > 10
@@ -110,16 +112,16 @@ def test_dashboard_html_and_figures(tiny):
     box = views.expert_dashboard(model, tok, {"a": "x = 1", "b": "Once upon a time"})
     assert "x" in box.children[2].value
     records = study.routing_records(model, eval_data)
-    assert len(views.expert_heatmaps(records).axes) >= cfg.num_layers
-    assert figures.training_curves({"moe": result.history}).axes
-    assert views.capacity_sweep(study.capacity_sweep(model, eval_data, [0.5, 1.0])).axes
+    assert len(views.plot_expert_heatmaps(records).axes) >= cfg.num_layers
+    assert plots.plot_training_curves({"moe": result.history}).axes
+    assert views.plot_capacity_sweep(study.capacity_sweep(model, eval_data, [0.5, 1.0])).axes
 
 
 def test_matched_arm_trains_on_the_moes_training_flops():
     from routelib.models import LM
 
     cfg = study.MoEStudyConfig(hidden_size=32, intermediate_size=32, num_experts=8, top_k=2, steps=100, warmup_steps=10)
-    m = study.matched_config(cfg)
+    m = reference.matched_config(cfg)
     arms = cfg.arm_configs()
     moe, dense = (LM(arms[a]).flops_per_token(cfg.seq_len) for a in ("moe", "dense_total"))
     assert m.steps < cfg.steps and abs(m.steps * dense - cfg.steps * moe) <= dense  # within one step's FLOPs
@@ -129,16 +131,16 @@ def test_matched_arm_trains_on_the_moes_training_flops():
 @pytest.mark.parametrize("name", ["moe", "moe_seedx", "sparse_seed0", "dense_total_matched_seed"])
 def test_bad_run_names_are_refused(name):
     with pytest.raises(ConfigError, match="run"):
-        study.parse_run_name(name)
+        reference.parse_run_name(name)
 
 
 def test_train_runs_writes_history_and_record(tiny, tmp_path):
     cfg = tiny[0]
-    records = study.train_runs(cfg, ("moe_seed0", "dense_total_matched_seed1"), tmp_path, eval_every=2, log_every=1)
+    records = reference.train_runs(cfg, ("moe_seed0", "dense_total_matched_seed1"), tmp_path, eval_every=2, log_every=1)
     for name in ("moe_seed0", "dense_total_matched_seed1"):
         assert (tmp_path / "history" / f"{name}.csv").is_file() and (tmp_path / "final" / f"{name}.json").is_file()
-    assert study.parse_run_name("dense_total_matched_seed1") == ("dense_total_matched", 1)
+    assert reference.parse_run_name("dense_total_matched_seed1") == ("dense_total_matched", 1)
     r = records["dense_total_matched_seed1"]
-    assert r["steps"] == study.matched_config(cfg).steps and r["seed"] == 1
+    assert r["steps"] == reference.matched_config(cfg).steps and r["seed"] == 1
     assert math.isclose(r["loss_nats"]["overall"], math.log(r["perplexity"]["overall"]))
     assert records["moe_seed0"]["steps"] == cfg.steps

@@ -287,20 +287,20 @@ def test_four_panel_figure_draws_every_router():
     import matplotlib
 
     matplotlib.use("Agg")
-    from routelib.views import pathways as pathway_views
+    from routelib.studies.pathways import views as pathway_views
 
     s = synthetic_sample()
     routers = ps.control_selections(s, s, num_pathways=4, seed=0)
     per = ps.router_metrics(s, routers, 4, 50)
     summary, purities = ps.summary_table(per), ps.pathway_purities(per)
     top = ps.specialised_pathways(per, decode=lambda t: f"t{t}", n=4)
-    fig = pathway_views.monosemanticity_figure(summary, purities, top)
+    fig = pathway_views.plot_monosemanticity(summary, purities, top)
     (a, b), (c, d) = fig.axes[0:2], fig.axes[2:4]
     assert [line.get_label() for line in a.lines][:4] == list(ps.ROUTERS)
     assert np.allclose(a.lines[0].get_ydata(), summary[summary.router == "fine-tuned"]["mean_purity"])
     assert len(c.patches) == 4 and c.get_yticklabels()[-1].get_text().startswith("L0 P0: 't7'")
     assert len(d.patches) == len(ps.ROUTERS) * 2  # a bar per router and layer
-    fig2 = pathway_views.purity_by_domain(ps.purity_per_domain(s, routers, 4, 50))
+    fig2 = pathway_views.plot_purity_by_domain(ps.purity_per_domain(s, routers, 4, 50))
     assert fig2.axes[0].get_legend() is not None
     import matplotlib.pyplot as plt
 
@@ -308,7 +308,7 @@ def test_four_panel_figure_draws_every_router():
 
 
 def test_pathway_html_lists_tokens_domains_and_contexts():
-    from routelib.views import pathways as pw
+    from routelib.studies.pathways import views as pw
 
     s = synthetic_sample()
     routers = ps.control_selections(s, s, num_pathways=4, seed=0)

@@ -265,7 +265,7 @@ def test_measurements(made):
     paths_table = ref["pathways"]
     assert len(paths_table) == 2 * cfg.num_pathways and set(paths_table["rank"]) == set(range(1, cfg.num_pathways + 1))
     # the explorer browses the stored sample
-    from routelib.views.pathways import pathway_explorer
+    from routelib.studies.pathways.views import pathway_explorer
 
     sample = ref["sample"](first)
     assert set(sample.selections) == {1, 3} and len(sample) == 2 * cfg.eval_windows * cfg.seq_len
@@ -355,21 +355,21 @@ def test_first_top_token_reads_any_token_repr(token):
 def test_reference_figures(made):
     import matplotlib.pyplot as plt
 
-    from routelib.views import pathways as views
+    from routelib.studies.pathways import views
 
     _, s, out, _, _ = made
     ref = pr.load_reference(out)
     first = ref["summary"]["main_runs"][0]
-    fig = views.recovery_curves(pr.recovery_curves(ref), ref["summary"]["base_ppl"], s.recover_target)
+    fig = views.plot_recovery_curves(pr.recovery_curves(ref), ref["summary"]["base_ppl"], s.recover_target)
     assert len(fig.axes[0].lines) == len(ref["runs"]) + 1  # one line per run and the base model
     for by, n in (("layer", 2), ("domain", 2)):
-        fig = views.purity_intervals(ref["purity"], first, by=by)
+        fig = views.plot_purity_intervals(ref["purity"], first, by=by)
         assert [t.get_text() for t in fig.axes[0].get_xticklabels()][:n] and len(fig.axes) == 2
-    assert len(views.balance_over_training(ref["histories"], ref["runs"]).axes[1].lines) == len(ref["runs"])
+    assert len(views.plot_balance_over_training(ref["histories"], ref["runs"]).axes[1].lines) == len(ref["runs"])
     with pytest.raises(ConfigError, match="by='seed'"):
-        views.purity_intervals(ref["purity"], first, by="seed")
+        views.plot_purity_intervals(ref["purity"], first, by="seed")
     with pytest.raises(ConfigError, match="no rows for run 'nope'"):
-        views.purity_intervals(ref["purity"], "nope")
+        views.plot_purity_intervals(ref["purity"], "nope")
     plt.close("all")
 
 

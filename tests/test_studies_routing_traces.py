@@ -6,7 +6,7 @@ import pytest
 from routelib import paths
 from routelib.errors import ConfigError
 from routelib.routing import load_traces, trace_arrays
-from routelib.views.routing_traces import journey, journey_html, routing_dashboard
+from routelib.studies.routing_traces.views import journey, journey_html, routing_dashboard
 from routelib.studies.routing_traces import TraceStudyConfig, live_collection, phase_mask, routing_agreement
 
 SHIPPED = "routing_data_collected/moe-subject"
@@ -97,7 +97,7 @@ def test_consecutive_locality_on_the_shipped_traces(shipped):
     import matplotlib.pyplot as plt
 
     from routelib.studies.routing_traces import consecutive_locality
-    from routelib.views.routing_traces import locality_curves, locality_decay
+    from routelib.studies.routing_traces.views import plot_locality_curves, plot_locality_decay
 
     df, arrays = shipped
     with pytest.raises(ConfigError, match="max_distance"):
@@ -113,7 +113,7 @@ def test_consecutive_locality_on_the_shipped_traces(shipped):
         pairs += len(top) - 1
     assert row["pairs"] == pairs and row["rate"] == pytest.approx(hits / pairs)
     assert row["ci_low"] <= row["rate"] <= row["ci_high"]
-    for fig in (locality_curves(table), locality_decay(table)):
+    for fig in (plot_locality_curves(table), plot_locality_decay(table)):
         assert len(fig.axes) >= 1
         plt.close(fig)
 

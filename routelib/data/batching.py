@@ -11,13 +11,13 @@
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
+from routelib.io import atomic_write
 from routelib.errors import ConfigError
 from routelib.paths import CACHE_DIR
 
@@ -52,9 +52,8 @@ def _domain_split_tokens(domain: str, split: str | None, tokenizer_key: str, cor
         parts.append(np.asarray([sep], dtype=dtype))
     tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npy")
-    np.save(tmp, tokens)
-    os.replace(tmp, path)
+    with atomic_write(path, sync=False) as tmp, open(tmp, "wb") as f:  # a cache: rebuilt when missing
+        np.save(f, tokens)
     _MEMO[key] = tokens
     return tokens
 

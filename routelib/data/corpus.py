@@ -44,6 +44,7 @@ from typing import Iterable, Sequence
 
 import pandas as pd
 
+from routelib.io import atomic_write
 from routelib.errors import ConfigError
 from routelib.paths import CACHE_DIR
 
@@ -279,11 +280,10 @@ def _all_documents(fingerprint: str) -> tuple[Document, ...]:
                                                    table["text"], table["source"], strict=True))
     docs = build_corpus()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    pd.DataFrame({"domain": [d.domain for d in docs], "doc_id": [d.doc_id for d in docs],
-                  "text": [d.text for d in docs], "source": [d.source for d in docs]}
-                 ).to_parquet(tmp, index=False)
-    os.replace(tmp, path)  # atomic: concurrent builders never see half a file
+    with atomic_write(path, sync=False) as tmp:  # a cache: concurrent builders never see half a file
+        pd.DataFrame({"domain": [d.domain for d in docs], "doc_id": [d.doc_id for d in docs],
+                      "text": [d.text for d in docs], "source": [d.source for d in docs]}
+                     ).to_parquet(tmp, index=False)
     return tuple(docs)
 
 

@@ -12,12 +12,12 @@ Face cache when it is there and raises :class:`OfflineError` otherwise.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
+from routelib.io import atomic_write
 from routelib.errors import ConfigError, MissingAssetError, OfflineError
 from routelib.paths import CACHE_DIR
 
@@ -59,15 +59,11 @@ def smollm2_dir() -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    load_tokenizer("smollm2").save_pretrained(tmp)
-    if cache.exists():  # a partial copy from an interrupted run
+    if cache.exists():  # an incomplete copy (written before copies were renamed into place whole)
         shutil.rmtree(cache, ignore_errors=True)
-    try:
-        os.replace(tmp, cache)
-    except OSError:  # another process finished first; use its copy
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_write(cache, sync=False, keep_existing=True) as tmp:  # another process may finish first
+        model.save_pretrained(tmp)
+        load_tokenizer("smollm2").save_pretrained(tmp)
     return cache
 
 

@@ -25,6 +25,7 @@ import os
 import sys
 from pathlib import Path
 
+from routelib.io import atomic_write
 from routelib.errors import ConfigError, MissingAssetError
 from routelib.paths import CACHE_DIR, DATA_DIR
 
@@ -103,12 +104,8 @@ def _smollm2():
     if (cache / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(cache)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
-    tok.save_pretrained(tmp)
-    try:
-        os.replace(tmp, cache)
-    except OSError:  # another process won the race
-        pass
+    with atomic_write(cache, sync=False, keep_existing=True) as tmp:  # another process may win the race
+        tok.save_pretrained(tmp)
     return tok
 
 

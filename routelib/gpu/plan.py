@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tarfile
 import time
 from dataclasses import dataclass, field
@@ -25,8 +24,9 @@ from typing import Callable
 
 import torch
 
+from routelib.device import resolve_device
 from routelib.errors import ConfigError
-from routelib.io import atomic_write_bytes, fsync_path
+from routelib.io import atomic_write, atomic_write_bytes
 from routelib.reference import MANIFEST, command_line, write_manifest
 
 #: The most device time one step may be estimated to take (DESIGN.md §8: slots of ~15 min, commands ≤ 10).
@@ -91,7 +91,7 @@ def check_plan(plan: list[Step]) -> None:
 
 
 def _finish(step: Step, ctx: Context, params: dict, wall_s: float) -> None:
-    """summary.json + manifest into the partial folder, then rename it into place."""
+    """summary.json + manifest into the step's (still temporary) folder."""
     atomic_write_bytes(ctx.out / "summary.json", (json.dumps(ctx.summary, indent=1, default=float) + "\n").encode())
     est = step.estimate()
     extra = {"step": step.name, "title": step.title, "keeps": step.keeps, "smoke": ctx.smoke,
@@ -100,11 +100,6 @@ def _finish(step: Step, ctx: Context, params: dict, wall_s: float) -> None:
              "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     command = command_line().replace("routelib.gpu.__main__", "routelib.gpu")
     write_manifest(ctx.out, command=command, params=params, wall_s=wall_s, extra=extra)
-    final = ctx.results / step.name
-    if final.exists():  # a folder without a manifest (not a finished step): replace it
-        shutil.rmtree(final)
-    os.replace(ctx.out, final)
-    fsync_path(ctx.results, strict=False)
 
 
 def pack_results(results: str | os.PathLike, target: str | os.PathLike) -> list[str]:
@@ -113,11 +108,9 @@ def pack_results(results: str | os.PathLike, target: str | os.PathLike) -> list[
     steps even if the command is killed). Returns the step names packed."""
     results, target = Path(results), Path(target)
     names = sorted(p.name for p in results.iterdir() if p.is_dir() and (p / MANIFEST).is_file())
-    tmp = target.with_name(target.name + ".tmp")
-    with tarfile.open(tmp, "w:gz") as tar:
+    with atomic_write(target) as tmp, tarfile.open(tmp, "w:gz") as tar:
         for name in names:
             tar.add(results / name, arcname=name)
-    os.replace(tmp, target)
     return names
 
 
@@ -143,7 +136,7 @@ def run_plan(plan: list[Step], results: str | os.PathLike, *, checkpoints: str |
     results = Path(results).resolve()
     checkpoints = Path(checkpoints).resolve() if checkpoints is not None else results.parent / f"{results.name}_checkpoints"
     results.mkdir(parents=True, exist_ok=True)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(resolve_device(device))
     t0 = time.perf_counter()
     outcomes = []
     for step in plan:
@@ -165,15 +158,14 @@ def run_plan(plan: list[Step], results: str | os.PathLike, *, checkpoints: str |
             outcomes.append(Outcome(step.name, "budget"))
             log(f"[gpu plan] {step.name}: estimated {est:.0f} s > {left:.0f} s left, skipped")
             continue
-        partial = results / f".{step.name}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir()
-        ctx = Context(out=partial, results=results, checkpoints=checkpoints, smoke=smoke, device=device)
         log(f"[gpu plan] {step.name}: {step.title} (estimated {est:.0f} s on an H100/H200{', smoke sizes' if smoke else ''})")
-        start = time.perf_counter()
-        params = step.run(ctx)
-        wall = time.perf_counter() - start
-        _finish(step, ctx, params, wall)
+        with atomic_write(results / step.name) as partial:  # renamed into place once the manifest is in
+            partial.mkdir()
+            ctx = Context(out=partial, results=results, checkpoints=checkpoints, smoke=smoke, device=device)
+            start = time.perf_counter()
+            params = step.run(ctx)
+            wall = time.perf_counter() - start
+            _finish(step, ctx, params, wall)
         outcomes.append(Outcome(step.name, "ran", wall))
         log(f"[gpu plan] {step.name}: finished in {wall:.1f} s -> {results / step.name}")
         if on_done is not None:

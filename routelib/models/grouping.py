@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from routelib.errors import ConfigError
-from routelib.models.pathways import _is_conv1d, _out_features, decoder_layers, mlp_layout
+from routelib.models.pathways import is_conv1d, linear_out_features, decoder_layers, mlp_layout
 
 #: How neurons are grouped into pathways: the base model's order, co-activation, input weights.
 GROUPINGS = ("contiguous", "coactivation", "weights")
@@ -154,7 +154,7 @@ def _layout(mlp: nn.Module):
 
 def intermediate_size(mlp: nn.Module) -> int:
     """I, the number of intermediate neurons of a supported MLP."""
-    return _out_features(getattr(mlp, _layout(mlp)[1][0]))
+    return linear_out_features(getattr(mlp, _layout(mlp)[1][0]))
 
 
 def weight_features(mlp: nn.Module) -> torch.Tensor:
@@ -166,7 +166,7 @@ def weight_features(mlp: nn.Module) -> torch.Tensor:
     for name in ins:
         m = getattr(mlp, name)
         w = m.weight.detach().float()
-        rows = w if not _is_conv1d(m) else w.T  # (I, H)
+        rows = w if not is_conv1d(m) else w.T  # (I, H)
         parts.append(rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12))
     return torch.cat(parts, dim=1)  # (I, H * n_in)
 
@@ -208,12 +208,12 @@ def permute_neurons(mlp: nn.Module, order: torch.Tensor) -> None:
                           f"got shape {tuple(order.shape)}")
     for name in ins:
         m = getattr(mlp, name)
-        dim = 1 if _is_conv1d(m) else 0  # Linear (I, H): rows; Conv1D (H, I): columns
+        dim = 1 if is_conv1d(m) else 0  # Linear (I, H): rows; Conv1D (H, I): columns
         m.weight.copy_(m.weight.index_select(dim, order.to(m.weight.device)))
         if getattr(m, "bias", None) is not None:
             m.bias.copy_(m.bias.index_select(0, order.to(m.bias.device)))
     m = getattr(mlp, out)
-    dim = 0 if _is_conv1d(m) else 1  # Linear (H, I): columns; Conv1D (I, H): rows
+    dim = 0 if is_conv1d(m) else 1  # Linear (H, I): columns; Conv1D (I, H): rows
     m.weight.copy_(m.weight.index_select(dim, order.to(m.weight.device)))
 
 

@@ -335,12 +335,12 @@ class LM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, greedy: bool = True,
-                 temperature: float = 1.0, top_k: int | None = None, eos_token_id: int | None = None,
+                 temperature: float = 1.0, sample_top_k: int | None = None, eos_token_id: int | None = None,
                  pad_token_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         """Append ``max_new_tokens`` tokens to input_ids (B, T) with the KV cache: one prefill
         forward, then one single-token forward per new token. ``greedy``: argmax (as Hugging Face's
         ``do_sample=False``); else sample from softmax(logits / temperature), restricted to the
-        ``top_k`` most likely tokens if given. With ``eos_token_id``, a row that produced it gets
+        ``sample_top_k`` most likely tokens if given. With ``eos_token_id``, a row that produced it gets
         ``pad_token_id`` (default: eos) afterwards, and decoding stops once every row has.
         Returns (B, T + new) int64. Runs in the model's current mode (call ``.eval()`` first)."""
         if max_new_tokens < 0:
@@ -359,8 +359,8 @@ class LM(nn.Module):
                 nxt = logits.argmax(dim=-1)  # (B,)
             else:
                 logits = logits / temperature
-                if top_k is not None and top_k < logits.shape[-1]:
-                    kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+                if sample_top_k is not None and sample_top_k < logits.shape[-1]:
+                    kth = torch.topk(logits, sample_top_k, dim=-1).values[:, -1:]  # (B, 1)
                     logits = logits.masked_fill(logits < kth, float("-inf"))
                 nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)  # (B,)
             if eos_token_id is not None:

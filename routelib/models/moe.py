@@ -207,7 +207,7 @@ def assign_seats(
 # expert computation: padded (GShard) and grouped (MegaBlocks); naive lives in moe_naive.py
 
 
-def _swiglu_act(h: torch.Tensor) -> torch.Tensor:
+def swiglu_act(h: torch.Tensor) -> torch.Tensor:
     """(..., 2I) fused gate|up projections -> (..., I) silu(gate) * up."""
     gate, up = h.chunk(2, dim=-1)
     return F.silu(gate) * up
@@ -245,7 +245,7 @@ def padded_moe_experts(
     buf = x.new_zeros(num_experts * cap, x.shape[-1]).index_copy(0, dest, src)  # (E*C, H)
     buf = buf.view(num_experts, cap, x.shape[-1])  # (E, C, H)
     h = torch.bmm(buf, w13.transpose(1, 2))  # (E, C, 2I)
-    y = torch.bmm(_swiglu_act(h), w2.transpose(1, 2))  # (E, C, H)
+    y = torch.bmm(swiglu_act(h), w2.transpose(1, 2))  # (E, C, H)
     y = y.reshape(num_experts * cap, x.shape[-1]).index_select(0, dest)  # (M, H)
     return _combine(y, slots, router.weights, n).to(x.dtype)
 
@@ -321,7 +321,7 @@ def grouped_moe_experts(
     offs = torch.cumsum(counts, 0).to(torch.int32)  # (E,) cumulative end offsets
     xs = x.index_select(0, slots // k)  # (M, H)
     h = grouped_matmul(xs, w13.transpose(1, 2), offs)  # (M, 2I)
-    y = grouped_matmul(_swiglu_act(h), w2.transpose(1, 2), offs)  # (M, H)
+    y = grouped_matmul(swiglu_act(h), w2.transpose(1, 2), offs)  # (M, H)
     return _combine(y, slots, router.weights, n).to(x.dtype)
 
 

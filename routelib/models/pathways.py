@@ -274,20 +274,20 @@ class LayerRouting:
     switch: torch.Tensor  # () unweighted per-batch Switch loss (differentiable)
 
 
-def _is_conv1d(module: nn.Module) -> bool:
+def is_conv1d(module: nn.Module) -> bool:
     """transformers' GPT-2 Conv1D: y = x @ weight + bias with weight (in, out)."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
-def _out_features(module: nn.Module) -> int:
-    return module.weight.shape[1] if _is_conv1d(module) else module.weight.shape[0]
+def linear_out_features(module: nn.Module) -> int:
+    return module.weight.shape[1] if is_conv1d(module) else module.weight.shape[0]
 
 
 def _in_slices(module: nn.Module, n: int) -> torch.Tensor:
     """Input projection H -> I (Linear weight (I, H) or Conv1D weight (H, I)) as per-pathway
     (N, H, I/N) views, no copy."""
     w = module.weight
-    if _is_conv1d(module):
+    if is_conv1d(module):
         h, i = w.shape
         return w.view(h, n, i // n).permute(1, 0, 2)  # (N, H, I/N)
     i, h = w.shape
@@ -298,7 +298,7 @@ def _out_slices(module: nn.Module, n: int) -> torch.Tensor:
     """Output projection I -> H (Linear weight (H, I) or Conv1D weight (I, H)) as per-pathway
     (N, I/N, H) views, no copy."""
     w = module.weight
-    if _is_conv1d(module):
+    if is_conv1d(module):
         i, h = w.shape
         return w.view(n, i // n, h)  # (N, I/N, H)
     h, i = w.shape
@@ -351,9 +351,9 @@ class PathwayMLP(nn.Module):
         self.cfg = cfg
         self.layer = layer
         first = getattr(mlp, self.in_names[0])
-        self.intermediate_size = _out_features(first)
+        self.intermediate_size = linear_out_features(first)
         self.pathway_size = cfg.check_intermediate_size(self.intermediate_size)  # I / N
-        self.hidden_size = first.weight.shape[0] if _is_conv1d(first) else first.weight.shape[1]
+        self.hidden_size = first.weight.shape[0] if is_conv1d(first) else first.weight.shape[1]
         self.router = PathwayRouter(self.hidden_size, cfg, dtype=first.weight.dtype, device=first.weight.device)
         self.freq = GlobalFrequency(cfg.num_pathways, cfg.momentum, cfg.sync_across_ranks)
         self.mode: str = "routed"  # "routed" or "all" (see the class docstring)
@@ -536,7 +536,7 @@ class RoutedLLM(nn.Module):
                 raise ConfigError(f"RoutedLLM: unsupported architecture {_arch(model)}: layer {i}'s MLP is "
                                   f"{kind}; supported: Llama-family gated MLPs (gate_proj/up_proj/down_proj) "
                                   f"and GPT-2-style MLPs (c_fc/c_proj, dense_h_to_4h/dense_4h_to_h, fc1/fc2)")
-            size = _out_features(getattr(mlp, mlp_layout(mlp)[1][0]))
+            size = linear_out_features(getattr(mlp, mlp_layout(mlp)[1][0]))
             cfg.check_intermediate_size(size)
         self.routed_layers: list[int] = idx
         for i in idx:

@@ -267,7 +267,7 @@ def router_drift(routers_by_step: Mapping[int, torch.Tensor]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def domain_specialisation(experts: np.ndarray, domains: Sequence[str], num_experts: int) -> pd.DataFrame:
+def domain_predictability(experts: np.ndarray, domains: Sequence[str], num_experts: int) -> pd.DataFrame:
     """Per layer: U(domain | top-1 expert) -- the share of the domain's entropy that the token's top-1
     expert removes (0: experts ignore the domain; 1: the expert tells the domain)."""
     domains = np.asarray(domains)

@@ -118,7 +118,7 @@ def make_traces(out: Path, cfg: SyntheticConfig) -> dict:
                 "datasets": {name: {"num_problems": count} for name, count in datasets.items()}, "shards": shards,
                 "source": {"kind": "synthetic", "command": "python -m routelib.routing.predict.bench_scale"}}
     T.summarise_manifest(manifest)
-    T.write_manifest(out, manifest)
+    T.write_trace_manifest(out, manifest)
     return manifest
 
 

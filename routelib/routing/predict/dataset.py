@@ -35,6 +35,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
+from routelib.device import resolve_device
 from routelib import paths
 from routelib.errors import RoutelibError
 from routelib.routing.record.traces import load_traces, trace_arrays
@@ -49,7 +50,7 @@ class HiddenStatesUnavailable(PredictorError):
     """The hidden-state predictors need the model that routed the traces, and it cannot be used."""
 
 
-def _resolve(path: str | os.PathLike) -> Path:
+def resolve_trace_dir(path: str | os.PathLike) -> Path:
     """A path as given if it exists there (absolute, or relative to the working directory), else
     relative to the repository root."""
     return Path(path) if Path(path).exists() else paths.in_repo(path)
@@ -154,9 +155,9 @@ def load_routing(trace_dir: str | os.PathLike, datasets: Sequence[str] | None = 
     if memory_map:
         from routelib.routing.record.columns import open_columns
 
-        return RoutingData.from_columns(open_columns(_resolve(trace_dir), datasets=datasets))
+        return RoutingData.from_columns(open_columns(resolve_trace_dir(trace_dir), datasets=datasets))
     columns = ["dataset", "problem_id", "position", "phase", "token_id", "experts", "weights"]
-    return RoutingData.from_frame(load_traces(_resolve(trace_dir), datasets=datasets, columns=columns))
+    return RoutingData.from_frame(load_traces(resolve_trace_dir(trace_dir), datasets=datasets, columns=columns))
 
 
 def repetition_table(data: RoutingData) -> pd.DataFrame:
@@ -230,10 +231,6 @@ def journeys(data: RoutingData) -> np.ndarray:
 # the hidden states the routers read
 
 
-def _device(name: str) -> torch.device:
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
-
-
 def _load_model(model, manifest: dict, device: str | None = None):
     """The model object: given, or loaded from a path/name (default: the manifest's model); with a
     ``device`` other than "cpu", loaded with ``device_map="auto"`` (spread over the GPUs)."""
@@ -245,7 +242,7 @@ def _load_model(model, manifest: dict, device: str | None = None):
     if not name:
         raise HiddenStatesUnavailable("the trace manifest names no model; pass model=<path> for the hidden-state "
                                       "predictors")
-    local = _resolve(name)
+    local = resolve_trace_dir(name)
     try:
         device_map = "auto" if device not in (None, "cpu") and torch.cuda.is_available() else None
         return load_model(str(local) if local.exists() else str(name), device_map=device_map)[0]
@@ -282,7 +279,7 @@ def attach_hidden_states(data: RoutingData, model=None, *, batch_tokens: int = 8
         raise HiddenStatesUnavailable("the model's router weights differ from the ones that routed these traces "
                                       "(manifest router_weights_sha256): another checkpoint")
     if device is not None and not hasattr(model, "hf_device_map"):
-        model.to(_device(device))
+        model.to(resolve_device(device))
     dev = next(model.parameters()).device
     seqs = sequences(data)
     for rows in seqs:
@@ -343,7 +340,7 @@ def attach_hidden_states(data: RoutingData, model=None, *, batch_tokens: int = 8
     return data.hidden
 
 
-def _need_hidden(data: RoutingData, who: str) -> HiddenStates:
+def need_hidden(data: RoutingData, who: str) -> HiddenStates:
     if data.hidden is None:
         raise HiddenStatesUnavailable(f"{who} needs the hidden states of the model that routed the traces: call "
                                       f"attach_hidden_states(data) on the full traces before splitting")

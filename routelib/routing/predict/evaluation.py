@@ -23,7 +23,7 @@ import torch
 
 from routelib.errors import ConfigError, RoutelibError
 from routelib.routing.predict.metrics import METRICS, chance_metrics, routing_metrics_per_token
-from routelib.routing.predict.dataset import (PredictorError, RoutingData, _resolve, attach_hidden_states, layer_pairs,
+from routelib.routing.predict.dataset import (PredictorError, RoutingData, resolve_trace_dir, attach_hidden_states, layer_pairs,
                                            load_routing)
 from routelib.routing.predict.splits import SPLITS, SUBSETS, Split, describe_split, make_splits, subset_masks
 from routelib.routing.predict.predictors import (HIDDEN_PREDICTORS, PREDICTORS, HiddenProbePredictor, HiddenRouterPredictor,
@@ -107,7 +107,7 @@ class EvalConfig:
                            device=self.device)
 
     def run_dir(self) -> Path | None:
-        return None if self.out_dir is None else _resolve(self.out_dir)
+        return None if self.out_dir is None else resolve_trace_dir(self.out_dir)
 
 
 def make_predictor(name: str, cfg: EvalConfig | None = None, out_dir: str | os.PathLike | None = None) -> Predictor:

@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from routelib.errors import ConfigError
 from routelib.io import atomic_write_bytes
 from routelib.routing.analyse.locality import previous_rows
-from routelib.routing.predict.dataset import (HiddenStatesUnavailable, PredictorError, RoutingData, _need_hidden,
+from routelib.routing.predict.dataset import (HiddenStatesUnavailable, PredictorError, RoutingData, need_hidden,
                                            check_pair, gate_vectors, row_keys)
 
 
@@ -654,11 +654,11 @@ class HiddenRouterPredictor(Predictor):
     name = "hidden_router"
 
     def _fit(self, train, pairs):
-        _need_hidden(train, self.name)
+        need_hidden(train, self.name)
 
     @torch.no_grad()
     def _predict(self, data, layer, hop):
-        hidden = _need_hidden(data, self.name)
+        hidden = need_hidden(data, self.name)
         router = hidden.routers[layer + hop]
         param = next(router.parameters())
         x = torch.from_numpy(hidden.x[:, layer]).to(param.device, param.dtype)  # (N, H)
@@ -700,7 +700,7 @@ class HiddenProbePredictor(Predictor):
 
     def _fit(self, train, pairs):
         cfg = self.cfg
-        hidden = _need_hidden(train, self.name)
+        hidden = need_hidden(train, self.name)
         self.pairs = [tuple(p) for p in pairs]
         sources = torch.tensor([layer for layer, _ in pairs])  # (P,)
         targets_l = torch.tensor([layer + hop for layer, hop in pairs])  # (P,)
@@ -735,5 +735,5 @@ class HiddenProbePredictor(Predictor):
             raise PredictorError(f"hidden_probe: trained for (layer, hop) pairs {self.pairs}, not ({layer}, {hop})")
         p = self.pairs.index((layer, hop))
         weight, bias = self.net.weight[p], self.net.bias[p]  # (E, H), (E,)
-        x = torch.from_numpy(_need_hidden(data, self.name).x[:, layer]).to(weight.device, weight.dtype)  # (N, H)
+        x = torch.from_numpy(need_hidden(data, self.name).x[:, layer]).to(weight.device, weight.dtype)  # (N, H)
         return torch.softmax(x @ weight.T + bias, -1).cpu().numpy()  # (N, E)

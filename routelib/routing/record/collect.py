@@ -73,6 +73,7 @@ import torch
 
 from routelib.errors import ConfigError, RoutelibError
 from routelib.progress import progress_bar
+from routelib.io import TMP_MARK, sha256_file
 from routelib.routing.record import traces as T
 from routelib.routing.record.routers import (EXPERT_COUNT_KEYS, SCORE_KINDS, Routers, RoutingRecorder, config_value,
                                               find_routers, load_model, model_info)
@@ -329,7 +330,7 @@ def _adopt_orphans(out_dir: Path, manifest: dict, dataset: str, ids: list[str]) 
         if any(i >= len(ids) or ids[i] != pid for i, pid in pids):
             raise T.TraceError(f"{path} holds problems that are not this run's {dataset} prompts")
         entry = {"file": path.name, "dataset": dataset, "problem_indices": indices, **T.shard_counts(table),
-                 "bytes": path.stat().st_size, "sha256": T.sha256_file(path)}
+                 "bytes": path.stat().st_size, "sha256": sha256_file(path)}
         manifest["shards"].append(entry)
 
 
@@ -442,8 +443,7 @@ def collect(model, tokenizer, prompts: Sequence[str] | Mapping[str, str], out_di
     ids, texts = _as_prompts(prompts, problem_ids, dataset)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stale = list(out_dir.glob(f"{dataset}-*{T.SHARD_SUFFIX}{T.TMP_SUFFIX}")) + [out_dir / (T.MANIFEST + T.TMP_SUFFIX)]
-    for tmp in stale:
+    for tmp in out_dir.glob(f".{dataset}-*{T.SHARD_SUFFIX}{TMP_MARK}*"):
         tmp.unlink(missing_ok=True)  # left by a kill during a write
 
     routers = find_routers(model)
@@ -469,7 +469,7 @@ def collect(model, tokenizer, prompts: Sequence[str] | Mapping[str, str], out_di
             T.check_shard_file(out_dir / s["file"], s)  # a listed shard must be intact before we build on it
             done.update(s["problem_indices"])
     T.summarise_manifest(manifest)
-    T.write_manifest(out_dir, manifest)
+    T.write_trace_manifest(out_dir, manifest)
 
     pending = [i for i in range(len(ids)) if i not in done]
     texts_of = _TokenTexts(tokenizer)
@@ -516,7 +516,7 @@ def collect(model, tokenizer, prompts: Sequence[str] | Mapping[str, str], out_di
                 entry.update(T.write_shard(out_dir / name, table))
                 manifest["shards"].append(entry)
                 T.summarise_manifest(manifest)
-                T.write_manifest(out_dir, manifest)
+                T.write_trace_manifest(out_dir, manifest)
                 generated_total += entry["generated_tokens"]
                 bar.update(len(chunk))
                 bar.set_postfix(generated=generated_total,
@@ -756,7 +756,7 @@ def main(argv: list[str] | None = None) -> int:
             "overhead_of_medians": round(df.attrs["overhead_of_medians"], 4),
             "overhead_of_mins": round(df.attrs["overhead_of_mins"], 4), "command": command,
         }
-        T.write_manifest(out, manifest)
+        T.write_trace_manifest(out, manifest)
         print(df.round(2).to_string(index=False))
         print(f"collection overhead vs plain generate: {100 * df.attrs['overhead']:+.1f} % (median of paired "
               f"rounds; of medians {100 * df.attrs['overhead_of_medians']:+.1f} %, of minima "

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -48,6 +47,7 @@ from typing import Iterable
 import numpy as np
 
 from routelib import paths
+from routelib.io import atomic_write
 from routelib.routing.record import traces as T
 
 #: Array columns and their dtypes (file ``<name>.npy`` in the cache folder).
@@ -170,50 +170,47 @@ class _NpyWriter:
 
 
 def _build(trace_dir: Path, manifest: dict, shards: list[dict], target: Path, validate: bool) -> None:
-    """Convert every shard into the .npy columns of ``target`` (written to a temporary folder first)."""
+    """Convert every shard into the .npy columns of ``target`` (a temporary folder renamed into place)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    num_layers, top_k, num_experts = T._layout(manifest)
+    num_layers, top_k, num_experts = T.layout_of(manifest)
     full = bool(manifest["layout"].get("full_distribution", False))
     sizes = [_shard_rows(trace_dir / str(s.get("file")), s) for s in shards]
     total = sum(sizes)
-    tmp = target.with_name(target.name + T.TMP_SUFFIX)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    shapes = {"experts": (total, num_layers, top_k), "weights": (total, num_layers, top_k)}
-    out = {name: _NpyWriter(tmp / f"{name}.npy", dtype, shapes.get(name, (total,))) for name, dtype in COLUMNS.items()}
-    index: dict[tuple[str, str], int] = {}
-    problems: list[tuple[str, str]] = []
-    order = _OrderCheck(str(trace_dir))
-    for entry, size in zip(shards, sizes):
-        path = trace_dir / str(entry.get("file"))
-        if validate:
-            T.check_shard_file(path, entry)
-        try:
-            table = pq.read_table(path)
-        except (OSError, pa.ArrowException) as err:
-            raise T.TraceError(f"shard {path.name} is not a readable Parquet file (truncated or corrupt): "
-                               f"{err}") from None
-        if table.num_rows != size:
-            raise T.TraceError(f"shard {path.name} has {table.num_rows} rows, the manifest says {size}")
-        if validate:
-            T._check_table(table, path.name, entry, (num_layers, top_k, num_experts), full)
-        part = {"experts": _fixed_list_numpy(table.column("experts"), num_layers * top_k, np.int16),  # (n, L*k)
-                "weights": _fixed_list_numpy(table.column("weights"), num_layers * top_k, np.float32),  # (n, L*k)
-                "token_id": table.column("token_id").to_numpy(), "position": table.column("position").to_numpy(),
-                "generated": table.column("phase").to_numpy(zero_copy_only=False) == "generated",
-                "problem": _problem_codes(table, index, problems)}
-        if validate:
-            order.update(part["problem"], part["position"], part["generated"], problems)
-        for name, writer in out.items():
-            writer.append(part[name].reshape((size,) + writer.shape[1:]))
-        del table, part
-    for writer in out.values():
-        writer.close()
-    (tmp / "problems.json").write_text(json.dumps({"problems": problems, "validated": validate}))
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    with atomic_write(target, sync=False) as tmp:  # a cache, rebuilt when missing; no half-built one stays
+        tmp.mkdir(parents=True)
+        shapes = {"experts": (total, num_layers, top_k), "weights": (total, num_layers, top_k)}
+        out = {name: _NpyWriter(tmp / f"{name}.npy", dtype, shapes.get(name, (total,))) for name, dtype in COLUMNS.items()}
+        index: dict[tuple[str, str], int] = {}
+        problems: list[tuple[str, str]] = []
+        order = _OrderCheck(str(trace_dir))
+        for entry, size in zip(shards, sizes):
+            path = trace_dir / str(entry.get("file"))
+            if validate:
+                T.check_shard_file(path, entry)
+            try:
+                table = pq.read_table(path)
+            except (OSError, pa.ArrowException) as err:
+                raise T.TraceError(f"shard {path.name} is not a readable Parquet file (truncated or corrupt): "
+                                   f"{err}") from None
+            if table.num_rows != size:
+                raise T.TraceError(f"shard {path.name} has {table.num_rows} rows, the manifest says {size}")
+            if validate:
+                T.check_table(table, path.name, entry, (num_layers, top_k, num_experts), full)
+            part = {"experts": _fixed_list_numpy(table.column("experts"), num_layers * top_k, np.int16),  # (n, L*k)
+                    "weights": _fixed_list_numpy(table.column("weights"), num_layers * top_k, np.float32),  # (n, L*k)
+                    "token_id": table.column("token_id").to_numpy(), "position": table.column("position").to_numpy(),
+                    "generated": table.column("phase").to_numpy(zero_copy_only=False) == "generated",
+                    "problem": _problem_codes(table, index, problems)}
+            if validate:
+                order.update(part["problem"], part["position"], part["generated"], problems)
+            for name, writer in out.items():
+                writer.append(part[name].reshape((size,) + writer.shape[1:]))
+            del table, part
+        for writer in out.values():
+            writer.close()
+        (tmp / "problems.json").write_text(json.dumps({"problems": problems, "validated": validate}))
 
 
 def _load(path: Path) -> np.ndarray:
@@ -235,7 +232,7 @@ def open_columns(trace_dir: str | os.PathLike, *, validate: bool = True, cache_d
     """
     trace_dir = Path(trace_dir)
     manifest = T.read_manifest(trace_dir)
-    T._layout(manifest)
+    T.layout_of(manifest)
     shards = manifest.get("shards")
     if not isinstance(shards, list):
         raise T.TraceError(f"{trace_dir / T.MANIFEST} has no 'shards' list")
@@ -249,11 +246,8 @@ def open_columns(trace_dir: str | os.PathLike, *, validate: bool = True, cache_d
     target = Path(cache_dir or paths.CACHE_DIR) / "trace-columns" / _cache_key(manifest, shards)
     meta = json.loads((target / "problems.json").read_text()) if (target / "problems.json").is_file() else None
     if meta is None or (validate and not meta["validated"]):  # none yet, or built without the checks
-        try:
-            _build(trace_dir, manifest, shards, target, validate)
-        except BaseException:  # bad traces (or Ctrl-C): no half-built cache stays behind
-            shutil.rmtree(target.with_name(target.name + T.TMP_SUFFIX), ignore_errors=True)
-            raise
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _build(trace_dir, manifest, shards, target, validate)  # bad traces (or Ctrl-C): nothing half-built stays
     elif validate:
         for entry in shards:
             T.check_shard_file(trace_dir / str(entry.get("file")), entry)

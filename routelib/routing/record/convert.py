@@ -78,6 +78,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from routelib.io import atomic_write, sha256_file
 from routelib.errors import ConfigError
 from routelib.routing.record import traces as T
 
@@ -215,13 +216,13 @@ def _write_imported(out: Path, problems: Iterable[ProblemTrace], *, num_experts:
     manifest["datasets"] = {d: {"num_problems": n, "source": source.get("kind"), "command": source.get("command")}
                             for d, n in written.items()}
     T.summarise_manifest(manifest)
-    T.write_manifest(out, manifest)
+    T.write_trace_manifest(out, manifest)
     T.load_traces(out)  # validated: every shard, its schema, positions 0..n-1
     return manifest
 
 
 def _file_entry(path: Path) -> dict:
-    return {"path": str(path), "bytes": path.stat().st_size, "sha256": T.sha256_file(path)}
+    return {"path": str(path), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -409,8 +410,8 @@ def import_jsonl(path: str | os.PathLike, out_dir: str | os.PathLike, *, texts: 
     manifest["source"]["report"] = report.__dict__
     if texts is not None:
         shutil.copyfile(texts, Path(out_dir) / TEXTS_FILE)
-        manifest["source"]["texts_file"] = {"file": TEXTS_FILE, "sha256": T.sha256_file(Path(out_dir) / TEXTS_FILE)}
-    T.write_manifest(out_dir, manifest)
+        manifest["source"]["texts_file"] = {"file": TEXTS_FILE, "sha256": sha256_file(Path(out_dir) / TEXTS_FILE)}
+    T.write_trace_manifest(out_dir, manifest)
     return manifest, report
 
 
@@ -430,10 +431,8 @@ def save_vllm_output(path: str | os.PathLike, request_output, *, dataset: str | 
               "output_token_ids": np.asarray(completion.token_ids)}
     arrays.update({k: np.array(v) for k, v in (("dataset", dataset), ("problem_id", problem_id)) if v is not None})
     path = Path(path)
-    tmp = path.with_name(path.name + T.TMP_SUFFIX)
-    with open(tmp, "wb") as f:
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
-    os.replace(tmp, path)
     return path
 
 
@@ -544,7 +543,7 @@ def import_vllm(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
               "weights_source": "imported: routed_weights" if weighted else "not recorded: uniform 1/k"}
     manifest = write_imported(out_dir, problems, num_experts=num_experts, layout=layout, source=source, model=model)
     manifest["source"]["report"] = report.__dict__
-    T.write_manifest(out_dir, manifest)
+    T.write_trace_manifest(out_dir, manifest)
     return manifest, report
 
 

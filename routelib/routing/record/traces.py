@@ -53,8 +53,9 @@ where measured, the collection overhead. Traces imported from another tool (:mod
 ``source`` entry instead of a collection command: the kind of input, its files with sha256, the exact
 command and the import report (tokens kept; duplicates, incomplete tokens and gaps counted).
 
-Files are written atomically: to ``<name>.tmp``, flushed, fsync'ed, then ``os.replace``'d, and the
-directory fsync'ed; a run killed at any point leaves either the old file or the new one.
+Files are written atomically (:func:`routelib.io.atomic_write`: a hidden temporary beside the file,
+fsync'ed, renamed into place, the directory fsync'ed); a run killed at any point leaves either the old
+file or the new one.
 """
 
 from __future__ import annotations
@@ -70,13 +71,12 @@ from typing import Any, Iterable, NamedTuple
 import numpy as np
 
 from routelib.errors import RoutelibError
-from routelib.io import atomic_write_bytes as _atomic_write_bytes, fsync_path
+from routelib.io import atomic_write, atomic_write_bytes, sha256_file
 
 FORMAT = "routelib-routing-traces"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SHARD_SUFFIX = ".parquet"
-TMP_SUFFIX = ".tmp"
 PHASES = ("prompt", "generated")
 EXPERTS_DTYPE = "int16"  # expert ids: up to 32767 experts per layer (Mixtral 8, OLMoE 64, Qwen3 128)
 WEIGHTS_DTYPE = "float32"  # gate weights exactly as the model computed them (fp32 softmax in Mixtral)
@@ -99,25 +99,7 @@ class TraceError(RoutelibError, ValueError):
 
 
 # ----------------------------------------------------------------------------------------------
-# atomic writes and checksums
-
-
-def _fsync_dir(path: Path) -> None:
-    fsync_path(path, strict=False)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves the old file or the new one, never a mix."""
-    path = Path(path)
-    _atomic_write_bytes(path, data, tmp=path.with_name(path.name + TMP_SUFFIX), strict_dir_sync=False)
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+# checksums
 
 
 def sha256_json(obj: Any) -> str:
@@ -149,7 +131,7 @@ def _dumps(obj: Any) -> str:
     return re.sub(r"\[\n\s+([^\[\]{}]*?)\n\s*\]", lambda m: "[" + re.sub(r",\n\s*", ", ", m.group(1)) + "]", text)
 
 
-def write_manifest(trace_dir: str | os.PathLike, manifest: dict) -> None:
+def write_trace_manifest(trace_dir: str | os.PathLike, manifest: dict) -> None:
     """Write ``manifest.json`` atomically."""
     atomic_write_bytes(Path(trace_dir) / MANIFEST, (_dumps(manifest) + "\n").encode())
 
@@ -204,12 +186,8 @@ def write_shard(path: str | os.PathLike, table) -> dict:
     import pyarrow.parquet as pq
 
     path = Path(path)
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    pq.write_table(table, tmp, compression="zstd", compression_level=9)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    with atomic_write(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd", compression_level=9)
     return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
@@ -253,7 +231,7 @@ class TraceArrays(NamedTuple):
     probs: np.ndarray | None  # (N, L, E) float16: full router distribution, or None when not collected
 
 
-def _layout(manifest: dict) -> tuple[int, int, int]:
+def layout_of(manifest: dict) -> tuple[int, int, int]:
     try:
         lay = manifest["layout"]
         return int(lay["num_moe_layers"]), int(lay["top_k"]), int(lay["num_experts"])
@@ -286,7 +264,7 @@ def _type_name(t) -> str:
     return str(t)
 
 
-def _check_table(table, name: str, entry: dict, layout: tuple[int, int, int], full: bool) -> None:
+def check_table(table, name: str, entry: dict, layout: tuple[int, int, int], full: bool) -> None:
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -355,7 +333,7 @@ def load_traces(trace_dir: str | os.PathLike, validate: bool = True, *, datasets
 
     trace_dir = Path(trace_dir)
     manifest = read_manifest(trace_dir)
-    layout = _layout(manifest)
+    layout = layout_of(manifest)
     full = bool(manifest.get("layout", {}).get("full_distribution", False))
     shards = manifest.get("shards")
     if not isinstance(shards, list):
@@ -386,7 +364,7 @@ def load_traces(trace_dir: str | os.PathLike, validate: bool = True, *, datasets
             raise TraceError(f"shard {path.name} is not a readable Parquet file (truncated or corrupt): "
                              f"{err}") from None
         if validate:
-            _check_table(table, path.name, entry, layout, full)
+            check_table(table, path.name, entry, layout, full)
         tables.append(table)
     num_layers, top_k, num_experts = layout
     if tables:
@@ -411,7 +389,7 @@ def trace_arrays(df, manifest: dict | None = None) -> TraceArrays:
     manifest = manifest if manifest is not None else df.attrs.get("manifest")
     if manifest is None:
         raise TraceError("trace_arrays needs the manifest (pass it, or a DataFrame from load_traces)")
-    num_layers, top_k, num_experts = _layout(manifest)
+    num_layers, top_k, num_experts = layout_of(manifest)
     n = len(df)
 
     def stack(col: str, width: int, dtype) -> np.ndarray:
@@ -431,7 +409,7 @@ def trace_arrays(df, manifest: dict | None = None) -> TraceArrays:
 def router_scores(manifest: dict) -> list[str]:
     """The kind of each MoE layer's router scores ("softmax", "sigmoid", "sqrtsoftplus",
     "probabilities", "unknown"); layouts written before the kind was recorded mean "softmax"."""
-    num_layers = _layout(manifest)[0]
+    num_layers = layout_of(manifest)[0]
     kind = manifest["layout"].get("router_scores", "softmax")
     return [kind] * num_layers if isinstance(kind, str) else list(kind)
 

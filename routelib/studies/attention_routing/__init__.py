@@ -39,6 +39,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from routelib.device import resolve_device
 from routelib import paths
 from routelib.bench import compare
 from routelib.data import TokenWindows, eval_batches, load_tokenizer, token_stream
@@ -126,9 +127,7 @@ class HybridStudyConfig:
         return paths.in_repo(self.out_dir)
 
     def device_(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return resolve_device(self.device)
 
 
 @dataclass(frozen=True)

@@ -16,15 +16,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from routelib import cli, paths
+from routelib import paths
 from routelib.bench import compare
 from routelib.config import from_params
 from routelib.data import load_tokenizer
 from routelib.errors import ConfigError
 from routelib.evaluation import domain_eval_data, perplexity_by_domain, train_tokens_per_s
 from routelib.models.hybrid import HybridLM
-from routelib.reference import (InvocationLog, load_manifest, load_records, reference_invocation, reference_made,
-                                reference_parser, split_parts, t_interval, wait_for, write_manifest, write_record)
+from routelib.reference import (InvocationLog, load_if_made, load_manifest, load_records, reference_main, split_parts,
+                                t_interval, torch_threads, wait_for, write_manifest, write_record)
 from routelib.studies.attention_routing import (
     ARMS,
     HybridStudyConfig,
@@ -324,7 +324,7 @@ def shared_run(ref: dict, arm: str, seed: int | None = None) -> str:
 
 def load_reference_if_made(out_dir: str | Path = REFERENCE_DIR) -> dict | None:
     """:func:`load_reference`, or None while the reference run has not been made (no manifest yet)."""
-    return load_reference(out_dir) if reference_made(out_dir) else None
+    return load_if_made(load_reference, out_dir)
 
 
 def load_reference(out_dir: str | Path = REFERENCE_DIR) -> dict:
@@ -353,14 +353,10 @@ def reproduce_first_steps(ref: dict, run: str, out_dir: str | Path) -> tuple[dic
     spec = RunSpec(str(row["arm"]), float(row["lr"]), int(row["seed"]), float(row["alpha"]), int(row["steps"]))
     cfg = dataclasses.replace(ref["cfg"], out_dir=str(out_dir), device="cpu")
     curve = [b for batches in domain_eval_data(cfg).values() for b in batches[: ref["settings"].curve_batches]]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(ref["manifest"]["environment"]["torch_threads"])
-    try:
+    with torch_threads(ref["manifest"]["environment"]["torch_threads"]):
         every = ref["settings"].log_every
         _, result = train_run(spec, cfg, curve, log_every=every, ckpt_every=ref["settings"].ckpt_every,
                               stop_step=min(every, spec.steps))
-    finally:
-        torch.set_num_threads(threads)
     return result.history[0], ref["histories"][run].iloc[0].to_dict()
 
 
@@ -443,15 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     HybridStudyConfig (defaults: REFERENCE_DEFAULTS) and of ReferenceSettings is an option; lists are
     comma-separated; ``--lr_same`` is the LR sweep's grid, ``--alpha_sweep_steps`` the alpha runs' length.
     Side by side: one process per ``--part i/n``, then one without ``--part`` to measure."""
-    parser = reference_parser("python -m routelib.studies.attention_routing", main.__doc__, REFERENCE_DIR)
-    cli.add_dataclass_options(parser, HybridStudyConfig, skip=("num_threads",), defaults=REFERENCE_DEFAULTS)  # --threads sets num_threads
-    cli.add_dataclass_options(parser, ReferenceSettings)
-    args = parser.parse_args(argv)
-    part, only_runs = reference_invocation(args)
-    cfg = from_params(HybridStudyConfig, {**REFERENCE_DEFAULTS, **cli.dataclass_options(args, HybridStudyConfig),
-                                          "num_threads": args.threads})
-    settings = from_params(ReferenceSettings, cli.dataclass_options(args, ReferenceSettings))
-    manifest = reference_run(cfg, settings, args.out, part=part, only_runs=only_runs)
-    if manifest:
-        print(reference_verdict(load_reference(args.out)))
-    return 0
+    return reference_main(argv, prog="python -m routelib.studies.attention_routing", description=main.__doc__,
+                          out=REFERENCE_DIR, config=HybridStudyConfig, settings=ReferenceSettings, run=reference_run,
+                          defaults=REFERENCE_DEFAULTS, skip=("num_threads",),  # --threads sets num_threads
+                          config_extra=lambda args: {"num_threads": args.threads},
+                          report=lambda manifest, out: print(reference_verdict(load_reference(out))))

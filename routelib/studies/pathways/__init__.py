@@ -47,6 +47,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from routelib.device import resolve_device
 from routelib import metrics, paths
 from routelib.data import TokenWindows, eval_batches, load_pretrained, token_stream
 from routelib.data.corpus import DOMAINS, check_domains, check_split
@@ -193,9 +194,7 @@ class PathwayStudyConfig:
         return out if out.is_absolute() else paths.REPO_ROOT / out
 
     def device_(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return resolve_device(self.device)
 
 
 # ------------------------------------------------------------------------------------ model + data
@@ -555,7 +554,7 @@ def evaluate(model: torch.nn.Module, eval_data: dict[str, list]) -> EvalResult:
 
 def perplexity_table(results: dict[str, EvalResult]) -> pd.DataFrame:
     """{model name: EvalResult} -> DataFrame indexed by model, columns ``ppl_<domain>`` (the form
-    :func:`routelib.views.figures.perplexity_by_domain` draws) and ``ratio_to_base`` on the overall value
+    :func:`routelib.plots.plot_perplexity_by_domain` draws) and ``ratio_to_base`` on the overall value
     (the first entry is the base)."""
     rows = {name: {f"ppl_{d}": v for d, v in r.perplexity.items()} for name, r in results.items()}
     table = pd.DataFrame.from_dict(rows, orient="index")

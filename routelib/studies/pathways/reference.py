@@ -21,13 +21,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from routelib import cli, metrics, paths
+from routelib import metrics, paths
 from routelib.config import from_params
 from routelib.errors import ConfigError
 from routelib.models.grouping import GROUPINGS
 from routelib.models.pathways import RoutedLLM, decoder_layers
-from routelib.reference import (InvocationLog, ReferenceError, load_manifest, load_records, reference_invocation, reference_made,
-                                reference_parser, split_parts, write_manifest, write_record)
+from routelib.reference import (InvocationLog, ReferenceError, load_if_made, load_manifest, load_records,
+                                reference_main, split_parts, torch_threads, write_manifest, write_record)
 from routelib.studies.pathways import (
     PathwayStudyConfig,
     RoutingSample,
@@ -271,7 +271,7 @@ def _save_sample(path: Path, trained: RoutingSample, untrained: RoutingSample) -
 
 def load_sample(path: str | Path, router: str = "trained") -> RoutingSample:
     """A run's held-out routing sample (``samples/<run>.npz``) as a :class:`RoutingSample` of ``router``
-    ("trained" or "untrained"): what :func:`routelib.views.pathways.pathway_explorer` browses."""
+    ("trained" or "untrained"): what :func:`routelib.studies.pathways.views.pathway_explorer` browses."""
     if router not in ("trained", "untrained"):
         raise ConfigError(f"load_sample: router={router!r}: choose 'trained' or 'untrained'")
     with np.load(path) as z:
@@ -519,7 +519,7 @@ def _measure(cfg: PathwayStudyConfig, settings: ReferenceSettings, out: Path, sp
 # ----------------------------------------------------------------------------------- reading it
 def load_reference_if_made(out_dir: str | Path = REFERENCE_DIR) -> dict | None:
     """:func:`load_reference`, or None while the reference run has not been made (no manifest yet)."""
-    return load_reference(out_dir) if reference_made(out_dir) else None
+    return load_if_made(load_reference, out_dir)
 
 
 def load_reference(out_dir: str | Path = REFERENCE_DIR) -> dict:
@@ -743,9 +743,7 @@ def reproduce_first_steps(ref: dict, run: str, out_dir: str | Path) -> tuple[dic
     spec = RunSpec(str(row["arm"]), str(row["grouping"]), int(row["seed"]))
     settings = ref["settings"]
     cfg = run_config(dataclasses.replace(ref["cfg"], out_dir=str(out_dir), device="cpu"), spec)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(ref["manifest"]["environment"]["torch_threads"])
-    try:
+    with torch_threads(ref["manifest"]["environment"]["torch_threads"]):
         model, tok = load_base(cfg)
         routed = build_routed(model, cfg, tokenizer=tok)  # the grouping recomputed, not read back
         stored = ref["orders"](run)
@@ -753,8 +751,6 @@ def reproduce_first_steps(ref: dict, run: str, out_dir: str | Path) -> tuple[dic
             raise ReferenceError(f"{run}: the recomputed {cfg.grouping} grouping differs from the stored one")
         result = fine_tune(routed, cfg, training_batches(cfg, tok), name=spec.name, stop_step=settings.log_every,
                            eval_every=settings.eval_every, log_every=settings.log_every)
-    finally:
-        torch.set_num_threads(threads)
     recorded = ref["histories"][run]
     return result.history[0], recorded[recorded["step"] > 0].iloc[0].to_dict()
 
@@ -765,14 +761,7 @@ def main(argv: list[str] | None = None) -> int:
     [--<field> value ...]``: notebook 01's reference run (:func:`reference_run`). Every field of
     PathwayStudyConfig (defaults: REFERENCE_DEFAULTS) and of ReferenceSettings is an option; lists are
     comma-separated. Side by side: one process per ``--part i/n``, then one without ``--part`` to measure."""
-    parser = reference_parser("python -m routelib.studies.pathways", main.__doc__, REFERENCE_DIR)
-    cli.add_dataclass_options(parser, PathwayStudyConfig, defaults=REFERENCE_DEFAULTS)
-    cli.add_dataclass_options(parser, ReferenceSettings)
-    args = parser.parse_args(argv)
-    part, only_runs = reference_invocation(args)
-    cfg = from_params(PathwayStudyConfig, {**REFERENCE_DEFAULTS, **cli.dataclass_options(args, PathwayStudyConfig)})
-    settings = from_params(ReferenceSettings, cli.dataclass_options(args, ReferenceSettings))
-    manifest = reference_run(cfg, settings, args.out, part=part, only_runs=only_runs)
-    if manifest:
-        print(f"reference run written to {args.out} ({len(manifest['files'])} files)")
-    return 0
+    return reference_main(argv, prog="python -m routelib.studies.pathways", description=main.__doc__, out=REFERENCE_DIR,
+                          config=PathwayStudyConfig, settings=ReferenceSettings, run=reference_run,
+                          defaults=REFERENCE_DEFAULTS,
+                          report=lambda manifest, out: print(f"reference run written to {out} ({len(manifest['files'])} files)"))

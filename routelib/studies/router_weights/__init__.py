@@ -105,7 +105,7 @@ def evolution(snaps) -> dict[str, pd.DataFrame]:
     ``drift`` (router cosine to the final step, relative change since the previous one),
     ``specialisation`` (U(domain | top-1 expert)) and ``balance`` (load CV), each per step and layer."""
     experts = snaps.experts_by_step()
-    special = [G.domain_specialisation(ex, snaps.domains, snaps.num_experts).assign(step=step) for step, ex in experts.items()]
+    special = [G.domain_predictability(ex, snaps.domains, snaps.num_experts).assign(step=step) for step, ex in experts.items()]
     balance = [G.load_balance(ex, snaps.num_experts).assign(step=step) for step, ex in experts.items()]
     return {"saturation": G.saturation(experts), "drift": G.router_drift(snaps.routers_by_step()),
             "specialisation": pd.concat(special, ignore_index=True), "balance": pd.concat(balance, ignore_index=True)}

@@ -14,7 +14,7 @@ import seaborn as sns
 import torch
 
 from routelib.studies.moe_vs_dense import ARMS
-from routelib.views.figures import PALETTE
+from routelib.plots import PALETTE
 
 @torch.no_grad()
 def token_routes(model, tokenizer, text: str, max_tokens: int = 256) -> list[dict]:
@@ -68,7 +68,7 @@ def expert_dashboard(model, tokenizer, samples: Mapping[str, str]):
     return W.VBox([W.HBox([pick, layer]), text, view])
 
 
-def expert_heatmaps(records: pd.DataFrame, value: str = "fraction"):
+def plot_expert_heatmaps(records: pd.DataFrame, value: str = "fraction"):
     """One heatmap per layer: domain x expert share of top-k assignments (rows sum to 1)."""
     layers = sorted(records["layer"].unique())
     cols = min(len(layers), 3)
@@ -87,7 +87,7 @@ def expert_heatmaps(records: pd.DataFrame, value: str = "fraction"):
     return fig
 
 
-def capacity_sweep(sweep: pd.DataFrame):
+def plot_capacity_sweep(sweep: pd.DataFrame):
     """Drop rate and perplexity against the capacity factor (the dropless model drawn as a line)."""
     finite = sweep[sweep["capacity_factor"] != float("inf")]
     dropless = sweep[sweep["capacity_factor"] == float("inf")]
@@ -103,7 +103,7 @@ def capacity_sweep(sweep: pd.DataFrame):
     return fig
 
 
-def reference_curves(histories: Mapping[str, pd.DataFrame], key: str = "eval_loss"):
+def plot_reference_curves(histories: Mapping[str, pd.DataFrame], key: str = "eval_loss"):
     """Held-out loss of every reference arm (``{"<arm>_seed<s>": history}``) against training tokens
     and against training FLOPs (3x the forward FLOPs per token: the compute-matched view)."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
@@ -122,7 +122,7 @@ def reference_curves(histories: Mapping[str, pd.DataFrame], key: str = "eval_los
     return fig
 
 
-def specialisation_over_training(summary: pd.DataFrame):
+def plot_specialisation_over_training(summary: pd.DataFrame):
     """Mutual information between a token's domain and its experts (bits) per MoE layer against the
     training step (``summary`` from ``routelib.studies.moe_vs_dense.specialisation_summary``)."""
     fig, ax = plt.subplots(figsize=(6, 3.4))

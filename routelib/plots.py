@@ -15,7 +15,7 @@ PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
            "#bcbd22", "#17becf"]
 
 
-def training_curves(histories: Mapping[str, list[dict]], key: str = "lm_loss", ax=None):
+def plot_training_curves(histories: Mapping[str, list[dict]], key: str = "lm_loss", ax=None):
     """Loss against step for several runs (``TrainResult.history`` each)."""
     ax = ax or plt.subplots(figsize=(6, 3.5))[1]
     for name, history in histories.items():
@@ -26,7 +26,7 @@ def training_curves(histories: Mapping[str, list[dict]], key: str = "lm_loss", a
     return ax.figure
 
 
-def perplexity_by_domain(table: pd.DataFrame, ax=None):
+def plot_perplexity_by_domain(table: pd.DataFrame, ax=None):
     """Grouped bars: perplexity per domain (columns ``ppl_<domain>``) for each model (index)."""
     cols = [c for c in table.columns if c.startswith("ppl_")]
     long = table[cols].rename(columns=lambda c: c[4:]).reset_index().melt(id_vars=table.index.name or "index",

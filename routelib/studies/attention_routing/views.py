@@ -11,7 +11,7 @@ import pandas as pd
 
 from routelib.studies.attention_routing import ARMS, HybridStudyConfig, StudyRuns, main_runs
 from routelib.studies.attention_routing.reference import curve_bands, reference_numbers
-from routelib.views.figures import PALETTE
+from routelib.plots import PALETTE
 
 ROUTE_COLOURS = ("#ffffff", "#fdd49e", "#e34a33")  # 0, 1, 2 routed layers on softmax
 
@@ -100,7 +100,7 @@ def _bands(ax, bands: pd.DataFrame, label: str = "{arm}", ls: str = "-"):
         ax.fill_between(grp["tokens"] / 1e6, grp["low"], grp["high"], color=colour, alpha=0.2, lw=0)
 
 
-def reference_curves(ref: dict):
+def plot_reference_curves(ref: dict):
     """The shared-rate runs over training, mean over seeds with the min-max band: held-out loss on the
     curve windows against the unigram model (and the 1-nat line below it); the dynamic arm's share of
     tokens to softmax and router entropy per routed layer (training forwards, Gumbel noise)."""
@@ -125,7 +125,7 @@ def reference_curves(ref: dict):
     return fig
 
 
-def reference_delta(ref: dict):
+def plot_reference_delta(ref: dict):
     """Validation loss dynamic − static per seed at the shared rate, their mean with the 95 % t-interval,
     and the gap at the seed's unequal rates (one seed)."""
     v = reference_numbers(ref)
@@ -144,7 +144,7 @@ def reference_delta(ref: dict):
     return fig
 
 
-def reference_routing(ref: dict, run: str):
+def plot_reference_routing(ref: dict, run: str):
     """Held-out share of tokens to softmax per routed layer of ``run`` (a dynamic run of the reference)
     by domain, token type and position bucket."""
     rows = ref["routing"][ref["routing"]["run"] == run]

@@ -16,7 +16,7 @@ import pandas as pd
 import seaborn as sns
 
 from routelib.routing.record.traces import TraceArrays, TraceError
-from routelib.views.figures import PALETTE
+from routelib.plots import PALETTE
 
 
 def journey(df: pd.DataFrame, arrays: TraceArrays, row: int) -> pd.DataFrame:
@@ -119,7 +119,7 @@ def routing_dashboard(df: pd.DataFrame, arrays: TraceArrays, num_experts: int):
     return W.VBox([W.HBox([pick_dataset, pick_problem]), pick_token, view])
 
 
-def predictability_heatmaps(matrices: Mapping[str, pd.DataFrame], title: str = "U(layer j | layer i)"):
+def plot_predictability_heatmaps(matrices: Mapping[str, pd.DataFrame], title: str = "U(layer j | layer i)"):
     """Side-by-side layer x layer heatmaps (rows: from layer i, columns: to layer j), one per entry,
     on one colour scale; the diagonal (trivially 1) is masked."""
     fig, axes = plt.subplots(1, len(matrices), figsize=(4.6 * len(matrices), 3.9), squeeze=False)
@@ -134,7 +134,7 @@ def predictability_heatmaps(matrices: Mapping[str, pd.DataFrame], title: str = "
     return fig
 
 
-def hop_curves(curves: Mapping[str, pd.DataFrame]):
+def plot_hop_curves(curves: Mapping[str, pd.DataFrame]):
     """Accuracy of predicting layer l+h's top-1 expert from layer l's against h: the lookup table and
     the prior (most used expert) per curve, and the uncertainty coefficient."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(9.5, 3.3))
@@ -151,7 +151,7 @@ def hop_curves(curves: Mapping[str, pd.DataFrame]):
     return fig
 
 
-def usage_heatmaps(usage: Mapping[str, np.ndarray]):
+def plot_usage_heatmaps(usage: Mapping[str, np.ndarray]):
     """Per-dataset (L, E) expert usage side by side, plus their difference (first minus second)."""
     names = list(usage)
     grids = [np.asarray(usage[n]) for n in names]
@@ -172,7 +172,7 @@ def usage_heatmaps(usage: Mapping[str, np.ndarray]):
     return fig
 
 
-def locality_curves(table: pd.DataFrame, *, distance: int = 1, group: str = "all",
+def plot_locality_curves(table: pd.DataFrame, *, distance: int = 1, group: str = "all",
                     measures: tuple[str, ...] = ("top1_same", "set_shared")):
     """Routing across consecutive tokens per layer (a table of
     :func:`routelib.routing.analyse.locality.consecutive_routing`): one panel per measure, one colour per
@@ -197,7 +197,7 @@ def locality_curves(table: pd.DataFrame, *, distance: int = 1, group: str = "all
     return fig
 
 
-def locality_decay(table: pd.DataFrame, *, measure: str = "top1_same", group: str = "all", phase: str = "prompt"):
+def plot_locality_decay(table: pd.DataFrame, *, measure: str = "top1_same", group: str = "all", phase: str = "prompt"):
     """The rate at distance d = 1, 2, ... per layer (solid), each layer's in-sequence chance at d = 1
     (dotted): how fast the sharing of experts between tokens d apart fades."""
     rows = table[(table["measure"] == measure) & (table["group"] == group) & (table["phase"] == phase)]

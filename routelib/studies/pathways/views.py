@@ -30,7 +30,7 @@ def _colour(name: str, i: int) -> str:
     return ROUTER_COLOURS.get(name, sns.color_palette()[i % 10])
 
 
-def purity_across_layers(summary: pd.DataFrame, ax=None):
+def plot_purity_across_layers(summary: pd.DataFrame, ax=None):
     """Mean (load-weighted) purity per routed layer, one line per router (``summary`` from
     :func:`routelib.studies.pathways.summary_table`), with the purity of the whole token stream."""
     ax = ax or plt.subplots(figsize=(5, 3.5))[1]
@@ -42,7 +42,7 @@ def purity_across_layers(summary: pd.DataFrame, ax=None):
     return ax.figure
 
 
-def purity_distribution(purities: pd.DataFrame, ax=None, bins: int = 30):
+def plot_purity_distribution(purities: pd.DataFrame, ax=None, bins: int = 30):
     """Histogram of per-pathway purity (all layers pooled), one outline per router (``purities``
     from :func:`routelib.studies.pathways.pathway_purities`)."""
     ax = ax or plt.subplots(figsize=(5, 3.5))[1]
@@ -55,7 +55,7 @@ def purity_distribution(purities: pd.DataFrame, ax=None, bins: int = 30):
     return ax.figure
 
 
-def top_pathways(top: pd.DataFrame, ax=None, control: str = "permuted", max_label: int = 38):
+def plot_top_pathways(top: pd.DataFrame, ax=None, control: str = "permuted", max_label: int = 38):
     """Horizontal bars: purity of the most specialised pathways (``top`` from
     :func:`routelib.studies.pathways.specialised_pathways`), a tick at the same pathway's purity under
     ``control``, labelled with layer, pathway and top tokens."""
@@ -74,7 +74,7 @@ def top_pathways(top: pd.DataFrame, ax=None, control: str = "permuted", max_labe
     return ax.figure
 
 
-def utilisation_by_layer(summary: pd.DataFrame, ax=None):
+def plot_utilisation_by_layer(summary: pd.DataFrame, ax=None):
     """Utilisation (share of pathways with load >= min_load) as bars and load balance
     H(load)/log N as lines, per layer and router."""
     ax = ax or plt.subplots(figsize=(5, 3.5))[1]
@@ -95,19 +95,19 @@ def utilisation_by_layer(summary: pd.DataFrame, ax=None):
     return ax.figure
 
 
-def monosemanticity_figure(summary: pd.DataFrame, purities: pd.DataFrame, top: pd.DataFrame):
+def plot_monosemanticity(summary: pd.DataFrame, purities: pd.DataFrame, top: pd.DataFrame):
     """The seed's 4-panel figure -- purity across layers, distribution of purity, top specialised
     pathways with their tokens, utilisation by layer -- every panel with the controls."""
     fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
-    purity_across_layers(summary, axes[0, 0])
-    purity_distribution(purities, axes[0, 1])
-    top_pathways(top, axes[1, 0])
-    utilisation_by_layer(summary, axes[1, 1])
+    plot_purity_across_layers(summary, axes[0, 0])
+    plot_purity_distribution(purities, axes[0, 1])
+    plot_top_pathways(top, axes[1, 0])
+    plot_utilisation_by_layer(summary, axes[1, 1])
     fig.tight_layout()
     return fig
 
 
-def purity_by_domain(table: pd.DataFrame, ax=None):
+def plot_purity_by_domain(table: pd.DataFrame, ax=None):
     """Grouped bars: mean purity on each domain's tokens (rows) for each router (columns), the
     table of :func:`routelib.studies.pathways.purity_per_domain`."""
     long = table.reset_index().melt(id_vars="domain", var_name="router", value_name="purity")
@@ -131,7 +131,7 @@ def _run_style(run: str, arm: str, grouping: str, seed: int) -> dict:
     return dict(color=palette[min(int(seed), 3)], ls=RUN_STYLES.get(arm, ":"), marker=".", label=run)
 
 
-def recovery_curves(curves: pd.DataFrame, base_ppl: float, target: float, scale: str = "log"):
+def plot_recovery_curves(curves: pd.DataFrame, base_ppl: float, target: float, scale: str = "log"):
     """Held-out perplexity (log axis) and the share of the gap closed (on ``scale``) against training
     tokens, one line per reference run (``curves`` from
     :func:`routelib.studies.pathways.reference.recovery_curves`), with the base model and the target."""
@@ -153,7 +153,7 @@ def recovery_curves(curves: pd.DataFrame, base_ppl: float, target: float, scale:
     return fig
 
 
-def purity_intervals(purity: pd.DataFrame, run: str, by: str = "layer"):
+def plot_purity_intervals(purity: pd.DataFrame, run: str, by: str = "layer"):
     """One reference run per routed layer (``by="layer"``, every position) or per domain (``by="domain"``,
     mean over layers), 95 % bootstrap intervals over held-out windows (``purity`` from
     :func:`routelib.studies.pathways.reference.purity_intervals`): (left) the purity of the trained
@@ -184,7 +184,7 @@ def purity_intervals(purity: pd.DataFrame, run: str, by: str = "layer"):
     return fig
 
 
-def balance_over_training(histories: Mapping[str, pd.DataFrame], runs: pd.DataFrame):
+def plot_balance_over_training(histories: Mapping[str, pd.DataFrame], runs: pd.DataFrame):
     """Held-out utilisation and load balance (mean over routed layers) at every evaluation of each
     reference run (``histories`` and ``runs`` of :func:`routelib.studies.pathways.reference.load_reference`)."""
     fig, axes = plt.subplots(1, 2, figsize=(13, 3.4))
