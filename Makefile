@@ -29,7 +29,7 @@ TEST_CMD = $(PY) -m pytest $(TEST_ARGS)
 # it reuses the training runs nbval left in runs/.
 BROWSER_TEST_CMD = $(PY) -m pytest tests/test_browser.py -m browser
 
-.PHONY: setup run test browser-test unit notebooks tokenizer gpu gpu-smoke clean-venv lock test-latest
+.PHONY: setup run test browser-test chromium unit notebooks tokenizer gpu gpu-smoke clean-venv lock test-latest
 
 setup: $(STAMP)
 
@@ -61,14 +61,25 @@ test-latest:
 run: setup
 	$(PY) -m routelib.notebooks run
 
-test: setup
+test: setup chromium
 	$(TEST_CMD)
 	$(BROWSER_TEST_CMD)
 
 # Every notebook run in JupyterLab in a headless chromium; each dashboard's controls must change its
 # view; screenshots in runs/screenshots/.
-browser-test: setup
+browser-test: setup chromium
 	$(BROWSER_TEST_CMD)
+
+# The browser test's chromium (Debian's package; never a downloaded browser): installed with apt-get when
+# missing, as root or with password-less sudo; otherwise one line saying how. ROUTELIB_CHROMIUM=<path>
+# points at another build.
+chromium:
+	@if [ -n "$$ROUTELIB_CHROMIUM" ] || [ -x /usr/bin/chromium ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO=sudo; else \
+	  echo "error: the browser test needs chromium at /usr/bin/chromium: run 'sudo apt-get install chromium' or set ROUTELIB_CHROMIUM=/path/to/chromium" >&2; exit 2; fi; \
+	echo "installing chromium (apt-get) for the browser test"; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	$$SUDO apt-get install -y -q chromium >/dev/null || { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium >/dev/null; }
 
 # Unit tests only (no notebooks).
 unit: setup

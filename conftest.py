@@ -1,4 +1,4 @@
-"""pytest hooks shared by unit tests and nbval (DESIGN.md §4).
+"""pytest hooks shared by unit tests and nbval (docs/design.md §4).
 
 nbval compares a notebook's fresh outputs with the committed ones in cells marked
 ``# NBVAL_CHECK_OUTPUT`` (we run it with --nbval-lax). Streams that are volatile by nature are

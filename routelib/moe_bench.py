@@ -1,4 +1,4 @@
-"""MoE FFN kernel benchmark at Mixtral-8x7B's shapes (DESIGN.md §5; issue 3's GPU table).
+"""MoE FFN kernel benchmark at Mixtral-8x7B's shapes (docs/design.md §5).
 
     python -m routelib.moe_bench                      # GPU: d 4096, FFN 14336, 8 experts, top-2, bf16
     python -m routelib.moe_bench --hidden 256 --ffn 512 --tokens 512 --dtype fp32   # CPU smoke run

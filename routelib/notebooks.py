@@ -1,4 +1,4 @@
-"""Executing, refreshing and inspecting the numbered notebooks (DESIGN.md §4).
+"""Executing, refreshing and inspecting the numbered notebooks (docs/design.md §4).
 
     python -m routelib.notebooks run              # every notebook -> runs/, then its headline metrics
     python -m routelib.notebooks run 03           # only notebooks whose name starts with 03

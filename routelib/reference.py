@@ -1,4 +1,4 @@
-"""Reference runs (DESIGN.md §7): a study run once at a scale that can decide its question, its
+"""Reference runs (docs/design.md §7): a study run once at a scale that can decide its question, its
 small result files committed under ``data/reference/<notebook>/`` beside a ``manifest.json`` that
 says exactly how they were made -- the command, the commit, the parameters, the environment, the
 wall time -- and the sha256 of every result file. :func:`load_manifest` checks those hashes, so a

@@ -1,4 +1,4 @@
-"""The notebooks as researchers meet them: a real JupyterLab in a real browser (issue 19).
+"""The notebooks as researchers meet them: a real JupyterLab in a real browser.
 
     make browser-test          # this file alone; `make test` runs it after nbval
 

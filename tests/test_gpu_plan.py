@@ -14,7 +14,7 @@ import torch
 from routelib import paths
 from routelib.errors import ConfigError
 from routelib.gpu import render
-from routelib.gpu.__main__ import DEFAULT_RESULTS, main
+from routelib.gpu.__main__ import DEFAULT_RESULTS, GPU_PAGE, main
 from routelib.gpu.plan import MAX_STEP_S, Estimate, Step, check_plan, is_done, pack_results, run_plan
 from routelib.gpu.steps import build_plan
 from routelib.reference import MANIFEST, load_manifest
@@ -257,7 +257,7 @@ def test_update_readme_replaces_only_the_section(tmp_path):
 
 
 def test_readme_gpu_section_is_the_rendering_of_the_committed_results():
-    text = (paths.REPO_ROOT / "README.md").read_text()
+    text = (paths.REPO_ROOT / GPU_PAGE).read_text()
     section = text.split(render.START)[1].split(render.END)[0]
     assert section == "\n" + render.render(paths.in_repo(DEFAULT_RESULTS), PLAN)
 

@@ -1,4 +1,4 @@
-"""Hygiene of every committed notebook (DESIGN.md §4), and of the checker itself."""
+"""Hygiene of every committed notebook (docs/design.md §4), and of the checker itself."""
 
 import nbformat
 import pytest

@@ -1,4 +1,4 @@
-"""The committed reference runs (data/reference/<notebook>/, DESIGN.md §7) came from their manifests'
+"""The committed reference runs (data/reference/<notebook>/, docs/design.md §7) came from their manifests'
 commands: the files match their recorded sha256, and the first logged training steps, re-run here from
 the manifest's parameters on the same number of CPU threads, give the recorded losses. A reference run
 not made yet (its folder has no manifest) is skipped with the command that makes it."""

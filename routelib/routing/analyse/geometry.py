@@ -1,5 +1,5 @@
 """Router and expert weight geometry, co-activation across layers, and routing over training -- the
-analyses of the seed's MoE router study (002) on weights from :mod:`routelib.routing.analyse.weights`.
+analyses of the MoE router study that notebook 06 follows, on weights from :mod:`routelib.routing.analyse.weights`.
 
 * **Router similarity across layers.** Expert order is arbitrary in every layer, so the cosine of
   router rows "expert e at layer i vs expert e at layer j" means little; we also report it after an

@@ -2,7 +2,7 @@
 
 A small model decoding greedily falls into loops; the loops repeat expert paths too, which inflates
 path frequencies and flatters history-based next-expert predictors. The repetition rate measures it
-per trace set, so greedy and sampled traces can be compared (issue 16): a generated token counts as
+per trace set, so greedy and sampled traces can be compared: a generated token counts as
 repeated when some n-gram of the same sequence's generated tokens that covers it occurs at least
 twice in that sequence (n = 4 by default; prompts are left out).
 """

@@ -4,7 +4,7 @@
     python -m routelib.routing.predict.bench_cost --dtype fp32 --out runs/bench_prefetch.json
 
 Prefetching pays only if predicting the next layer's experts costs a small share of the layer it
-hides (DESIGN.md §5: <= 1 %). The layer here is transformers' own ``MixtralSparseMoeBlock`` at
+hides (docs/design.md §5: <= 1 %). The layer here is transformers' own ``MixtralSparseMoeBlock`` at
 Mixtral-8x7B's shapes (hidden 4096, 8 experts of width 14336, top-2; router included; the eager
 experts forward, a loop over the experts the batch hits) with random
 weights (N(0, 0.02)) in ``--dtype``; the predictors are routelib's, fitted on synthetic traces of

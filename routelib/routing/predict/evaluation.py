@@ -33,7 +33,7 @@ from routelib.routing.predict.predictors import (HIDDEN_PREDICTORS, PREDICTORS, 
 
 
 
-#: The seed's table (004, section 3; Mixtral-8x7B, random split over layer transitions): claims to test.
+#: The Mixtral routing project's table (Mixtral-8x7B, random split over layer transitions): claims to test.
 SEED_CLAIMS = {"random": {"top1": 0.125}, "lookup": {"top1": 0.42}, "mlp": {"top1": 0.556, "top2_hit": 0.732}}
 
 def _names(text: str, allowed: Sequence[str], what: str) -> list[str]:

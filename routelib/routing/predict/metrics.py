@@ -1,6 +1,6 @@
 """How well a ranking of experts predicts one MoE layer's routing: four metrics and their chance levels (notebook 05).
 
-The seed (``004``, section 3) reports top-1 and top-2 accuracy of next-layer expert predictors on
+The Mixtral routing project that notebook 05 tests reports top-1 and top-2 accuracy of next-layer expert predictors on
 Mixtral-8x7B (random 12.5 %, lookup tables 42 %, an MLP 55.6 % top-1 / 73.2 % top-2); these are its
 metrics, plus two about the whole top-k set. Every predictor (:mod:`.predictors`) returns *scores*
 ``(N, E)`` for the target layer (higher = more likely); the metrics read only the ranking. Ties are

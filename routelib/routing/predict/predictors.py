@@ -3,8 +3,8 @@
 The task. A token has been routed through MoE layers ``0..l``; rank the E experts of layer ``l + h``
 (the *hop* h >= 1) before that layer runs, so that their weights can be fetched in time
 (expert offloading: Eliseev & Mazur 2023, "Fast Inference of Mixture-of-Experts Language Models
-with Offloading"; Pre-gated MoE, Hwang et al., ISCA 2024; Fate, Fang et al. 2025). The seed
-(``004``, section 3) reports on Mixtral-8x7B: random 12.5 %, lookup tables 42 %, an MLP 55.6 %
+with Offloading"; Pre-gated MoE, Hwang et al., ISCA 2024; Fate, Fang et al. 2025). The Mixtral routing
+project that notebook 05 tests reports on Mixtral-8x7B: random 12.5 %, lookup tables 42 %, an MLP 55.6 %
 top-1 / 73.2 % top-2 -- measured on a random split over single layer transitions, so transitions of
 one token journey sat on both sides. Here every number comes from splits that cannot leak.
 

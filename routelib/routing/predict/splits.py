@@ -1,6 +1,6 @@
 """Train/test splits of routing traces that cannot leak, and the test subsets reported (notebook 05).
 
-The seed (``004``, section 3) measured its 55.6 % top-1 on a random split over single layer
+The Mixtral routing project that notebook 05 tests measured its 55.6 % top-1 on a random split over single layer
 transitions, so transitions of one token journey sat on both sides; its own problem-wise split gave
 notably lower held-out numbers. Here every number comes from splits that cannot leak.
 

@@ -1,9 +1,9 @@
 """Per-token routing between Gated DeltaNet and softmax attention vs a static hybrid (notebook 02).
 
-Seed ``001`` ("Dynamic Per-Token Layer Routing") asks whether a 4-layer model whose middle layers let
+The "Dynamic Per-Token Layer Routing" project that notebook 02 tests asks whether a 4-layer model whose middle layers let
 each token choose Gated DeltaNet or softmax attention beats the static hybrid [GDN, GDN, GDN,
 softmax]. Its README states two possible outcomes -- "dynamic routing wins" (adaptive attention
-helps) or "baseline wins" (a static assignment is sufficient) -- and its committed run (DESIGN.md §6)
+helps) or "baseline wins" (a static assignment is sufficient) -- and its committed run (docs/design.md §6)
 had the baseline winning (best validation loss 3.83 vs 4.43) with a ~55/45 split in layers 1-2, but
 it computed both branches for every token, kept Gumbel noise at evaluation, needed alpha = 0.5 (its
 text says 0.01) to avoid collapsing to all-GDN, and trained the arms at different learning rates.
@@ -21,7 +21,7 @@ Here (models: :mod:`routelib.models.hybrid`):
   tokens per branch and layer, router entropy, balance loss) and on held-out text;
 - the seed's ``compare_experiments`` (:func:`compare_experiments`, :func:`verdict`) and
   ``visualize_routing`` (:func:`route_tokens`, :func:`softmax_share`, :func:`routing_html`);
-- the **reference run** (DESIGN.md §7) is :mod:`routelib.studies.attention_routing.reference`: the same
+- the **reference run** (docs/design.md §7) is :mod:`routelib.studies.attention_routing.reference`: the same
   models at a scale where they have learned something, on the CPU,
   ``python -m routelib.studies.attention_routing reference``.
 """

@@ -24,7 +24,7 @@ HYBRID_SMOKE = dict(hidden_size=32, num_heads=2, intermediate_size=64, softmax_k
                     seq_len=32, batch_size=2, steps=3, warmup_steps=1, eval_every=0, eval_windows=1,
                     speed_seq_lens=[32, 64], speed_batch=2, bench_min_time_s=0.02)
 HYBRID_UTIL = 0.10  # assumed share of the bf16 peak for the hybrid models (GDN recurrence, routing gathers)
-TRITON_WARMUP_S = 60.0  # the first fla/Triton call compiles and autotunes for about a minute (../shared/gpu/README.md)
+TRITON_WARMUP_S = 60.0  # the first fla/Triton call compiles and autotunes for about a minute
 VOCAB = 8192  # bpe8k
 
 

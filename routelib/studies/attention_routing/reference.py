@@ -1,4 +1,4 @@
-"""Notebook 02's reference run (DESIGN.md §7, issue 13): static vs dynamic GDN/softmax routing of
+"""Notebook 02's reference run (docs/design.md §7): static vs dynamic GDN/softmax routing of
 :mod:`routelib.studies.attention_routing` at a scale where the models have learned something, on the
 CPU -- the plan, training side by side, the measurements, the manifest -- and the functions notebook 02
 reads its committed files with. Command: ``python -m routelib.studies.attention_routing reference``.
@@ -39,7 +39,7 @@ from routelib.studies.attention_routing import (
 )
 from routelib.train import TrainConfig, make_optimizer
 
-# Notebook 02's reference run (DESIGN.md §7): static vs dynamic GDN/softmax routing at a scale where the
+# Notebook 02's reference run (docs/design.md §7): static vs dynamic GDN/softmax routing at a scale where the
 # models have learned something, on the CPU, its small result files committed under
 # ``data/reference/02_dynamic_attention_routing/`` beside a manifest.
 #
@@ -61,12 +61,12 @@ from routelib.train import TrainConfig, make_optimizer
 # over seeds, training and prefill throughput interleaved in one run, routing by domain, token type and
 # position), and writes the manifest last. ``python -m routelib.studies.attention_routing reference
 # --help`` lists the options; :data:`REFERENCE_DEFAULTS` is the configuration it runs by default.
-REFERENCE_DIR = "data/reference/02_dynamic_attention_routing"  # committed results (DESIGN.md §7)
+REFERENCE_DIR = "data/reference/02_dynamic_attention_routing"  # committed results (docs/design.md §7)
 GROUPS = ("lr_sweep", "shared", "seed_lrs", "alpha")  # run groups, in training order
-STEP_COST = {"static": 1.1, "dynamic": 1.0}  # relative CPU time of a training step (issue-13 pilot, hidden 128-256)
+STEP_COST = {"static": 1.1, "dynamic": 1.0}  # relative CPU time of a training step (pilot, hidden 128-256)
 
 #: The reference configuration (HybridStudyConfig fields the command line overrides), sized by the
-#: issue-13 pilot to fit ~100 min as two 1-thread processes on an idle 2-core CPU (README, notebook 02).
+#: pilot to fit ~100 min as two 1-thread processes on an idle 2-core CPU (README, notebook 02).
 REFERENCE_DEFAULTS = dict(
     hidden_size=128, num_heads=4, intermediate_size=512, seq_len=256, batch_size=8, steps=700, warmup_steps=35,
     lr_same=[1e-3, 2e-3, 4e-3], seeds=[0, 1, 2], balance_coef=0.5, alpha_sweep=[0.0, 0.01, 0.1, 0.5],

@@ -1,6 +1,6 @@
 """MoE vs dense language models at the same token budget (notebook 03).
 
-The seed (``003``) claims an MoE LM with 4 experts / top-2 is 2.3x faster than a dense model, with
+The MoE-speedup project that notebook 03 tests claims an MoE LM with 4 experts / top-2 is 2.3x faster than a dense model, with
 78 % fewer FLOPs and better perplexity (12.3 vs 13.1); its code had no dense model and typed those
 numbers into a dashboard. Here the three arms are trained by the same loop on the same batches and
 measured in one run:

@@ -19,7 +19,7 @@ from routelib.gpu.sizing import BF16_PEAK, GROUPED_MM_RATE, counts, full_size, k
 
 # --------------------------------------------------------------------------- 1. MoE kernels
 MOE_KERNELS = dict(hidden=4096, ffn=14336, experts=8, top_k=2, tokens=(4096, 8192, 16384), dtype="bf16",
-                   rounds=3, min_time_s=0.5)  # Mixtral-8x7B's MoE FFN layer (DESIGN.md §5)
+                   rounds=3, min_time_s=0.5)  # Mixtral-8x7B's MoE FFN layer (docs/design.md §5)
 MOE_KERNELS_SMOKE = dict(hidden=64, ffn=128, experts=4, top_k=2, tokens=(128, 256), dtype="bf16", rounds=1,
                          min_time_s=0.01)
 # assumed slowdown of each timed function against grouped_mm on the same FLOPs: the loops over experts
@@ -216,7 +216,7 @@ def kernels_step() -> Step:
     mk = MOE_KERNELS
     return Step("01_moe_kernels", f"MoE FFN layer at Mixtral shapes (d {mk['hidden']}, FFN {mk['ffn']}, {mk['experts']} "
                 f"experts, top-{mk['top_k']}, {mk['dtype']}), {counts(mk['tokens'])} tokens",
-                keeps="no yaml: DESIGN.md §5's shapes, routelib.moe_bench's defaults", estimate=moe_kernels_estimate,
+                keeps="no yaml: docs/design.md §5's shapes, routelib.moe_bench's defaults", estimate=moe_kernels_estimate,
                 run=run_moe_kernels)
 
 

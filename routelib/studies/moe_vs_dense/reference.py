@@ -24,7 +24,7 @@ from routelib.studies.moe_vs_dense import (ARMS, MATCHED, MoEStudyConfig, capaci
 
 
 # ------------------------------------------------------------------------------- reference run
-REFERENCE_DIR = "data/reference/03_moe_speedup"  # committed results of the reference run (DESIGN.md §7)
+REFERENCE_DIR = "data/reference/03_moe_speedup"  # committed results of the reference run (docs/design.md §7)
 
 
 def _history_frame(result: TrainResult, tokens_per_step: int, train_flops_per_token: float) -> pd.DataFrame:

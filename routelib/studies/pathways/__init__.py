@@ -1,7 +1,7 @@
 """Pathway-routed MLPs in a pretrained LLM: fine-tune, perplexity, monosemanticity against controls
 (notebook 01).
 
-The seed (``000``) splits the MLP of every other layer of a small LM into 16 pathways, lets a
+The pathway-routing project that notebook 01 tests splits the MLP of every other layer of a small LM into 16 pathways, lets a
 router pick 4 per token, trains with a Global Load Balancing Loss and reports that pathways become
 "monosemantic" (purity = 1 - H/H_max of the tokens each pathway sees). Its base was a 1M-parameter
 TinyStories model, its test sentences were training sentences, and its purity had no control.
@@ -25,7 +25,7 @@ blocks of the pretrained MLP (the default, as before), or MoEfication's groups -
 the neurons' activation patterns on held-out text ("coactivation") or of their input weights
 ("weights"), the MLP's neurons permuted so that each group is a contiguous pathway;
 :func:`grouping_error` compares the groupings per layer before any fine-tuning. The **reference run**
-(DESIGN.md §7, issue 14) is :mod:`routelib.studies.pathways.reference`: ``python -m routelib.studies.pathways reference``.
+(docs/design.md §7) is :mod:`routelib.studies.pathways.reference`: ``python -m routelib.studies.pathways reference``.
 
 Which layers are routed matters more than anything else here: on SmolLM2 the first MLP is nearly
 irreplaceable (routing layer 0 alone with an untrained router multiplies perplexity by ~100 --

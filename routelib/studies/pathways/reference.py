@@ -1,4 +1,4 @@
-"""Notebook 01's reference run (DESIGN.md §7, issue 14): the pathway study of
+"""Notebook 01's reference run (docs/design.md §7): the pathway study of
 :mod:`routelib.studies.pathways` at a scale that can decide the seed's claim -- routed pathways of
 SmolLM2-135M trained until held-out perplexity recovers most of the gap routing opened, or plateaus --
 its purity measured with bootstrap intervals against controls, its small result files committed under
@@ -48,7 +48,7 @@ from routelib.studies.pathways import (
 )
 from routelib.train import TrainResult, prune_checkpoints
 
-# DESIGN.md §7: the study at a scale that can decide the seed's claim, on the CPU, its small result
+# docs/design.md §7: the study at a scale that can decide the seed's claim, on the CPU, its small result
 # files committed under data/reference/01_train_pathway_llm/ with a manifest. The runs:
 #
 #   main arm       GLBL at cfg.grouping, every seed of ``seeds``     (the answer, with its seed spread)
@@ -67,7 +67,7 @@ from routelib.train import TrainResult, prune_checkpoints
 # missing, measures (grouping error before fine-tuning, purity of every run's router and controls with
 # bootstrap intervals over held-out windows, per layer and per domain, pathway tables) and writes the
 # manifest last.
-REFERENCE_DIR = "data/reference/01_train_pathway_llm"  # committed results (DESIGN.md §7)
+REFERENCE_DIR = "data/reference/01_train_pathway_llm"  # committed results (docs/design.md §7)
 REFERENCE_COMMAND = "python -m routelib.studies.pathways reference"
 #: How the reference run is made: two 1-thread processes side by side, then the measuring invocation.
 REFERENCE_LAUNCH = (f"{REFERENCE_COMMAND} --part 1/2 --threads 1 & {REFERENCE_COMMAND} --part 2/2 --threads 1 & wait; "
@@ -79,7 +79,7 @@ STOP_REASONS = ("recovered", "plateau", "max_steps", "no_gap")
 #: ~100x, notebook 01), co-activation groups (lower best-4-of-16 error than contiguous blocks on every
 #: layer, grouping_error), GLBL with momentum frequencies, routers + routed MLPs fine-tuned.
 #: ``steps`` is the cap of the schedule: 500 steps x 1,024 tokens; at the 6.2 s per step measured on one
-#: thread of a busy 2-core CPU (issue 14), two runs per 1-thread process take at most ~2 h.
+#: thread of a busy 2-core CPU, two runs per 1-thread process take at most ~2 h.
 REFERENCE_DEFAULTS = dict(
     model_name="smollm2-135m", num_pathways=16, top_k_pathways=4, route_every_n_layers=2, first_routed_layer=2,
     last_routed_layer=28, grouping="coactivation", grouping_windows=8, glbl_weight=0.1, momentum=0.9,
