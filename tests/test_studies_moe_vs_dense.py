@@ -144,3 +144,24 @@ def test_train_runs_writes_history_and_record(tiny, tmp_path):
     assert r["steps"] == reference.matched_config(cfg).steps and r["seed"] == 1
     assert math.isclose(r["loss_nats"]["overall"], math.log(r["perplexity"]["overall"]))
     assert records["moe_seed0"]["steps"] == cfg.steps
+
+
+def test_flops_split_matches_an_independent_count_of_every_matmul():
+    """torch's FlopCounterMode counts the matmuls a forward pass really runs (the MoE's on its naive path,
+    routed tokens only); it leaves out SDPA's attention scores, which the split adds analytically."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from routelib.models import LM
+
+    cfg = study.MoEStudyConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=32,
+                               num_experts=4, top_k=2, seq_len=32, moe_impl="naive")
+    for arm, lm_cfg in cfg.arm_configs().items():
+        model = LM(lm_cfg).eval()
+        x = torch.randint(0, lm_cfg.vocab_size, (2, cfg.seq_len), generator=torch.Generator().manual_seed(0))
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(x)
+        split = study.flops_split(lm_cfg, cfg.seq_len)
+        counted = counter.get_total_flops() / x.numel()  # per token
+        assert counted == split["non_embedding"] + split["lm_head"] - split["attention_scores"], arm
+        share_all = split["ffn"] / (split["non_embedding"] + split["lm_head"])
+        assert 0 < share_all < split["ffn_share"] < 1, arm  # the head is in one denominator only
