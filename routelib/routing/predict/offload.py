@@ -1,0 +1,192 @@
+"""What expert prediction buys in tokens per second: a simulator of MoE decoding with offloaded experts.
+
+A model whose experts do not all fit in GPU memory keeps them in host memory and copies the ones a
+layer needs over the host-to-device link (Mixtral-offloading, Eliseev & Mazur 2023; MoE-Infinity,
+Xue et al. 2024; ProMoE, Song et al. 2024; HOBBIT, Tang et al. 2024). A cache of experts in GPU memory
+(:mod:`routelib.routing.predict.cache`) saves some copies; a predictor of a later layer's experts lets a
+copy start before that layer runs, hidden behind the compute of the layers in between. Whether that
+pays depends on the machine: expert size, GPU memory left for the cache, link bandwidth, per-layer
+compute time, and whether copies overlap compute. :func:`simulate` replays a trace's decoding order
+token by token and layer by layer under a :class:`HardwareProfile` and reports the time per token
+split into compute and stall, tokens per second and bytes moved.
+
+The model of time (stated so it can be checked by hand, ``tests/test_routing_predict_offload.py``):
+
+- one copy engine moves one expert at a time in ``expert_bytes / h2d_bytes_per_s`` seconds, in the
+  order copies are issued;
+- a layer starts when the previous layer has finished and all its k experts are in GPU memory; it
+  computes for ``layer_compute_s``; the wait before it starts is a stall;
+- at the start of layer v's compute, the predicted experts of the layer ``lead`` visits later are
+  issued (at most ``max_inflight`` prefetch copies outstanding); a needed expert that is neither
+  resident nor on its way is copied on demand when its layer is reached;
+- with ``overlap=False`` a copy cannot run while a layer computes (copies wait for the compute to end);
+- a cache with as many slots as experts holds the whole model from the start (nothing is copied).
+
+It models transfers and compute times; it is not a measurement of any system.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from routelib.errors import ConfigError
+from routelib.routing.predict.cache import POLICIES, ExpertCache, next_use
+
+MIXTRAL_EXPERT_PARAMS = 3 * 4096 * 14336  # one Mixtral-8x7B expert: w1, w3 (14336 x 4096) and w2 (4096 x 14336)
+
+
+def expert_bytes(params: int = MIXTRAL_EXPERT_PARAMS, bits: int = 16) -> float:
+    """Bytes of one expert's weights at ``bits`` per weight (quantisation scales left out)."""
+    return params * bits / 8
+
+
+@dataclass
+class HardwareProfile:
+    name: str  # a short name for tables
+    expert_bytes: float  # bytes of one expert's weights as copied
+    slots_per_layer: int  # experts of each MoE layer GPU memory holds (the cache)
+    h2d_bytes_per_s: float  # host-to-device bandwidth that copies reach
+    layer_compute_s: float  # one MoE layer's compute time for one decoded token (attention included)
+    overlap: bool = True  # copies run while a layer computes
+    max_inflight: int = 4  # prefetch copies outstanding at once
+    sources: dict[str, str] = field(default_factory=dict)  # where each number comes from
+
+    @property
+    def copy_s(self) -> float:
+        return self.expert_bytes / self.h2d_bytes_per_s
+
+
+def _mixtral_profile(name: str, bits: int, gpu_expert_gib: float, h2d_gb_s: float, layer_ms: float,
+                     sources: dict[str, str]) -> HardwareProfile:
+    size = expert_bytes(bits=bits)
+    slots = max(2, int(gpu_expert_gib * 2**30 // size) // 32)  # Mixtral-8x7B: 32 MoE layers
+    return HardwareProfile(name, size, min(slots, 8), h2d_gb_s * 1e9, layer_ms / 1e3, sources=sources)
+
+
+#: Machines for Mixtral-8x7B decoding at batch 1 (8 experts a layer, top-2, 32 layers). Assumptions,
+#: each with its source; none of them measured here.
+PROFILES = {
+    "rtx4090-pcie4-4bit": _mixtral_profile("rtx4090-pcie4-4bit", 4, 16.0, 25.0, 0.25, {
+        "expert_bytes": "3 x 4096 x 14336 weights at 4 bits (Mixtral-8x7B config)",
+        "slots_per_layer": "24 GB card, ~16 GiB left for experts after the shared weights, KV cache and activations (assumed)",
+        "h2d_bytes_per_s": "PCIe 4.0 x16: 31.5 GB/s peak, ~25 GB/s reached by pinned copies (assumed 80 %)",
+        "layer_compute_s": "batch 1 is memory-bound: 2 experts at 4 bits + attention read at ~1 TB/s, ~0.25 ms (assumed)"}),
+    "h100-pcie5-16bit": _mixtral_profile("h100-pcie5-16bit", 16, 60.0, 50.0, 0.3, {
+        "expert_bytes": "3 x 4096 x 14336 weights at 16 bits (Mixtral-8x7B config)",
+        "slots_per_layer": "80 GB card, ~60 GiB left for experts (assumed)",
+        "h2d_bytes_per_s": "PCIe 5.0 x16: 63 GB/s peak, ~50 GB/s reached (assumed 80 %)",
+        "layer_compute_s": "2 experts at 16 bits + attention read at ~3.3 TB/s (H100 SXM datasheet), ~0.3 ms (assumed)"}),
+    "laptop-8gb-pcie4x8-4bit": _mixtral_profile("laptop-8gb-pcie4x8-4bit", 4, 5.0, 12.0, 0.6, {
+        "expert_bytes": "3 x 4096 x 14336 weights at 4 bits (Mixtral-8x7B config)",
+        "slots_per_layer": "8 GB laptop GPU, ~5 GiB left for experts (assumed; at least 2 a layer)",
+        "h2d_bytes_per_s": "PCIe 4.0 x8: 15.8 GB/s peak, ~12 GB/s reached (assumed)",
+        "layer_compute_s": "~256 GB/s memory bandwidth, ~0.6 ms a layer (assumed)"}),
+}
+
+
+@dataclass
+class OffloadResult:
+    tokens: int  # tokens decoded
+    compute_s: float  # total compute time
+    stall_s: float  # total time layers waited for their experts
+    bytes_moved: float  # host-to-device bytes copied
+    hit_rate: float  # share of needed experts already in GPU memory (or on their way) when their layer started
+    profile: str  # the hardware profile's name
+
+    @property
+    def time_per_token_s(self) -> float:
+        return (self.compute_s + self.stall_s) / self.tokens
+
+    @property
+    def tokens_per_s(self) -> float:
+        return 1.0 / self.time_per_token_s
+
+    def row(self) -> dict:
+        return {"profile": self.profile, "ms_per_token": 1e3 * self.time_per_token_s,
+                "compute_ms": 1e3 * self.compute_s / self.tokens, "stall_ms": 1e3 * self.stall_s / self.tokens,
+                "tokens_per_s": self.tokens_per_s, "gb_moved_per_token": self.bytes_moved / self.tokens / 1e9,
+                "hit_rate": self.hit_rate}
+
+
+def simulate(requests: np.ndarray, num_experts: int, profile: HardwareProfile, *, policy: str = "lru",
+             predictions: np.ndarray | None = None, lead: int = 1) -> OffloadResult:
+    """Decode the tokens of ``requests`` (T, L, k) expert ids, in order, on ``profile``. ``predictions``
+    (T, L, m): experts predicted for each (token, layer), issued ``lead`` layer visits ahead (a visit is
+    one layer of one token; lead 1 = during the previous layer). ``policy``: the cache's eviction policy
+    (:data:`routelib.routing.predict.cache.POLICIES`)."""
+    requests = np.asarray(requests)
+    if requests.ndim != 3:
+        raise ConfigError(f"requests: expected (tokens, layers, k), got shape {requests.shape}")
+    if policy not in POLICIES or policy == "static":
+        raise ConfigError(f"policy={policy!r}: choose from {', '.join(p for p in POLICIES if p != 'static')}")
+    if lead < 1:
+        raise ConfigError(f"lead={lead}: a prediction must come at least one layer ahead")
+    T, L, k = requests.shape
+    if profile.slots_per_layer < k:
+        raise ConfigError(f"profile {profile.name}: {profile.slots_per_layer} slots a layer cannot hold the {k} experts a layer needs")
+    if predictions is not None and np.asarray(predictions).shape[:2] != (T, L):
+        raise ConfigError(f"predictions: expected (tokens, layers, m) matching requests, got {np.asarray(predictions).shape}")
+    E, V = num_experts, T * L
+    keys = (np.arange(L)[None, :, None] * E + requests).reshape(V, k)
+    nxt = next_use(keys.ravel()).reshape(V, k)
+    future: dict[int, int] = {}
+    for pos, key in reversed(list(enumerate(keys.ravel().tolist()))):
+        future[key] = pos
+    caches = [ExpertCache(profile.slots_per_layer, policy, L, E, set()) for _ in range(L)]
+    arrival: dict[int, float] = {}  # key -> time its copy completes (resident keys only)
+    everything = profile.slots_per_layer >= E
+    if everything:  # the whole model fits: resident from the start
+        for layer, cache in enumerate(caches):
+            cache.resident = set(range(layer * E, (layer + 1) * E))
+        arrival = {key: 0.0 for cache in caches for key in cache.resident}
+    now = engine = 0.0
+    compute = stall = moved = 0.0
+    hits = 0
+    pending: list[float] = []  # completion times of outstanding prefetch copies
+
+    def copy(issued: float) -> float:
+        """One expert over the link, queued behind the copies issued before it: its arrival time."""
+        nonlocal engine, moved
+        engine = max(issued, engine) + profile.copy_s
+        moved += profile.expert_bytes
+        return engine
+
+    for v in range(V):
+        layer = v % L
+        cache = caches[layer]
+        wanted = [int(x) for x in keys[v]]
+        ready = now
+        for j, key in enumerate(wanted):
+            future[key] = int(nxt[v, j])
+            if key in cache.resident:
+                hits += 1
+            else:
+                cache.load(key, v * k + j, layer, future, set(wanted))
+                arrived = copy(now)
+                if key not in cache.resident:  # bypassed (belady): streamed for this layer, not kept
+                    ready = max(ready, arrived)
+                    continue
+                arrival[key] = arrived
+            cache.use(key, v * k + j)
+            ready = max(ready, arrival[key])
+        stall += ready - now
+        start = ready
+        if not profile.overlap:
+            engine = max(engine, start + profile.layer_compute_s)  # no copy while the layer computes
+        target = v + lead
+        if predictions is not None and target < V and not everything:
+            t_layer, t_cache = target % L, caches[target % L]
+            t_wanted = {int(t_layer * E + e) for e in np.asarray(predictions)[target // L, t_layer]}
+            pending = [p for p in pending if p > start]
+            for key in sorted(t_wanted):
+                if key in t_cache.resident or len(pending) >= profile.max_inflight:
+                    continue
+                t_cache.load(key, v * k, t_layer, future, t_wanted)
+                if key in t_cache.resident:
+                    arrival[key] = copy(start)
+                    pending.append(arrival[key])
+        compute += profile.layer_compute_s
+        now = start + profile.layer_compute_s
+    return OffloadResult(T, compute, stall, moved, hits / (V * k), profile.name)
