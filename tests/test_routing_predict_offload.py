@@ -91,3 +91,15 @@ def test_bad_settings_are_refused(kw, match):
 def test_too_few_slots_is_refused():
     with pytest.raises(ConfigError, match="cannot hold"):
         simulate(alternating(), E, profile(1, 0.001, 0.001))
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "least_stale", "belady"])
+def test_a_perfect_prefetch_moves_no_more_bytes_and_never_slows_decoding(policy):
+    rng = np.random.default_rng(1)
+    req = np.stack([[rng.choice(8, 2, replace=False) for _ in range(L)] for _ in range(40)])
+    prof = profile(3, 0.002, 0.001)
+    plain = simulate(req, 8, prof, policy=policy)
+    ahead = simulate(req, 8, prof, policy=policy, predictions=req)
+    assert ahead.bytes_moved == pytest.approx(plain.bytes_moved) and ahead.time_per_token_s <= plain.time_per_token_s
+    wrong = simulate(req, 8, prof, policy=policy, predictions=(req + 4) % 8)  # never right
+    assert wrong.bytes_moved > plain.bytes_moved

@@ -16,9 +16,11 @@ The model of time (stated so it can be checked by hand, ``tests/test_routing_pre
   order copies are issued;
 - a layer starts when the previous layer has finished and all its k experts are in GPU memory; it
   computes for ``layer_compute_s``; the wait before it starts is a stall;
-- at the start of layer v's compute, the predicted experts of the layer ``lead`` visits later are
-  issued (at most ``max_inflight`` prefetch copies outstanding); a needed expert that is neither
-  resident nor on its way is copied on demand when its layer is reached;
+- at the start of layer v's compute, the predicted experts of the layer ``lead`` visits later that are
+  not resident are copied into a staging buffer (at most ``max_inflight`` copies outstanding); when that
+  layer is reached, a staged expert is used (after its arrival) and then cached or not as the cache's
+  policy decides, exactly as a copied-on-demand one; a wrong guess costs its copy; a needed expert
+  neither resident nor staged is copied on demand when its layer is reached;
 - with ``overlap=False`` a copy cannot run while a layer computes (copies wait for the compute to end);
 - a cache with as many slots as experts holds the whole model from the start (nothing is copied).
 
@@ -144,7 +146,6 @@ def simulate(requests: np.ndarray, num_experts: int, profile: HardwareProfile, *
     now = engine = 0.0
     compute = stall = moved = 0.0
     hits = 0
-    pending: list[float] = []  # completion times of outstanding prefetch copies
 
     def copy(issued: float) -> float:
         """One expert over the link, queued behind the copies issued before it: its arrival time."""
@@ -153,24 +154,30 @@ def simulate(requests: np.ndarray, num_experts: int, profile: HardwareProfile, *
         moved += profile.expert_bytes
         return engine
 
+    staged: dict[int, tuple[float, int]] = {}  # prefetched key -> (arrival, the visit it was predicted for)
     for v in range(V):
         layer = v % L
         cache = caches[layer]
         wanted = [int(x) for x in keys[v]]
+        staged = {key: val for key, val in staged.items() if val[1] >= v}  # wrong guesses: dropped
         ready = now
         for j, key in enumerate(wanted):
             future[key] = int(nxt[v, j])
             if key in cache.resident:
                 hits += 1
+                arrived = arrival[key]
             else:
-                cache.load(key, v * k + j, layer, future, set(wanted))
-                arrived = copy(now)
-                if key not in cache.resident:  # bypassed (belady): streamed for this layer, not kept
-                    ready = max(ready, arrived)
-                    continue
-                arrival[key] = arrived
-            cache.use(key, v * k + j)
-            ready = max(ready, arrival[key])
+                if key in staged:  # prefetched: here or on its way, no copy now
+                    hits += 1
+                    arrived = staged.pop(key)[0]
+                else:
+                    arrived = copy(now)
+                cache.load(key, v * k + j, layer, future, set(wanted))  # kept or not, as the policy says
+                if key in cache.resident:
+                    arrival[key] = arrived
+            if key in cache.resident:
+                cache.use(key, v * k + j)
+            ready = max(ready, arrived)
         stall += ready - now
         start = ready
         if not profile.overlap:
@@ -178,15 +185,91 @@ def simulate(requests: np.ndarray, num_experts: int, profile: HardwareProfile, *
         target = v + lead
         if predictions is not None and target < V and not everything:
             t_layer, t_cache = target % L, caches[target % L]
-            t_wanted = {int(t_layer * E + e) for e in np.asarray(predictions)[target // L, t_layer]}
-            pending = [p for p in pending if p > start]
-            for key in sorted(t_wanted):
-                if key in t_cache.resident or len(pending) >= profile.max_inflight:
+            inflight = sum(a > start for a, _ in staged.values())
+            for e in sorted({int(x) for x in np.asarray(predictions)[target // L, t_layer]}):
+                key = t_layer * E + e
+                if key in t_cache.resident or key in staged or inflight >= profile.max_inflight:
                     continue
-                t_cache.load(key, v * k, t_layer, future, t_wanted)
-                if key in t_cache.resident:
-                    arrival[key] = copy(start)
-                    pending.append(arrival[key])
+                staged[key] = (copy(start), target)
+                inflight += 1
         compute += profile.layer_compute_s
         now = start + profile.layer_compute_s
     return OffloadResult(T, compute, stall, moved, hits / (V * k), profile.name)
+
+
+# ------------------------------------------------------------------------------- on a trace folder
+PREDICTIONS = ("none", "perfect", "prev_token")  # what the command line can prefetch without training
+
+
+def decoding_requests(data, generated_only: bool = True) -> np.ndarray:
+    """The generated tokens of every sequence of ``data`` (a :class:`RoutingData`), one sequence after
+    another in position order: the request stream of a server decoding them one at a time (T, L, k)."""
+    from routelib.routing.predict.dataset import sequences
+
+    rows = [r[data.generated[r]] if generated_only else r for r in sequences(data)]
+    rows = [r for r in rows if len(r)]
+    if not rows:
+        raise ConfigError("the traces hold no generated tokens to decode")
+    return np.asarray(data.experts[np.concatenate(rows)], np.int64)
+
+
+def simple_predictions(requests: np.ndarray, kind: str) -> np.ndarray | None:
+    """Predictions that need no training: ``perfect`` (the true experts: the bound of any predictor),
+    ``prev_token`` (the previous token's experts at the same layer), ``none``."""
+    if kind not in PREDICTIONS:
+        raise ConfigError(f"predictor={kind!r}: choose from {', '.join(PREDICTIONS)}")
+    if kind == "none":
+        return None
+    if kind == "perfect":
+        return requests
+    return np.concatenate([requests[:1], requests[:-1]])  # token 0 guesses its own (no previous token)
+
+
+def simulate_table(requests: np.ndarray, num_experts: int, profiles=tuple(PROFILES), policies=("lru", "lfu", "belady"),
+                   predictors=PREDICTIONS, lead: int = 1):
+    """:func:`simulate` for every profile x policy x predictor: a DataFrame of :meth:`OffloadResult.row`."""
+    import pandas as pd
+
+    rows = []
+    for name in profiles:
+        if name not in PROFILES:
+            raise ConfigError(f"profile {name!r}: choose from {', '.join(PROFILES)}")
+        for policy in policies:
+            for kind in predictors:
+                result = simulate(requests, num_experts, PROFILES[name], policy=policy,
+                                  predictions=simple_predictions(requests, kind), lead=lead)
+                rows.append({"policy": policy, "predictor": kind, **result.row()})
+    return pd.DataFrame(rows)
+
+
+def main(argv=None) -> int:
+    """``python -m routelib.routing.predict.offload <trace_dir> [--profile NAME,...] [--policy lru,...]
+    [--predictor none,perfect,prev_token] [--lead N]``: tokens per second of decoding a trace folder's
+    generated tokens with offloaded experts, per machine profile, cache policy and predictor (a model of
+    transfers and compute, not a measurement)."""
+    from routelib import cli
+    from routelib.routing.predict.dataset import load_routing
+
+    p = cli.ArgumentParser(prog="python -m routelib.routing.predict.offload", description=main.__doc__)
+    p.add_argument("trace_dir", help="a trace folder (collected or imported)")
+    p.add_argument("--profile", default=",".join(PROFILES), help=f"comma list of {', '.join(PROFILES)}")
+    p.add_argument("--policy", default="lru,lfu,belady", help="comma list of cache policies (static excluded)")
+    p.add_argument("--predictor", default=",".join(PREDICTIONS), help=f"comma list of {', '.join(PREDICTIONS)}")
+    p.add_argument("--lead", type=int, default=1, help="layers ahead a prediction is issued")
+    p.add_argument("--prompt", action="store_true", help="also decode the prompt tokens one at a time")
+    args = p.parse_args(argv)
+    data = load_routing(args.trace_dir)
+    requests = decoding_requests(data, generated_only=not args.prompt)
+    table = simulate_table(requests, data.num_experts, [s for s in args.profile.split(",") if s],
+                           [s for s in args.policy.split(",") if s], [s for s in args.predictor.split(",") if s],
+                           args.lead)
+    print(f"{len(requests)} tokens, {requests.shape[1]} MoE layers, top-{requests.shape[2]} of {data.num_experts}; "
+          "a model of transfers and compute, not a measurement")
+    print(table.round(3).to_string(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    from routelib import cli
+
+    raise SystemExit(cli.run(main))
