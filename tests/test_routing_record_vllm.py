@@ -6,6 +6,7 @@ import sys
 import types
 
 import numpy as np
+import pytest
 
 from routelib import cli, paths
 from routelib.routing.record import collect as C
@@ -90,3 +91,40 @@ def test_missing_vllm_is_one_line_naming_pip_install(tmp_path, monkeypatch, caps
     assert err.count("\n") == 1 and "pip install vllm" in err
     assert cli.run(C.main, argv + ["--full_distribution"]) == 2
     assert "--backend vllm does not support --full_distribution" in capsys.readouterr().err
+
+
+def test_parallelism_options_reach_the_engine_and_the_manifest(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setitem(sys.modules, "vllm", fake_vllm(calls))
+    monkeypatch.setattr(V, "visible_gpus", lambda: 8)
+    out = tmp_path / "traces"
+    argv = ["--model", SUBJECT, "--datasets", "gsm8k", "--limit", "1", "--max_new_tokens", "2", "--out", str(out),
+            "--backend", "vllm", "--tensor_parallel_size", "4", "--pipeline_parallel_size", "2",
+            "--enable_expert_parallel", "true", "--gpu_memory_utilization", "0.85", "--max_model_len", "4096"]
+    assert C.main(argv) == 0
+    expected = {"tensor_parallel_size": 4, "pipeline_parallel_size": 2, "enable_expert_parallel": True,
+                "gpu_memory_utilization": 0.85, "max_model_len": 4096}
+    assert calls[0] == ("LLM", {"model": SUBJECT, "dtype": "auto", "enable_return_routed_experts": True, **expected})
+    assert T.read_manifest(out)["source"]["engine"] == expected
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--tensor_parallel_size", "0"], "--tensor_parallel_size 0: need >= 1"),
+    (["--gpu_memory_utilization", "1.5"], "must lie in (0, 1]"),
+    (["--distributed_executor_backend", "slurm"], "choose from mp, ray"),
+    (["--tensor_parallel_size", "4", "--pipeline_parallel_size", "4"], "16 GPUs per engine, but 8 visible"),
+])
+def test_bad_engine_options_are_refused_before_the_engine_starts(tmp_path, monkeypatch, capsys, extra, needle):
+    calls = []
+    monkeypatch.setitem(sys.modules, "vllm", fake_vllm(calls))
+    monkeypatch.setattr(V, "visible_gpus", lambda: 8)
+    argv = ["--model", SUBJECT, "--datasets", "gsm8k", "--limit", "1", "--out", str(tmp_path / "t"),
+            "--backend", "vllm", *extra]
+    assert cli.run(C.main, argv) == 2
+    assert needle in capsys.readouterr().err and not calls  # no engine was started
+
+
+def test_engine_options_need_the_vllm_backend(tmp_path, capsys):
+    argv = ["--model", SUBJECT, "--datasets", "gsm8k", "--out", str(tmp_path / "t"), "--tensor_parallel_size", "2"]
+    assert cli.run(C.main, argv) == 2
+    assert "only with --backend vllm" in capsys.readouterr().err

@@ -50,7 +50,7 @@ Command line (the shipped traces were made this way; the command is stored in th
         --out routing_data_collected/moe-subject [--max_new_tokens N --batch_size B --limit N]
 
 With ``--backend vllm`` a vLLM engine generates instead (``enable_return_routed_experts=True``; GPU
-builds only, not yet run on a GPU) and its routed experts are imported (:mod:`.vllm_backend`).
+builds only, not yet run on a GPU) and its routed experts are imported (:mod:`.vllm`).
 """
 
 from __future__ import annotations
@@ -700,7 +700,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="transformers", choices=["transformers", "vllm"],
                    help="vllm: a vLLM engine with enable_return_routed_experts (GPU; routelib.routing.record.vllm)")
     p.add_argument("--num_experts", type=int, default=None, help="vllm backend: experts per layer (default: config)")
+    from routelib import cli
+    from routelib.routing.record.vllm import EngineOptions
+
+    cli.add_dataclass_options(p, EngineOptions)  # vllm backend: parallelism and memory (routing.record.vllm)
     args = p.parse_args(argv)
+    engine_given = cli.dataclass_options(args, EngineOptions)
+    if engine_given and args.backend != "vllm":
+        raise ConfigError(f"--{', --'.join(engine_given)}: vLLM engine options, only with --backend vllm")
     command = "python -m routelib.routing.record.collect " + shlex.join(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -720,7 +727,10 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--top_p {args.top_p}: must lie in (0, 1]")
     seed = args.seed if args.sample else None  # greedy decoding draws nothing
     if args.backend == "vllm":
-        return _main_vllm(args, datasets, max_new, limits, command, sampling, seed)
+        from routelib.config import from_params
+
+        return _main_vllm(args, datasets, max_new, limits, command, sampling, seed,
+                          from_params(EngineOptions, engine_given))
     device_map = args.device_map or ("auto" if torch.cuda.is_available() else None)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device_map=device_map, load_in_4bit=args.load_in_4bit)
     out = Path(args.out)
@@ -770,10 +780,12 @@ _NOT_IN_VLLM = {"full_distribution": False, "no_stop_at_eos": False, "prepend_bo
 
 
 def _main_vllm(args, datasets: list[str], max_new: dict, limits: dict, command: str, sampling: dict,
-               seed: int | None) -> int:
-    """``--backend vllm``: generate with vLLM and import its routed experts (:mod:`.vllm_backend`)."""
-    from routelib.routing.record.vllm import collect_vllm
+               seed: int | None, engine) -> int:
+    """``--backend vllm``: generate with vLLM and import its routed experts (:mod:`.vllm`); ``engine``:
+    its :class:`~routelib.routing.record.vllm.EngineOptions`, checked against the visible GPUs first."""
+    from routelib.routing.record.vllm import collect_vllm, visible_gpus
 
+    engine.check_devices(visible_gpus())
     given = [f"--{k}" for k, default in _NOT_IN_VLLM.items() if getattr(args, k) != default]
     if given:
         raise ConfigError(f"--backend vllm does not support {', '.join(given)}")
@@ -783,7 +795,8 @@ def _main_vllm(args, datasets: list[str], max_new: dict, limits: dict, command: 
         prompts[name] = dict(zip(bench.problem_ids, bench.prompts))
     manifest = collect_vllm(args.model, prompts, args.out, greedy=not args.sample, dtype=args.dtype,
                             max_new_tokens={d: max_new[d] or DEFAULT_MAX_NEW_TOKENS for d in datasets},
-                            num_experts=args.num_experts, command=command, sampling=sampling, seed=seed)
+                            num_experts=args.num_experts, command=command, sampling=sampling, seed=seed,
+                            llm_kwargs=engine.llm_kwargs())
     for name, counts in ((d, manifest["datasets"][d]["counts"]) for d in datasets):
         print(f"{name}: {counts['problems']} problems, {counts['prompt_tokens']:,} prompt + "
               f"{counts['generated_tokens']:,} generated tokens (vLLM)")
