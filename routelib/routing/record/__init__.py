@@ -13,6 +13,8 @@ trace format, and traces from other tools.
 :mod:`.convert`             importers: JSON-lines routing records and vLLM outputs -> traces;
                             ``python -m routelib.routing.record.convert {jsonl,vllm}``
 :mod:`.vllm`                ``collect --backend vllm``: vLLM's routed experts (GPU builds)
+:mod:`.olmoe_analysis`      a safe reader of the OLMoE paper's published routing aggregates
+                            (OLMoE-1B-7B, Mixtral-8x7B; pickles read by a restricted unpickler)
 :mod:`.architectures`       the supported-architecture table: every transformers MoE checked against
                             what its experts receive; ``python -m routelib.routing.record.architectures``
 ==========================  ==================================================================
