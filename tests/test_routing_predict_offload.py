@@ -103,3 +103,21 @@ def test_a_perfect_prefetch_moves_no_more_bytes_and_never_slows_decoding(policy)
     assert ahead.bytes_moved == pytest.approx(plain.bytes_moved) and ahead.time_per_token_s <= plain.time_per_token_s
     wrong = simulate(req, 8, prof, policy=policy, predictions=(req + 4) % 8)  # never right
     assert wrong.bytes_moved > plain.bytes_moved
+
+
+def test_a_trained_predictor_drives_prefetch_without_seeing_the_layer_it_predicts(tmp_path):
+    from routelib.routing.predict.offload import decoding_requests, predictor_predictions
+    from routelib.routing.predict.predictors import LookupPredictor
+    from test_routing_predict_dataset import make_data
+
+    data = make_data(tmp_path, "deterministic")  # layer l+1's set is a function of layer l's
+    lookup = LookupPredictor().fit(data, [(layer, 1) for layer in range(data.num_layers - 1)])
+    requests, predictions = predictor_predictions(data, lookup, m=data.top_k)
+    np.testing.assert_array_equal(requests, decoding_requests(data))
+    np.testing.assert_array_equal(np.sort(predictions[:, 1:], 2), np.sort(requests[:, 1:], 2))  # learnt exactly
+    np.testing.assert_array_equal(predictions[1:, 0], requests[:-1, 0])  # layer 0: the previous token's
+    scrambled = data.experts.copy()  # change what layer 2 routed: layer 2's guesses must not move
+    scrambled[:, 2] = (scrambled[:, 2] + 3) % data.num_experts
+    data.experts = scrambled
+    _, again = predictor_predictions(data, lookup, m=data.top_k)
+    np.testing.assert_array_equal(again[:, 2], predictions[:, 2])

@@ -204,13 +204,7 @@ PREDICTIONS = ("none", "perfect", "prev_token")  # what the command line can pre
 def decoding_requests(data, generated_only: bool = True) -> np.ndarray:
     """The generated tokens of every sequence of ``data`` (a :class:`RoutingData`), one sequence after
     another in position order: the request stream of a server decoding them one at a time (T, L, k)."""
-    from routelib.routing.predict.dataset import sequences
-
-    rows = [r[data.generated[r]] if generated_only else r for r in sequences(data)]
-    rows = [r for r in rows if len(r)]
-    if not rows:
-        raise ConfigError("the traces hold no generated tokens to decode")
-    return np.asarray(data.experts[np.concatenate(rows)], np.int64)
+    return np.asarray(data.experts[decoding_rows(data, generated_only)], np.int64)
 
 
 def simple_predictions(requests: np.ndarray, kind: str) -> np.ndarray | None:
@@ -223,6 +217,36 @@ def simple_predictions(requests: np.ndarray, kind: str) -> np.ndarray | None:
     if kind == "perfect":
         return requests
     return np.concatenate([requests[:1], requests[:-1]])  # token 0 guesses its own (no previous token)
+
+
+def decoding_rows(data, generated_only: bool = True) -> np.ndarray:
+    """Row indices of ``data`` in the order :func:`decoding_requests` decodes them."""
+    from routelib.routing.predict.dataset import sequences
+
+    rows = [r[data.generated[r]] if generated_only else r for r in sequences(data)]
+    rows = [r for r in rows if len(r)]
+    if not rows:
+        raise ConfigError("the traces hold no generated tokens to decode")
+    return np.concatenate(rows)
+
+
+def predictor_predictions(data, predictor, m: int, generated_only: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(requests, predictions) in decoding order for a fitted one-hop predictor (``predict_scores(data,
+    l - 1, 1)``): layer l's top-m guesses come from what layer l - 1 of the same token routed (issue
+    them with ``lead=1``); layer 0 has nothing before it in the token and guesses the previous token's
+    layer-0 experts. Only what exists at decode time is used."""
+    rows = decoding_rows(data, generated_only)
+    requests = np.asarray(data.experts[rows], np.int64)  # (T, L, k)
+    T, L, k = requests.shape
+    if not 1 <= m <= data.num_experts:
+        raise ConfigError(f"m={m}: need 1 <= m <= {data.num_experts}")
+    out = np.zeros((T, L, m), np.int64)
+    for layer in range(1, L):
+        scores = predictor.predict_scores(data, layer - 1, 1)[rows]  # (T, E)
+        out[:, layer] = np.argsort(-scores, axis=1, kind="stable")[:, :m]
+    prev = np.concatenate([requests[:1, 0], requests[:-1, 0]])  # (T, k): the previous token's layer 0
+    out[:, 0] = np.pad(prev, ((0, 0), (0, max(0, m - k))), mode="edge")[:, :m]
+    return requests, out
 
 
 def simulate_table(requests: np.ndarray, num_experts: int, profiles=tuple(PROFILES), policies=("lru", "lfu", "belady"),
