@@ -170,3 +170,37 @@ def test_domain_routing_reads_windows_with_the_models_own_tokenizer(tmp_path):
         domain_routing(model, RouterStudyConfig(seq_len=16, windows_per_domain=1, tokenizer="smollm2"))
     with pytest.raises(ConfigError, match="no tokenizer"):
         window_tokenizer(RouterStudyConfig(model=str(tmp_path)))
+
+
+def test_router_study_skips_what_a_model_lacks_with_a_reason(tmp_path):
+    """Training snapshots: none, a missing file, another model's (the subject's beside a Qwen2-MoE) are
+    each a one-line reason; the subject's own load. A router that is no single matrix: a reason too."""
+    import dataclasses
+
+    from routelib.studies.router_weights import RouterStudyConfig, router_matrices, training_snapshots
+
+    qwen = moe_weights(tiny_model("qwen2_moe"))
+    reasons = {
+        "snapshots is None": training_snapshots(RouterStudyConfig(snapshots=None), qwen),
+        "no training snapshots at": training_snapshots(RouterStudyConfig(snapshots=str(tmp_path / "none.npz")), qwen),
+        "holds the snapshots of another model": training_snapshots(RouterStudyConfig(model="tiny-qwen"), qwen),
+    }
+    for expected, (snaps, reason) in reasons.items():
+        assert snaps is None and expected in reason and "\n" not in reason
+    assert "collect_snapshots" in reasons["snapshots is None"][1]
+    routers, missing = router_matrices(qwen)
+    assert missing is None and tuple(routers.shape) == (2, 6, 32)
+    mlp_router = dataclasses.replace(qwen, layers=[dataclasses.replace(qwen.layers[0], router=None)] + qwen.layers[1:])
+    routers, missing = router_matrices(mlp_router)
+    assert routers is None and "not one linear map" in missing
+
+
+def test_router_study_reads_the_subjects_own_snapshots():
+    from transformers import AutoModelForCausalLM
+
+    from routelib import paths
+    from routelib.studies.router_weights import RouterStudyConfig, training_snapshots
+
+    subject = moe_weights(AutoModelForCausalLM.from_pretrained(str(paths.in_repo("data/moe-subject"))).eval())
+    snaps, missing = training_snapshots(RouterStudyConfig(), subject)
+    assert missing is None and snaps.routers.shape[1:] == (6, 8, 192)

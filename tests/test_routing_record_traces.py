@@ -207,3 +207,30 @@ def test_old_layouts_read_as_softmax_without_zero_computation_experts():
     assert T.zero_computation_experts(manifest) == []
     assert T.router_scores({"layout": {"num_moe_layers": 2, "top_k": 2, "num_experts": 4,
                                        "router_scores": ["sigmoid", "softmax"]}}) == ["sigmoid", "softmax"]
+
+
+def test_trace_info_defaults_what_an_import_may_lack():
+    """One reader for every manifest: a minimal imported manifest (format and layout only) reads with
+    defaults; the shipped collection's with its recorded fields; a malformed field is one line."""
+    minimal = {"format": T.FORMAT, "format_version": T.FORMAT_VERSION, "source": {"kind": "jsonl"},
+               "layout": {"num_moe_layers": 3, "top_k": 2, "num_experts": 4}}
+    info = T.trace_info(minimal)
+    assert (info.num_layers, info.top_k, info.num_experts, info.moe_layers) == (3, 2, 4, (0, 1, 2))
+    assert info.router_scores == ("softmax",) * 3 and info.zero_computation_experts == () and not info.full_distribution
+    assert (info.model, info.architecture, info.router_weights_sha256, info.vocab_size, info.command) == (None,) * 5
+    assert info.imported and info.generation_of("gsm8k") == {} and info.overhead is None and info.datasets == ()
+    assert info.describe() == ("model not recorded (architecture not recorded; imported from jsonl): 3 MoE layers, "
+                               "top-2 of 4 experts")
+    shipped = T.trace_info(SHIPPED)
+    assert not shipped.imported and shipped.architecture == "MixtralForCausalLM" and shipped.vocab_size == 8192
+    assert shipped.generation_of("humaneval")["greedy"] is True and shipped.command.startswith("python -m")
+    assert shipped.describe() == "model data/moe-subject (MixtralForCausalLM): 6 MoE layers, top-2 of 8 experts"
+    vllm = T.trace_info({**minimal, "source": {"kind": "vllm", "generation": {"gsm8k": {"greedy": False}}},
+                         "tokenizer": {"vocab_size": 1, "token_ids_recorded": False}})
+    assert vllm.generation_of("gsm8k") == {"greedy": False} and vllm.vocab_size is None
+    for broken, message in [({k: v for k, v in minimal.items() if k != "layout"}, "no valid 'layout'"),
+                            ({**minimal, "model": "mixtral"}, "'model' must be an object"),
+                            ({**minimal, "layout": {**minimal["layout"], "router_scores": ["softmax"]}},
+                             "router_scores lists 1 kinds for 3 MoE layers")]:
+        with pytest.raises(T.TraceError, match=message):
+            T.trace_info(broken)

@@ -30,3 +30,70 @@ def test_decoding_rankings_ranks_each_decoding_and_correlates_them():
 def test_config_names_the_sampled_traces():
     assert NextExpertConfig().compare_dir == "routing_data_collected/moe-subject-sampled"
     assert NextExpertConfig(compare_dir=None).compare_dir is None
+
+
+def hop1_table(top1: dict[str, float]) -> pd.DataFrame:
+    """predictor x metric, as notebook 05's ``hop1``."""
+    return pd.DataFrame({"top1": top1, "top2_hit": {p: v + 0.1 for p, v in top1.items()}})
+
+
+def test_order_checks_cover_the_predictors_run():
+    from routelib.studies.next_expert import order_checks
+
+    checks = order_checks(hop1_table({"chance": 0.125, "prior": 0.2, "lookup": 0.5, "ngram": 0.4, "mlp": 0.6}))
+    assert checks.set_index("order")["holds"].to_dict() == {"ngram > lookup": False, "lookup > prior": True,
+                                                             "prior > chance": True, "mlp > ngram": True}
+    assert order_checks(hop1_table({"chance": 0.125})).empty
+
+
+def test_headline_keeps_the_numbers_the_run_has():
+    from routelib.studies.next_expert import headline
+
+    hop1 = hop1_table({"chance": 0.125, "lookup": 0.5, "ngram": 0.7, "mlp": 0.8})
+    by_split = pd.DataFrame({"problem: a -> a": [0.5, 0.7, 0.8], "token: a -> a": [0.6, 0.75, 0.85]},
+                            index=["lookup", "ngram", "mlp"])
+    by_subset = pd.DataFrame({"all": [0.5, 0.7, 0.8], "prompt": [float("nan")] * 3, "generated": [0.5, 0.7, 0.8],
+                              "unique": [0.4, 0.6, 0.7]}, index=["lookup", "ngram", "mlp"])
+    out = headline(hop1, by_split, by_subset, None, None, k=2)
+    assert list(out) == ["problem_split_top1_lookup", "problem_split_top1_ngram", "problem_split_top1_mlp",
+                         "problem_split_top2_hit_mlp", "token_split_top1_mlp", "unique_journeys_top1_mlp",
+                         "generated_top1_ngram"]
+    assert out["token_split_top1_mlp"] == 0.85 and out["problem_split_top2_hit_mlp"] == pytest.approx(0.9)
+    hit = pd.DataFrame({1: [0.3, 0.4], 2: [0.5, 0.6]}, index=["lru", "ngram"])
+    latency = pd.DataFrame({"name": ["moe_layer", "mlp"], "batch": [1, 1], "pct_of_layer": [100.0, 3.0]})
+    out = headline(hop1, by_split, by_subset, hit, latency, k=2)
+    assert out["cache_hit_at_k_lru"] == 0.5 and out["cache_hit_at_k_ngram"] == 0.6
+    assert out["mlp_pct_of_layer_batch1"] == 3.0
+
+
+def test_hidden_state_predictors_are_left_out_by_name():
+    from routelib.errors import ConfigError
+    from routelib.studies.next_expert import reports_shipped_traces, without_hidden
+
+    cfg = NextExpertConfig(predictors="lookup,hidden_router,mlp,hidden_probe")
+    assert without_hidden(cfg).predictors == "lookup,mlp"
+    with pytest.raises(ConfigError, match="only hidden-state predictors"):
+        without_hidden(NextExpertConfig(predictors="hidden_probe"))
+    assert reports_shipped_traces(NextExpertConfig())
+    assert not reports_shipped_traces(NextExpertConfig(trace_dir="routing_data_collected/moe-subject-sampled"))
+
+
+def test_seed_gap_lists_the_predictors_run():
+    from routelib.studies.next_expert import seed_gap
+
+    by_split = pd.DataFrame({"problem: a -> a": [0.5, 0.7], "token: a -> a": [0.6, 0.75]}, index=["lookup", "mlp"])
+    gap = seed_gap(by_split, pd.DataFrame({"unique": [0.4, 0.6]}, index=["lookup", "mlp"]))
+    assert list(gap.index) == ["lookup", "mlp"] and gap.loc["mlp", "ours, token split"] == 0.75
+    assert gap.loc["lookup", "seed (Mixtral-8x7B, random split)"] == 0.42
+
+
+def test_fit_hops_keeps_the_hops_the_layers_allow():
+    from routelib.errors import ConfigError
+    from routelib.studies.next_expert import fit_hops
+
+    cfg = NextExpertConfig(hops="1,2,3,4,5")
+    assert fit_hops(cfg, 6) == (cfg, None)
+    fitted, dropped = fit_hops(cfg, 4)
+    assert fitted.hop_list() == [1, 2, 3] and dropped == "hops 4, 5 left out: the traces have 4 MoE layers (hops up to 3)"
+    with pytest.raises(ConfigError, match="no hop fits"):
+        fit_hops(cfg, 1)

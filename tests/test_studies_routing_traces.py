@@ -133,3 +133,55 @@ def test_decoding_comparison_sets_trace_sets_side_by_side():
     assert a.loc["both", "tokens"] == a.loc["gsm8k", "tokens"] + a.loc["humaneval", "tokens"]
     assert a.loc["both", "repetition_rate"] == pytest.approx(repetition_rate(df).loc["all", "repetition_rate"])
     assert 0 <= a.loc["both", "layers_p_below_005"] <= 6 and np.isnan(a.loc["gsm8k", "tv_distance_mean"])
+
+
+def test_token_samples_and_the_example_take_what_the_traces_hold(shipped):
+    from routelib.studies.routing_traces import example_token, token_samples
+
+    df, _ = shipped
+    cfg = TraceStudyConfig(sample_size=100)
+    samples = token_samples(df, cfg)
+    assert list(samples) == ["generated", "prompt"] and all(len(rows) == 100 for rows in samples.values())
+    assert (df["phase"].to_numpy()[samples["prompt"]] == "prompt").all()
+    generated = df[df["phase"] == "generated"].reset_index(drop=True)  # a decode-only log, as many imports are
+    assert list(token_samples(generated, cfg)) == ["generated"]
+    with pytest.raises(ConfigError, match="no prompt tokens"):
+        token_samples(generated, TraceStudyConfig(phase="prompt"))
+    gsm8k_generated = np.flatnonzero((df["phase"] == "generated").to_numpy())
+    assert example_token(df) == gsm8k_generated[5]
+    assert example_token(df, dataset="humaneval") == gsm8k_generated[5]  # absent: the first dataset's
+    assert example_token(df.iloc[:3], phase="generated") == 2  # too few: the last
+
+
+def test_live_check_says_what_is_missing():
+    import dataclasses
+
+    from routelib.routing.record.traces import trace_info
+    from routelib.studies.routing_traces import live_check_problem
+
+    info = trace_info(paths.in_repo(SHIPPED))
+    assert live_check_problem(TraceStudyConfig(), info) is None
+    assert live_check_problem(TraceStudyConfig(live_model=str(paths.in_repo("data/moe-subject"))), info) is None
+    imported = dataclasses.replace(info, source="vllm", generation={}, model=None)
+    reasons = {
+        "live_model is None": live_check_problem(TraceStudyConfig(live_model=None), info),
+        "imported from vllm": live_check_problem(TraceStudyConfig(), imported),
+        "no collection of 'mbpp'": live_check_problem(TraceStudyConfig(live_dataset="mbpp"), info),
+        "does not exist": live_check_problem(TraceStudyConfig(live_model="./no-such-model"), info),
+        "not the model that collected": live_check_problem(TraceStudyConfig(live_model="org/other-moe"), info),
+    }
+    for expected, reason in reasons.items():
+        assert expected in reason and "\n" not in reason
+
+
+def test_locality_number_is_none_for_pairs_the_traces_lack(shipped):
+    from routelib.studies.routing_traces import consecutive_locality, locality_number
+
+    df, arrays = shipped
+    generated = (df["phase"] == "generated").to_numpy()
+    part = df[generated].reset_index(drop=True)
+    part.attrs = df.attrs
+    table = consecutive_locality(part, type(arrays)(arrays.experts[generated], arrays.weights[generated], None),
+                                 TraceStudyConfig(max_distance=1, bootstrap=5))
+    assert locality_number(table, "top1_same", 0, phase="prompt") is None
+    assert 0 <= locality_number(table, "top1_same", 0, phase="generated") <= 1

@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -36,9 +35,8 @@ import torch
 import torch.nn as nn
 
 from routelib.device import resolve_device
-from routelib import paths
 from routelib.errors import RoutelibError
-from routelib.routing.record.traces import load_traces, trace_arrays
+from routelib.routing.record.traces import load_traces, resolve_trace_dir, trace_arrays, trace_info
 
 
 class PredictorError(RoutelibError, ValueError):
@@ -48,12 +46,6 @@ class PredictorError(RoutelibError, ValueError):
 
 class HiddenStatesUnavailable(PredictorError):
     """The hidden-state predictors need the model that routed the traces, and it cannot be used."""
-
-
-def resolve_trace_dir(path: str | os.PathLike) -> Path:
-    """A path as given if it exists there (absolute, or relative to the working directory), else
-    relative to the repository root."""
-    return Path(path) if Path(path).exists() else paths.in_repo(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,24 +114,26 @@ class RoutingData:
         """From a :func:`load_traces` DataFrame (``df.attrs["manifest"]`` or ``manifest`` gives the layout)."""
         manifest = manifest if manifest is not None else df.attrs.get("manifest")
         arrays = trace_arrays(df, manifest)
+        info = trace_info(manifest)
         keys = pd.MultiIndex.from_arrays([df["dataset"].to_numpy(), df["problem_id"].to_numpy()])
         codes, uniques = pd.factorize(keys, sort=False)
-        vocab = manifest.get("tokenizer", {}).get("vocab_size") or (int(df["token_id"].max()) + 1 if len(df) else 1)
+        vocab = info.vocab_size or max(int(df["token_id"].max()) + 1 if len(df) else 1, 1)
         return cls(experts=arrays.experts.astype(np.int64), weights=arrays.weights.astype(np.float32),
                    token_id=df["token_id"].to_numpy(np.int64), problem=np.asarray(codes, np.int64),
                    position=df["position"].to_numpy(np.int64), generated=(df["phase"] == "generated").to_numpy(),
-                   problems=[tuple(u) for u in uniques], num_experts=int(manifest["layout"]["num_experts"]),
-                   vocab_size=int(vocab), manifest=manifest)
+                   problems=[tuple(u) for u in uniques], num_experts=info.num_experts, vocab_size=int(vocab),
+                   manifest=manifest)
 
 
     @classmethod
     def from_columns(cls, cols) -> "RoutingData":
         """From :func:`routelib.routing.record.columns.open_columns`: the arrays stay memory-mapped (no copy)."""
         manifest = cols.manifest
-        vocab = manifest.get("tokenizer", {}).get("vocab_size") or _max_plus_one(cols.token_id)
+        info = trace_info(manifest)
+        vocab = info.vocab_size or _max_plus_one(cols.token_id)
         return cls(experts=cols.experts, weights=cols.weights, token_id=cols.token_id, problem=cols.problem,
                    position=cols.position, generated=cols.generated, problems=list(cols.problems),
-                   num_experts=int(manifest["layout"]["num_experts"]), vocab_size=int(vocab), manifest=manifest)
+                   num_experts=info.num_experts, vocab_size=int(vocab), manifest=manifest)
 
 
 def _max_plus_one(values: np.ndarray, chunk: int = 1 << 22) -> int:
@@ -238,10 +232,10 @@ def _load_model(model, manifest: dict, device: str | None = None):
         return model
     from routelib.routing.record.routers import load_model
 
-    name = model or manifest.get("model", {}).get("name_or_path")
+    name = model or trace_info(manifest).model
     if not name:
-        raise HiddenStatesUnavailable("the trace manifest names no model; pass model=<path> for the hidden-state "
-                                      "predictors")
+        raise HiddenStatesUnavailable("the trace manifest names no model: pass model=<local path> (CLI: --model) "
+                                      "for the hidden-state predictors, or leave hidden_router/hidden_probe out")
     local = resolve_trace_dir(name)
     try:
         device_map = "auto" if device not in (None, "cpu") and torch.cuda.is_available() else None
@@ -249,7 +243,7 @@ def _load_model(model, manifest: dict, device: str | None = None):
     except (OSError, ValueError, ImportError, RoutelibError) as err:
         raise HiddenStatesUnavailable(
             f"the hidden-state predictors need the model that routed these traces, {name!r}, and it cannot be "
-            f"loaded here ({type(err).__name__}: {str(err)[:200]}). Pass model=<local path> (CLI: --model), or "
+            f"loaded here ({type(err).__name__}: {' '.join(str(err).split())[:200]}). Pass model=<local path> (CLI: --model), or "
             f"leave hidden_router/hidden_probe out of the predictors.") from None
 
 
@@ -274,7 +268,7 @@ def attach_hidden_states(data: RoutingData, model=None, *, batch_tokens: int = 8
     if len(routers.modules) != data.num_layers:
         raise HiddenStatesUnavailable(f"the model has {len(routers.modules)} MoE routers, the traces {data.num_layers} "
                                       f"MoE layers: not the model that routed them")
-    want = data.manifest.get("model", {}).get("router_weights_sha256")
+    want = trace_info(data.manifest).router_weights_sha256
     if want and model_info(model, routers)["router_weights_sha256"] != want:
         raise HiddenStatesUnavailable("the model's router weights differ from the ones that routed these traces "
                                       "(manifest router_weights_sha256): another checkpoint")
@@ -335,7 +329,7 @@ def attach_hidden_states(data: RoutingData, model=None, *, batch_tokens: int = 8
         raise PredictorError("attach_hidden_states: the traces hold no tokens")
     agreement = float((np.sort(ids_all, 2) == np.sort(data.experts, 2)).all(2).mean())
     name = str(given if isinstance(given, str) and given else  # as the caller / manifest names it, not
-               data.manifest.get("model", {}).get("name_or_path") or getattr(model, "name_or_path", ""))  # resolved
+               trace_info(data.manifest).model or getattr(model, "name_or_path", ""))  # resolved
     data.hidden = HiddenStates(x_all, list(routers.modules), name, agreement, model)
     return data.hidden
 

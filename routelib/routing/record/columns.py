@@ -174,8 +174,8 @@ def _build(trace_dir: Path, manifest: dict, shards: list[dict], target: Path, va
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    num_layers, top_k, num_experts = T.layout_of(manifest)
-    full = bool(manifest["layout"].get("full_distribution", False))
+    info = T.trace_info(manifest)
+    num_layers, top_k, num_experts, full = info.num_layers, info.top_k, info.num_experts, info.full_distribution
     sizes = [_shard_rows(trace_dir / str(s.get("file")), s) for s in shards]
     total = sum(sizes)
     with atomic_write(target, sync=False) as tmp:  # a cache, rebuilt when missing; no half-built one stays

@@ -35,7 +35,7 @@ position                                                   position in the sourc
 
 L = number of MoE layers (``manifest["layout"]["num_moe_layers"]``; ``moe_layers`` gives their
 decoder-layer indices), k = experts per token, E = experts per layer -- the width of the router's
-scores, so expert ids lie in [0, E). Layouts written since transformers-wide coverage (issue 17) also
+scores, so expert ids lie in [0, E). Layouts written since transformers-wide coverage also
 record ``router_scores`` (the kind of the router's scores: "softmax", "sigmoid", "sqrtsoftplus",
 "probabilities" or "unknown", one value or one per layer) and, for LongCat-Flash,
 ``zero_computation_experts`` (ids the router may pick that run no expert: the token passes through
@@ -53,6 +53,12 @@ where measured, the collection overhead. Traces imported from another tool (:mod
 ``source`` entry instead of a collection command: the kind of input, its files with sha256, the exact
 command and the import report (tokens kept; duplicates, incomplete tokens and gaps counted).
 
+Only the format, the layout and the shard list are required; an import cannot know the model's class,
+the tokenizer, the prompts or the generation settings. Read a manifest through :func:`trace_info`: a
+:class:`TraceInfo` with a default for every field that may be missing (the notebooks and studies never
+index a manifest themselves). :func:`companion_problem` says whether a second folder holds the same
+prompts decoded otherwise.
+
 Files are written atomically (:func:`routelib.io.atomic_write`: a hidden temporary beside the file,
 fsync'ed, renamed into place, the directory fsync'ed); a run killed at any point leaves either the old
 file or the new one.
@@ -66,10 +72,12 @@ import os
 import re
 import warnings
 from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Iterable, NamedTuple
 
 import numpy as np
 
+from routelib import paths
 from routelib.errors import RoutelibError
 from routelib.io import atomic_write, atomic_write_bytes, sha256_file
 
@@ -105,6 +113,12 @@ class TraceError(RoutelibError, ValueError):
 def sha256_json(obj: Any) -> str:
     """sha256 of the canonical JSON of ``obj`` (sorted keys, no spaces)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+
+
+def resolve_trace_dir(path: str | os.PathLike) -> Path:
+    """A path as given if it exists there (absolute, or relative to the working directory), else
+    relative to the repository root."""
+    return Path(path) if Path(path).exists() else paths.in_repo(path)
 
 
 def read_manifest(trace_dir: str | os.PathLike) -> dict:
@@ -409,12 +423,161 @@ def trace_arrays(df, manifest: dict | None = None) -> TraceArrays:
 def router_scores(manifest: dict) -> list[str]:
     """The kind of each MoE layer's router scores ("softmax", "sigmoid", "sqrtsoftplus",
     "probabilities", "unknown"); layouts written before the kind was recorded mean "softmax"."""
-    num_layers = layout_of(manifest)[0]
-    kind = manifest["layout"].get("router_scores", "softmax")
-    return [kind] * num_layers if isinstance(kind, str) else list(kind)
+    return list(trace_info(manifest).router_scores)
 
 
 def zero_computation_experts(manifest: dict) -> list[int]:
     """Expert ids that run no computation (LongCat-Flash: the token passes through, scaled by its
     weight); they are counted like any expert by the analyses, which take E = ``num_experts`` (all ids)."""
-    return list(manifest["layout"].get("zero_computation_experts", []))
+    return list(trace_info(manifest).zero_computation_experts)
+
+
+# ----------------------------------------------------------------------------------------------
+# the manifest, read once with its defaults
+
+COLLECTED = "collected"  # TraceInfo.source of traces recorded by routelib.routing.record.collect
+
+
+@dataclass(frozen=True)
+class TraceInfo:
+    """What a trace manifest says, every field that an import (:mod:`.convert`) or an older collection
+    may lack given its default. Notebooks and studies read manifests through :func:`trace_info`, never
+    with ``manifest[...]`` lookups."""
+
+    num_layers: int  # L: MoE layers (required: the layout)
+    top_k: int  # k: experts per token (required)
+    num_experts: int  # E: experts per layer, the width of the router's scores (required)
+    moe_layers: tuple[int, ...]  # decoder-layer index of each MoE layer; default 0..L-1
+    full_distribution: bool  # the optional probs column was recorded; default False
+    router_scores: tuple[str, ...]  # kind of each layer's router scores; default "softmax" (older layouts)
+    zero_computation_experts: tuple[int, ...]  # ids that run no expert (LongCat-Flash); default none
+    weights_source: str | None  # where the gate weights come from (imports: "not recorded: uniform 1/k"...)
+    model: str | None  # name or path of the model that routed the traces; None: not recorded
+    architecture: str | None  # its model class (collections record it, imports cannot); None: not recorded
+    router_weights_sha256: str | None  # checksum of the routers that routed; None: not recorded
+    vocab_size: int | None  # tokenizer vocabulary size; None: not recorded
+    token_ids_recorded: bool  # False when the source had no token ids (written as -1)
+    source: str  # COLLECTED, or the importer's kind ("jsonl", "vllm")
+    command: str | None  # the command that made the folder (collection or import); None: not recorded
+    datasets: tuple[str, ...]  # dataset names, in manifest order
+    generation: dict = field(default_factory=dict, repr=False)  # dataset -> generation settings; empty
+    # for imports of other tools' output (the vLLM backend of the collection records them)
+    overhead: dict | None = field(default=None, repr=False)  # the measured collection overhead, if measured
+
+    @property
+    def imported(self) -> bool:
+        """The traces came from another tool through :mod:`.convert` (not collected here)."""
+        return self.source != COLLECTED
+
+    def generation_of(self, dataset: str) -> dict:
+        """The generation settings ``dataset`` was decoded with ({} when not recorded)."""
+        return dict(self.generation.get(dataset) or {})
+
+    def describe(self) -> str:
+        """One line: the model and its class, where the traces came from when imported, and the layout."""
+        notes = [self.architecture or "architecture not recorded"]
+        if self.imported:
+            notes.append(f"imported from {self.source}")
+        return (f"model {self.model or 'not recorded'} ({'; '.join(notes)}): {self.num_layers} MoE layers, "
+                f"top-{self.top_k} of {self.num_experts} experts")
+
+
+def _section(manifest: dict, key: str) -> dict:
+    """``manifest[key]`` as a dict ({} when missing or null); TraceError when it is something else."""
+    value = manifest.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise TraceError(f"manifest.json: {key!r} must be an object, got {type(value).__name__}")
+    return value
+
+
+def _text(section: dict, key: str) -> str | None:
+    """A string field of a manifest section, None when missing, null or empty."""
+    value = section.get(key)
+    return str(value) if value not in (None, "") else None
+
+
+def _generation(manifest: dict, datasets: dict, source: dict) -> dict:
+    """dataset -> generation settings: each dataset's own, else the import source's (vLLM backend)."""
+    from_source = source.get("generation") if isinstance(source.get("generation"), dict) else {}
+    out = {}
+    for name in dict.fromkeys([*datasets, *from_source]):
+        info = datasets.get(name) if isinstance(datasets.get(name), dict) else {}
+        gen = info.get("generation") or from_source.get(name)
+        if gen:
+            out[name] = dict(gen)
+    return out
+
+
+def trace_info(manifest: dict | str | os.PathLike) -> TraceInfo:
+    """:class:`TraceInfo` of a manifest (a dict, or a trace directory whose manifest is read). Only the
+    layout is required (TraceError without it); every other field falls back to its default."""
+    if not isinstance(manifest, dict):
+        manifest = read_manifest(manifest)
+    num_layers, top_k, num_experts = layout_of(manifest)
+    layout, model, tokenizer = _section(manifest, "layout"), _section(manifest, "model"), _section(manifest, "tokenizer")
+    source, datasets = _section(manifest, "source"), _section(manifest, "datasets")
+    scores = layout.get("router_scores", "softmax")
+    scores = [scores] * num_layers if isinstance(scores, str) else list(scores)
+    if len(scores) != num_layers:
+        raise TraceError(f"manifest.json: layout router_scores lists {len(scores)} kinds for {num_layers} MoE layers")
+    moe_layers = layout.get("moe_layers") or list(range(num_layers))
+    if len(moe_layers) != num_layers:
+        raise TraceError(f"manifest.json: layout moe_layers lists {len(moe_layers)} layers, num_moe_layers is "
+                         f"{num_layers}")
+    vocab = tokenizer.get("vocab_size")
+    recorded = tokenizer.get("token_ids_recorded", True)
+    first_command = next((d.get("command") for d in datasets.values() if isinstance(d, dict) and d.get("command")),
+                         None)
+    return TraceInfo(
+        num_layers=num_layers, top_k=top_k, num_experts=num_experts, moe_layers=tuple(int(i) for i in moe_layers),
+        full_distribution=bool(layout.get("full_distribution", False)), router_scores=tuple(scores),
+        zero_computation_experts=tuple(int(i) for i in layout.get("zero_computation_experts") or ()),
+        weights_source=_text(layout, "weights_source"), model=_text(model, "name_or_path"),
+        architecture=_text(model, "architecture"), router_weights_sha256=_text(model, "router_weights_sha256"),
+        vocab_size=int(vocab) if vocab and recorded else None, token_ids_recorded=bool(recorded),
+        source=_text(source, "kind") or COLLECTED,
+        command=_text(manifest, "command") or _text(source, "command") or first_command,
+        datasets=tuple(datasets), generation=_generation(manifest, datasets, source),
+        overhead=manifest.get("overhead") if isinstance(manifest.get("overhead"), dict) else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# a companion set: the same prompts decoded otherwise
+
+
+def problem_keys(trace_dir: str | os.PathLike) -> set[tuple[str, str]]:
+    """(dataset, problem_id) of every problem in a trace directory, read from those two columns of its
+    shards (no validation: :func:`load_traces` does that)."""
+    import pyarrow.parquet as pq
+
+    trace_dir = resolve_trace_dir(trace_dir)
+    keys: set[tuple[str, str]] = set()
+    for entry in read_manifest(trace_dir).get("shards") or []:
+        table = pq.read_table(trace_dir / str(entry.get("file")), columns=["dataset", "problem_id"])
+        pairs = table.group_by(["dataset", "problem_id"]).aggregate([])
+        keys |= set(zip(pairs.column("dataset").to_pylist(), pairs.column("problem_id").to_pylist()))
+    return keys
+
+
+def companion_problem(trace_dir: str | os.PathLike, compare_dir: str | os.PathLike | None) -> str | None:
+    """Why ``compare_dir`` cannot stand beside ``trace_dir`` as the same prompts decoded otherwise (one
+    line), or None when it can: it must be a trace folder holding problems of ``trace_dir``, and where
+    both record a dataset's prompts (``prompts_sha256``), the same prompts. Relative paths: as
+    :func:`resolve_trace_dir`."""
+    if compare_dir is None:
+        return "compare_dir is None"
+    try:
+        mine, other = read_manifest(resolve_trace_dir(trace_dir)), read_manifest(resolve_trace_dir(compare_dir))
+    except TraceError as err:
+        return f"compare_dir {compare_dir}: {err}"
+    ours, theirs = _section(mine, "datasets"), _section(other, "datasets")
+    differ = [d for d in ours if d in theirs and isinstance(ours[d], dict) and isinstance(theirs[d], dict)
+              and None not in (ours[d].get("prompts_sha256"), theirs[d].get("prompts_sha256"))
+              and ours[d]["prompts_sha256"] != theirs[d]["prompts_sha256"]]
+    if differ:
+        return f"compare_dir {compare_dir} decodes other prompts than trace_dir (prompts_sha256 of {differ} differ)"
+    if not problem_keys(trace_dir) & problem_keys(compare_dir):
+        return f"compare_dir {compare_dir} holds none of trace_dir's problems"
+    return None

@@ -7,16 +7,28 @@ this module adds what notebook 05 measures on top: the cost of a prediction agai
 of the studied model (:func:`latency`) and the comparison with the seed's numbers
 (:func:`seed_gap`), and the predictors' ranking on greedy against sampled traces of the same prompts
 (:func:`decoding_rankings`).
+
+The notebook runs on any trace folder, imported ones included, with or without the model that routed
+them: :func:`hidden_states` attaches the routers' inputs when the model is here and otherwise says why
+not (the notebook then leaves the hidden-state predictors and the cost against the model's layer out);
+:func:`fit_hops` keeps the hops the traces' layers allow; :func:`order_checks` lists the orders of the
+predictors the notebook reports (asserted on the shipped traces only, :func:`reports_shipped_traces`);
+:func:`headline` keeps the numbers the run has.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import pandas as pd
 
+from routelib.errors import ConfigError
 from routelib.routing.predict import prefetch
+from routelib.routing.predict.dataset import HiddenStates, HiddenStatesUnavailable, RoutingData, attach_hidden_states
 from routelib.routing.predict.evaluation import SEED_CLAIMS, EvalConfig, SplitResult, metric_table
+from routelib.routing.predict.predictors import HIDDEN_PREDICTORS
+from routelib.routing.record.traces import resolve_trace_dir
 
 
 @dataclass
@@ -24,16 +36,74 @@ class NextExpertConfig(EvalConfig):
     """:class:`~routelib.routing.predict.predictors.EvalConfig` (traces, splits, predictors, their training)
     plus notebook 05's cost measurement."""
 
-    latency_batch: int = 256  # tokens per call in the batched latency measurement
+    latency_batch: int = 256  # tokens per call in the batched latency measurement (at most the test tokens)
     bench_min_time_s: float = 0.1  # time each latency measurement for at least this long
     compare_dir: str | None = "routing_data_collected/moe-subject-sampled"  # the same prompts decoded by
     # sampling: the predictors again on its held-out problems (None skips that section)
 
 
+#: The orders of the predictors (one hop, held-out problems, top-1) that notebook 05 reports on the
+#: shipped traces: (better, worse).
+ORDERS = (("ngram", "lookup"), ("lookup", "prior"), ("prior", "chance"), ("hidden_router", "lookup"),
+          ("ngram", "hidden_router"), ("mlp", "ngram"), ("history", "ngram"), ("hidden_probe", "mlp"),
+          ("hidden_probe", "hidden_router"))
+
+
+def reports_shipped_traces(cfg: EvalConfig) -> bool:
+    """``cfg.trace_dir`` is the shipped trace folder whose findings the notebook's text reports."""
+    shipped = resolve_trace_dir(EvalConfig.trace_dir).resolve()
+    return resolve_trace_dir(cfg.trace_dir).resolve() == shipped
+
+
+def fit_hops(cfg: NextExpertConfig, num_layers: int) -> tuple[NextExpertConfig, str | None]:
+    """``cfg`` with the hops that traces of ``num_layers`` MoE layers allow (h <= L - 1), and one line
+    naming the hops left out (None when all fit); ConfigError when none fits."""
+    hops = cfg.hop_list()
+    kept = [h for h in hops if h < num_layers]
+    if not kept:
+        raise ConfigError(f"hops={cfg.hops!r}: the traces have {num_layers} MoE layer(s), so no hop fits "
+                          f"(a hop h needs h + 1 layers)")
+    if kept == hops:
+        return cfg, None
+    dropped = ", ".join(str(h) for h in hops if h >= num_layers)
+    return (dataclasses.replace(cfg, hops=",".join(map(str, kept))),
+            f"hops {dropped} left out: the traces have {num_layers} MoE layers (hops up to {num_layers - 1})")
+
+
+def hidden_states(data: RoutingData, cfg: EvalConfig) -> tuple[HiddenStates | None, str | None]:
+    """(the hidden states, None) attached to ``data`` when ``cfg`` asks for a hidden-state predictor
+    and the model that routed the traces can be loaded here; else (None, why not in one line)."""
+    if not set(cfg.predictor_names()) & set(HIDDEN_PREDICTORS):
+        return None, "no hidden-state predictor among the predictors (add hidden_router,hidden_probe, with the model)"
+    try:
+        return attach_hidden_states(data, cfg.model, batch_tokens=cfg.hidden_batch_tokens, device=cfg.device), None
+    except HiddenStatesUnavailable as err:
+        return None, " ".join(str(err).split())
+
+
+def without_hidden(cfg: NextExpertConfig) -> NextExpertConfig:
+    """``cfg`` with the hidden-state predictors left out (ConfigError if no predictor is left)."""
+    kept = [name for name in cfg.predictor_names() if name not in HIDDEN_PREDICTORS]
+    if not kept:
+        raise ConfigError(f"predictors={cfg.predictors!r}: only hidden-state predictors, and the hidden states are "
+                          f"unavailable; add predictors that read the routing (e.g. lookup,ngram,mlp)")
+    return dataclasses.replace(cfg, predictors=",".join(kept))
+
+
+def order_checks(hop1: pd.DataFrame) -> pd.DataFrame:
+    """The :data:`ORDERS` among the predictors of ``hop1`` (predictor x metric, one hop): one row per
+    order with both top-1 accuracies and whether the order holds."""
+    rows = [{"order": f"{better} > {worse}", "better": hop1.loc[better, "top1"], "worse": hop1.loc[worse, "top1"]}
+            for better, worse in ORDERS if better in hop1.index and worse in hop1.index]
+    table = pd.DataFrame(rows, columns=["order", "better", "worse"])
+    return table.assign(holds=table["better"] > table["worse"])
+
+
 def latency(result: SplitResult, hidden, cfg: NextExpertConfig) -> pd.DataFrame:
-    """Per predictor and batch size (1 and ``cfg.latency_batch`` tokens): microseconds per token and
-    the share of one MoE layer of the studied model (``hidden.model``, layer 0) on the same tokens."""
-    batches = (1, cfg.latency_batch)
+    """Per predictor and batch size (1 and ``cfg.latency_batch`` tokens, at most the test tokens):
+    microseconds per token and the share of one MoE layer of the studied model (``hidden.model``,
+    layer 0) on the same tokens."""
+    batches = sorted({1, min(cfg.latency_batch, len(result.test))})
     return prefetch.latency_table(
         prefetch.predictor_latency(result.predictors, result.test, batch_sizes=batches, min_time_s=cfg.bench_min_time_s),
         prefetch.moe_layer_latency(hidden.model, result.test.hidden.x[:, 0], batch_sizes=batches,
@@ -43,14 +113,52 @@ def latency(result: SplitResult, hidden, cfg: NextExpertConfig) -> pd.DataFrame:
 def seed_gap(by_split: pd.DataFrame, by_subset: pd.DataFrame) -> pd.DataFrame:
     """Top-1 of the seed (Mixtral-8x7B, a random split over single layer transitions) beside ours on
     the token split (the closest to the seed's), on held-out problems, and on held-out problems'
-    unique journeys. ``by_split``: predictor x split direction; ``by_subset``: predictor x subset."""
+    unique journeys. ``by_split``: predictor x split direction; ``by_subset``: predictor x subset.
+    Rows: the predictors of the seed's table and ours that were run."""
     seed = pd.Series({name: SEED_CLAIMS[name]["top1"] for name in ("lookup", "mlp")})
+    rows = [name for name in ("lookup", "ngram", "mlp", "hidden_router", "hidden_probe") if name in by_split.index]
     return pd.DataFrame({
         "seed (Mixtral-8x7B, random split)": seed,
         "ours, token split": by_split.filter(like="token").iloc[:, 0],
         "ours, held-out problems": by_split.filter(like="problem").iloc[:, 0],
-        "ours, held-out problems, unique journeys": by_subset["unique"],
-    }).loc[["lookup", "ngram", "mlp", "hidden_router", "hidden_probe"]]
+        "ours, held-out problems, unique journeys": by_subset.get("unique"),
+    }).reindex(rows)
+
+
+def headline(hop1: pd.DataFrame, by_split: pd.DataFrame, by_subset: pd.DataFrame, hit: pd.DataFrame | None,
+             latencies: pd.DataFrame | None, k: int) -> dict:
+    """Notebook 05's headline numbers, in a fixed order, as far as the run has them: a number whose
+    predictor was left out, whose test tokens are absent or whose section was skipped (``hit`` or
+    ``latencies`` None) is left out."""
+    token_split = by_split.filter(like="token")
+    wanted = {
+        "problem_split_top1_lookup": (hop1, "lookup", "top1"),
+        "problem_split_top1_ngram": (hop1, "ngram", "top1"),
+        "problem_split_top1_mlp": (hop1, "mlp", "top1"),
+        "problem_split_top2_hit_mlp": (hop1, "mlp", "top2_hit"),
+        "problem_split_top1_hidden_router": (hop1, "hidden_router", "top1"),
+        "problem_split_top1_hidden_probe": (hop1, "hidden_probe", "top1"),
+        "token_split_top1_mlp": (token_split, "mlp", token_split.columns[0] if len(token_split.columns) else None),
+        "unique_journeys_top1_mlp": (by_subset, "mlp", "unique"),
+        "cache_hit_at_k_hidden_probe": (hit, "hidden_probe", k),
+        "cache_hit_at_k_lru": (hit, "lru", k),
+        "problem_split_top1_prev_token": (hop1, "prev_token", "top1"),
+        "problem_split_top1_history": (hop1, "history", "top1"),
+        "problem_split_top1_mlp_history": (hop1, "mlp_history", "top1"),
+        "generated_top1_history": (by_subset, "history", "generated"),
+        "generated_top1_ngram": (by_subset, "ngram", "generated"),
+        "cache_hit_at_k_history": (hit, "history", k),
+        "cache_hit_at_k_ngram": (hit, "ngram", k),
+    }
+    out = {}
+    for name, (table, row, column) in wanted.items():
+        if table is not None and row in table.index and column in table.columns and pd.notna(table.loc[row, column]):
+            out[name] = float(table.loc[row, column])
+    if latencies is not None:
+        mlp = latencies.query("name == 'mlp' and batch == 1")["pct_of_layer"]
+        if len(mlp):
+            out["mlp_pct_of_layer_batch1"] = float(mlp.iloc[0])
+    return out
 
 
 def decoding_rankings(summaries: dict[str, pd.DataFrame], subsets=("all", "unique")) -> pd.DataFrame:

@@ -1,6 +1,11 @@
 """Notebook 06's parameters and pipeline: a MoE model's router/expert geometry and routing on
 domain text, and the evolution of its routing over training from the training snapshots shipped
 beside it (``routelib.routing.analyse.snapshots``; the subject's are made by its training command).
+
+The notebook runs on any model whose MoE type the weight reader serves
+(:mod:`routelib.routing.analyse.weights`): :func:`router_matrices` and :func:`training_snapshots`
+return what the model and its folder have, or say in one line why a section cannot run (a router
+that is no single matrix; no snapshots, or another model's).
 """
 
 from __future__ import annotations
@@ -15,12 +20,15 @@ import pandas as pd
 from routelib import paths
 from routelib.errors import ConfigError
 from routelib.routing.analyse import geometry as G
+from routelib.routing.analyse.snapshots import SnapshotError
+from routelib.routing.analyse.weights import UnsupportedMoEError
 
 
 @dataclass
 class RouterStudyConfig:
     model: str = "data/moe-subject"  # transformers MoE to study (a local folder or a hub name)
-    snapshots: str = "data/moe-subject/training_snapshots.npz"  # its training snapshots (routelib.routing.analyse.snapshots)
+    snapshots: str | None = "data/moe-subject/training_snapshots.npz"  # its training snapshots
+    # (routelib.routing.analyse.snapshots); None, a missing file or another model's: section 5 is skipped
     subspace_rank: int = 16  # r: dimensions of each expert's input subspace in the alignment test
     seq_len: int = 128  # tokens per held-out window routed for co-activation and load balance
     windows_per_domain: int = 16  # held-out windows per domain (validation split)
@@ -96,7 +104,41 @@ def load_training_snapshots(cfg: RouterStudyConfig):
     """The model's training snapshots (``cfg.snapshots``, relative paths from the repo root)."""
     from routelib.routing.analyse.snapshots import load_snapshots
 
+    if cfg.snapshots is None:
+        raise ConfigError("snapshots is None: no training snapshots to load")
     return load_snapshots(paths.in_repo(cfg.snapshots))
+
+
+def router_matrices(weights):
+    """(the routers (L, E, H), None), or (None, why not in one line) for a model whose routers are not
+    one linear map each (a router MLP): then only its experts are read."""
+    try:
+        return weights.routers(), None
+    except UnsupportedMoEError as err:
+        return None, str(err)
+
+
+def training_snapshots(cfg: RouterStudyConfig, weights):
+    """(the snapshots, None) of ``cfg.snapshots`` when they are this model's (the same number of MoE
+    layers, experts and hidden size as ``weights``), else (None, why not in one line, with how to
+    make them)."""
+    make = ("make them from the model's checkpoints with routelib.routing.analyse.snapshots.collect_snapshots "
+            "and pass snapshots=<file>")
+    if cfg.snapshots is None:
+        return None, f"snapshots is None ({make})"
+    path = paths.in_repo(cfg.snapshots)
+    if not path.is_file():
+        return None, f"no training snapshots at {path} ({make})"
+    try:
+        snaps = load_training_snapshots(cfg)
+    except SnapshotError as err:
+        return None, str(err)
+    have = tuple(snaps.routers.shape[1:])
+    want = (len(weights.layers), weights.num_experts, weights.hidden_size)
+    if have != want:
+        return None, (f"{path} holds the snapshots of another model (routers of {have[0]} layers x {have[1]} experts x "
+                      f"{have[2]} hidden, {cfg.model} has {want[0]} x {want[1]} x {want[2]}); {make}")
+    return snaps, None
 
 
 def evolution(snaps) -> dict[str, pd.DataFrame]:

@@ -6,6 +6,11 @@
 side by side on the measures the loops of greedy decoding inflate; :func:`live_collection` re-collects a few problems with a model and measures how far the fresh
 routing agrees with a trace directory's, token by token -- the check that the shipped traces are
 reproducible and that the collection path still works (it runs under nbval on every CI run).
+
+The notebook runs on any trace folder, collected here or imported from another tool
+(``python -m routelib.routing.record.convert``) without the model: :func:`live_check_problem` says in
+one line why the live check cannot run on a folder, :func:`token_samples`, :func:`example_token` and
+:func:`locality_number` take what the folder has (no prompt tokens, one dataset, short sequences).
 """
 
 from __future__ import annotations
@@ -18,12 +23,13 @@ import pandas as pd
 
 from routelib import paths
 from routelib.errors import ConfigError
-from routelib.routing.record.traces import load_traces, read_manifest, trace_arrays
+from routelib.routing.record.traces import TraceInfo, load_traces, trace_arrays, trace_info
 
 
 @dataclass
 class TraceStudyConfig:
-    trace_dir: str = "routing_data_collected/moe-subject"  # traces to study (any folder in the documented format)
+    trace_dir: str = "routing_data_collected/moe-subject"  # traces to study (any folder in the documented format:
+    # collected, or imported with python -m routelib.routing.record.convert)
     compare_dir: str | None = "routing_data_collected/moe-subject-sampled"  # the same prompts decoded otherwise
     # (sampled), compared with trace_dir in the last section (None skips it)
     phase: str = "generated"  # which tokens to analyse: "generated" (the seed's journeys), "prompt" or "all"
@@ -33,7 +39,8 @@ class TraceStudyConfig:
     top_paths: int = 10  # how many frequent paths / prefixes to list
     max_distance: int = 16  # consecutive-token locality: token distances d = 1..max_distance
     bootstrap: int = 1000  # problem-level bootstrap resamples of the locality rates' 95 % intervals
-    live_model: str | None = "data/moe-subject"  # model for the live collection check (None skips it)
+    live_model: str | None = "data/moe-subject"  # model that collected trace_dir, for the live collection check
+    # (None skips it; so does a folder it did not collect, see live_check_problem)
     live_dataset: str = "humaneval"  # benchmark of the live collection
     live_problems: int = 4  # problems collected live (the first ones of the benchmark)
     live_new_tokens: int = 24  # tokens generated per live problem
@@ -56,12 +63,92 @@ def phase_mask(df: pd.DataFrame, phase: str) -> np.ndarray:
     return (df["phase"] == phase).to_numpy()
 
 
+def token_samples(df: pd.DataFrame, cfg: TraceStudyConfig) -> dict[str, np.ndarray]:
+    """Row indices of the token sample of each phase the traces hold (generated and prompt, or all for
+    ``cfg.phase="all"``): at most ``cfg.sample_size`` rows each, seeded. Imported traces may hold one
+    phase only (a decode-only log); ``cfg.phase`` itself must have tokens (ConfigError)."""
+    from routelib.routing.analyse.predictability import sample_tokens
+
+    samples = {}
+    for name in ("generated", "prompt") if cfg.phase != "all" else ("all",):
+        rows = np.flatnonzero(phase_mask(df, name))
+        if len(rows):
+            samples[name] = rows[sample_tokens(len(rows), cfg.sample_size, cfg.seed)]
+    if cfg.phase not in samples:
+        held = sorted(set(df["phase"])) or ["none"]
+        raise ConfigError(f"phase={cfg.phase!r}: the traces hold no {cfg.phase} tokens (phases: {', '.join(held)}); "
+                          f"choose phase='all' or one of those")
+    return samples
+
+
+def example_token(df: pd.DataFrame, dataset: str = "gsm8k", phase: str = "generated", nth: int = 5) -> int:
+    """Row of the ``nth`` ``phase`` token of ``dataset`` (the static example beside the dashboard); the
+    first dataset the traces hold when they lack ``dataset``, any phase when they lack ``phase``, and
+    the last such token when there are fewer than ``nth + 1``."""
+    if len(df) == 0:
+        raise ConfigError("the traces hold no tokens: no example to show")
+    names = df["dataset"].to_numpy()
+    of_dataset = names == (dataset if dataset in set(names) else names[0])
+    rows = np.flatnonzero(of_dataset & phase_mask(df, phase))
+    rows = rows if len(rows) else np.flatnonzero(of_dataset)
+    return int(rows[min(nth, len(rows) - 1)])
+
+
+def live_check_problem(cfg: TraceStudyConfig, info: TraceInfo) -> str | None:
+    """Why the live collection check cannot run on the traces ``info`` describes (one line: what is
+    missing and how to supply it), or None when it can: ``cfg.live_model`` is set, names a model here
+    that is the one that collected the traces, and the traces record a collection of ``cfg.live_dataset``
+    (its generation settings are repeated)."""
+    from routelib.data.hub import local_model_folder
+    from routelib.errors import ModelNotFoundError
+
+    if cfg.live_model is None:
+        return "live_model is None (set it to the local model folder that collected trace_dir to run the check)"
+    if not info.generation_of(cfg.live_dataset):
+        if info.imported:
+            return (f"trace_dir was imported from {info.source}, not collected here: there is no collection of "
+                    f"{cfg.live_dataset!r} to repeat (the check needs traces of python -m routelib.routing.record.collect)")
+        return (f"trace_dir records no collection of {cfg.live_dataset!r} (datasets: {', '.join(info.datasets)}); "
+                f"set live_dataset to one of them")
+    try:
+        local_model_folder(cfg.live_model)
+    except ModelNotFoundError as err:
+        return f"{err}; set live_model to the model folder that collected trace_dir"
+    if info.model and not _same_model(info.model, cfg.live_model):
+        return (f"live_model {cfg.live_model!r} is not the model that collected trace_dir ({info.model!r}); "
+                f"set live_model to that model's folder")
+    return None
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Two model names or paths name the same model: equal, or the same local folder."""
+    from routelib.data.hub import local_model_folder
+    from routelib.errors import ModelNotFoundError
+
+    if a == b:
+        return True
+    try:
+        folders = [local_model_folder(name) for name in (a, b)]
+    except ModelNotFoundError:
+        return False
+    return None not in folders and folders[0].resolve() == folders[1].resolve()
+
+
+def locality_number(table: pd.DataFrame, measure: str, layer: int, phase: str = "prompt", column: str = "rate",
+                    distance: int = 1) -> float | None:
+    """One number of a :func:`consecutive_locality` table (all problems pooled), or None when the
+    traces have no such token pairs (no prompt tokens, say)."""
+    row = table[(table["group"] == "all") & (table["phase"] == phase) & (table["distance"] == distance)
+                & (table["layer"] == layer) & (table["measure"] == measure)]
+    return float(row[column].iloc[0]) if len(row) else None
+
+
 def consecutive_locality(df: pd.DataFrame, arrays, cfg: TraceStudyConfig) -> pd.DataFrame:
     """The Mixtral paper's routing analysis across tokens (:func:`routelib.routing.analyse.locality.consecutive_routing`)
     on a trace frame: every dataset and phase, distances 1..``cfg.max_distance``, problems as sequences."""
     from routelib.routing.analyse.locality import consecutive_routing
 
-    num_experts = int(df.attrs["manifest"]["layout"]["num_experts"])
+    num_experts = trace_info(df.attrs["manifest"]).num_experts
     problem = (df["dataset"] + "/" + df["problem_id"]).to_numpy()
     return consecutive_routing(arrays.experts, problem, df["position"].to_numpy(), num_experts,
                                generated=(df["phase"] == "generated").to_numpy(), groups=df["dataset"].to_numpy(),
@@ -81,7 +168,7 @@ def decoding_comparison(sets: dict[str, pd.DataFrame], cfg: TraceStudyConfig) ->
 
     rows = []
     for name, df in sets.items():
-        num_experts = int(df.attrs["manifest"]["layout"]["num_experts"])
+        num_experts = trace_info(df.attrs["manifest"]).num_experts
         experts = trace_arrays(df).experts  # (N, L, k)
         keep = phase_mask(df, cfg.phase)
         rep = repetition_rate(df)
@@ -121,7 +208,7 @@ def live_collection(cfg: TraceStudyConfig, reference_dir: str | Path | None = No
     if cfg.live_model is None:
         raise ConfigError("live_model is None: no live collection to run")
     reference_dir = paths.in_repo(cfg.trace_dir if reference_dir is None else str(reference_dir))
-    gen = read_manifest(reference_dir).get("datasets", {}).get(cfg.live_dataset, {}).get("generation", {})
+    gen = trace_info(reference_dir).generation_of(cfg.live_dataset)
     bench = benchmark_prompts(cfg.live_dataset, limit=cfg.live_problems)
     model, tokenizer = load_model(str(paths.in_repo(cfg.live_model)))
     live_dir = paths.in_repo(cfg.out_dir) / "live"
