@@ -38,6 +38,8 @@ class NextExpertConfig(EvalConfig):
 
     latency_batch: int = 256  # tokens per call in the batched latency measurement (at most the test tokens)
     bench_min_time_s: float = 0.1  # time each latency measurement for at least this long
+    offload_tokens: int = 4000  # generated test tokens replayed through the expert caches and the offloading model
+    offload_predictor: str = "mlp"  # the trained predictor that drives prefetching there (one of predictors)
     compare_dir: str | None = "routing_data_collected/moe-subject-sampled"  # the same prompts decoded by
     # sampling: the predictors again on its held-out problems (None skips that section)
 
