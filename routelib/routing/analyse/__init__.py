@@ -9,5 +9,7 @@
 :mod:`.weights`             router and expert weights of any supported MoE
 :mod:`.geometry`            router similarity, subspaces, co-activation, saturation over training
 :mod:`.snapshots`           a model's routers and routing over its training snapshots
+:mod:`.usage`               one set of statistics for every model, from counts: usage entropy, domain
+                            and vocabulary specialisation, first-choice transition predictability
 ==========================  ==================================================================
 """
