@@ -9,6 +9,9 @@
 :mod:`.weights`             router and expert weights of any supported MoE
 :mod:`.geometry`            router similarity, subspaces, co-activation, saturation over training
 :mod:`.snapshots`           a model's routers and routing over its training snapshots
+:mod:`.expert_paths`        paths over layers vs single experts (normalised MI against a size-matched
+                            permutation null, independent-layer control), router control/content split,
+                            principal angles between layers' router subspaces
 :mod:`.usage`               one set of statistics for every model, from counts: usage entropy, domain
                             and vocabulary specialisation, first-choice transition predictability
 ==========================  ==================================================================
