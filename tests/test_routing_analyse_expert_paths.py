@@ -78,3 +78,16 @@ def test_bad_inputs_are_refused():
         P.path_ids(np.zeros((3, 2, 1), int), [5])
     with pytest.raises(ConfigError, match="share H"):
         P.control_content(np.zeros((3, 4)), np.zeros((2, 5)))
+
+
+def test_the_within_label_control_keeps_each_layers_label_statistics_and_breaks_the_joint():
+    rng = np.random.default_rng(4)
+    token = rng.integers(0, 5, N)
+    joint = rng.integers(0, E, N)  # layers 0 and 1 agree with each other, whatever the token
+    experts = np.stack([(token + joint) % E, (token + joint) % E], axis=1)[:, :, None]
+    shuffled = P.independent_layers(experts, seed=1, within=token)
+    for t in range(5):  # each layer's expert counts per token are unchanged
+        for layer in range(2):
+            assert sorted(shuffled[token == t, layer, 0]) == sorted(experts[token == t, layer, 0])
+    agree = (shuffled[:, 0, 0] == shuffled[:, 1, 0]).mean()
+    assert (experts[:, 0, 0] == experts[:, 1, 0]).all() and agree < 0.4  # the joint structure is gone

@@ -12,8 +12,8 @@ the measurements, for any routing (the project's pathways and MoE traces alike):
   (expert, pathway, path), against a **permutation null** -- the same groups with the same sizes,
   labels shuffled -- so that many small groups cannot produce the result (paths have many more groups
   than experts, which alone raises naive purity); the excess over the null is what counts;
-- :func:`independent_layers`: the control that keeps every layer's expert marginals and breaks the
-  dependence between layers (each layer's column permuted across tokens);
+- :func:`independent_layers`: the controls that keep every layer's expert marginals -- overall, or
+  given a label such as the token id -- and break the dependence between layers;
 - :func:`control_content`: the split of hidden states by a router matrix, exact: control + content =
   the state, and the router's logits depend on the control part only;
 - :func:`principal_angles`: how far two layers' control subspaces are rotated from each other, beside
@@ -73,12 +73,27 @@ def specificity(labels: np.ndarray, groups: np.ndarray, permutations: int = 20, 
             "excess": observed - float(null.mean()), "groups": int(len(np.unique(groups)))}
 
 
-def independent_layers(experts: np.ndarray, seed: int = 0) -> np.ndarray:
-    """``experts`` (N, L, k) with each layer's rows permuted independently across tokens: every layer's
-    expert usage kept, the dependence between layers (and on the token) broken."""
+def independent_layers(experts: np.ndarray, seed: int = 0, within: np.ndarray | None = None) -> np.ndarray:
+    """``experts`` (N, L, k) with each layer's rows permuted independently: across all tokens (every
+    layer's usage kept; the dependence between layers and on the token broken), or, with ``within``
+    (a label per token, e.g. its token id), only among tokens of the same label (each layer's
+    label -> expert statistics kept; the dependence between layers *given* the label broken)."""
     rng = np.random.default_rng(seed)
     experts = np.asarray(experts)
-    return np.stack([experts[rng.permutation(len(experts)), layer] for layer in range(experts.shape[1])], axis=1)
+    if within is None:
+        return np.stack([experts[rng.permutation(len(experts)), layer] for layer in range(experts.shape[1])], axis=1)
+    within = np.asarray(within)
+    if len(within) != len(experts):
+        raise ConfigError(f"within: one label per token, got {len(within)} for {len(experts)}")
+    order = np.argsort(within, kind="stable")
+    starts = np.flatnonzero(np.r_[True, within[order][1:] != within[order][:-1]])
+    out = experts.copy()
+    for layer in range(experts.shape[1]):
+        shuffled = order.copy()
+        for a, b in zip(starts, np.r_[starts[1:], len(order)]):
+            shuffled[a:b] = rng.permutation(order[a:b])
+        out[order, layer] = experts[shuffled, layer]
+    return out
 
 
 def control_content(hidden: np.ndarray, router: np.ndarray, rtol: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
