@@ -7,6 +7,8 @@ trace format, and traces from other tools.
 :mod:`.collect`             :func:`collect`: generate from prompts and record every token's top-k
                             experts at every MoE layer (resumable shards);
                             ``python -m routelib.routing.record.collect``
+:mod:`.shards`              collection split over processes (``collect --shard i/n``) merged into one
+                            folder: ``python -m routelib.routing.record.shards <out>``
 :mod:`.traces`              the trace format (Parquet shards + ``manifest.json``),
                             :func:`load_traces` (validated), :func:`trace_arrays` ((N, L, k) arrays)
 :mod:`.columns`             :func:`open_columns`: large traces as memory-mapped numpy columns

@@ -75,6 +75,7 @@ from routelib.errors import ConfigError, RoutelibError
 from routelib.progress import progress_bar
 from routelib.io import TMP_MARK, sha256_file
 from routelib.routing.record import traces as T
+from routelib.routing.record.shards import shard_dir, shard_from_env
 from routelib.routing.record.routers import (EXPERT_COUNT_KEYS, SCORE_KINDS, Routers, RoutingRecorder, config_value,
                                               find_routers, load_model, model_info)
 
@@ -373,7 +374,7 @@ def _open_manifest(out_dir: Path, dataset: str, resume: bool, minfo: dict, tinfo
                  {k: minfo.get(k) for k in _RESUME_MODEL_KEYS}, out_dir, hint)
         _compare("tokenizer", {"sha256": manifest["tokenizer"].get("sha256")}, {"sha256": tinfo["sha256"]}, out_dir, hint)
         if resume and ours and dataset in manifest["datasets"]:
-            old, keys = manifest["datasets"][dataset], ("num_problems", "prompts_sha256", "template", "generation")
+            old, keys = manifest["datasets"][dataset], ("num_problems", "prompts_sha256", "template", "generation", "shard")
             _compare(f"{dataset} run", {k: old.get(k) for k in keys}, {k: dinfo.get(k) for k in keys}, out_dir)
     if not resume:  # start this dataset over: drop its shards (listed or not) and its entry
         for path in out_dir.glob(f"{dataset}-*{T.SHARD_SUFFIX}"):
@@ -406,7 +407,8 @@ def collect(model, tokenizer, prompts: Sequence[str] | Mapping[str, str], out_di
             prepend_bos: bool = False, problem_ids: Sequence[str] | None = None, prompt_source: str | None = None,
             prompt_template: str | None = None, model_name: str | None = None, command: str | None = None,
             progress: bool = True, on_shard: Callable[[dict], None] | None = None,
-            generation_kwargs: Mapping[str, Any] | None = None, seed: int | None = None) -> dict:
+            generation_kwargs: Mapping[str, Any] | None = None, seed: int | None = None,
+            shard: tuple[int, int] | None = None) -> dict:
     """Generate from ``prompts`` and write the routing of every token to ``out_dir``; returns the manifest.
 
     model, tokenizer: a transformers causal LM with MoE layers (any device placement, e.g.
@@ -435,6 +437,9 @@ def collect(model, tokenizer, prompts: Sequence[str] | Mapping[str, str], out_di
     seed: when sampling, ``torch.manual_seed(seed + i)`` before the batch whose first problem has
         index ``i``, so that a sampled run is reproducible and resumes exactly (batches are fixed by
         ``batch_size``); recorded in the manifest. None: the caller's RNG state (not reproducible).
+    shard: (i, n) -- collect only the batches b (problems b * batch_size ... (b + 1) * batch_size - 1) with
+        b % n == i - 1, the part of one process of n (:mod:`routelib.routing.record.shards` merges the n
+        folders into the one-process result, row for row: the batches, hence padding and seeds, are the same).
     """
     if max_new_tokens < 1 or batch_size < 1:
         raise ConfigError(f"need max_new_tokens >= 1 and batch_size >= 1, got {max_new_tokens}, {batch_size}")
@@ -460,6 +465,11 @@ def collect(model, tokenizer, prompts: Sequence[str] | Mapping[str, str], out_di
     minfo, tinfo = model_info(model, routers, model_name), tokenizer_info(tokenizer)
     dinfo = {"num_problems": len(ids), "source": prompt_source, "template": prompt_template,
              "prompts_sha256": T.sha256_json([ids, texts]), "generation": generation}
+    if shard is not None:
+        i, n = shard
+        if not 1 <= i <= n:
+            raise ConfigError(f"shard {i}/{n}: need 1 <= i <= n")
+        dinfo["shard"] = [int(i), int(n)]  # resuming with another part is refused like other settings
 
     manifest = _open_manifest(out_dir, dataset, resume, minfo, tinfo, dinfo, command)
     _adopt_orphans(out_dir, manifest, dataset, ids)
@@ -471,7 +481,8 @@ def collect(model, tokenizer, prompts: Sequence[str] | Mapping[str, str], out_di
     T.summarise_manifest(manifest)
     T.write_trace_manifest(out_dir, manifest)
 
-    pending = [i for i in range(len(ids)) if i not in done]
+    pending = [i for i in range(len(ids)) if i not in done
+               and (shard is None or (i // batch_size) % shard[1] == shard[0] - 1)]
     texts_of = _TokenTexts(tokenizer)
     device = _input_device(model)
     bar = progress_bar(progress, total=len(ids), initial=len(ids) - len(pending), desc=f"routing {dataset}",
@@ -700,6 +711,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="transformers", choices=["transformers", "vllm"],
                    help="vllm: a vLLM engine with enable_return_routed_experts (GPU; routelib.routing.record.vllm)")
     p.add_argument("--num_experts", type=int, default=None, help="vllm backend: experts per layer (default: config)")
+    p.add_argument("--shard", default=None, help="i/n: collect part i of n into <out>.shard-<i>-of-<n> (auto: from "
+                   "RANK and WORLD_SIZE); merge with python -m routelib.routing.record.shards <out>")
     from routelib import cli
     from routelib.routing.record.vllm import EngineOptions
 
@@ -731,9 +744,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return _main_vllm(args, datasets, max_new, limits, command, sampling, seed,
                           from_params(EngineOptions, engine_given))
+    shard = _shard_option(args.shard)
     device_map = args.device_map or ("auto" if torch.cuda.is_available() else None)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device_map=device_map, load_in_4bit=args.load_in_4bit)
-    out = Path(args.out)
+    out = Path(args.out) if shard is None else shard_dir(args.out, *shard)
     for name in datasets:
         bench = benchmark_prompts(name, limits[name], args.source)
         t0 = time.perf_counter()
@@ -742,7 +756,8 @@ def main(argv: list[str] | None = None) -> int:
                            greedy=not args.sample, full_distribution=args.full_distribution,
                            resume=not args.no_resume, stop_at_eos=not args.no_stop_at_eos,
                            prepend_bos=args.prepend_bos, prompt_source=bench.source, prompt_template=bench.template,
-                           model_name=args.model, command=command, generation_kwargs=sampling, seed=seed)
+                           model_name=args.model, command=command, generation_kwargs=sampling, seed=seed,
+                           shard=shard)
         counts = manifest["datasets"][name]["counts"]
         print(f"{name}: {counts['problems']} problems, {counts['prompt_tokens']:,} prompt + "
               f"{counts['generated_tokens']:,} generated tokens, {counts['bytes'] / 1e6:.2f} MB "
@@ -774,8 +789,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _shard_option(text: str | None) -> tuple[int, int] | None:
+    """``--shard``: None, ``i/n``, or ``auto`` (RANK and WORLD_SIZE of torchrun)."""
+    if text is None:
+        return None
+    if text == "auto":
+        return shard_from_env()
+    from routelib.reference import parse_part
+
+    try:
+        return parse_part(text)
+    except argparse.ArgumentTypeError as err:
+        raise ConfigError(f"--shard {err}") from None
+
+
 #: Options of the transformers backend that the vLLM backend does not offer (and their defaults).
 _NOT_IN_VLLM = {"full_distribution": False, "no_stop_at_eos": False, "prepend_bos": False, "no_resume": False,
+                "shard": None,
                 "device_map": None, "load_in_4bit": False, "overhead_problems": 0}
 
 
