@@ -30,6 +30,8 @@ Ctrl-C stops at once); under DDP the stop is agreed at the next logged step.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import base64
 import json
 import math
@@ -389,6 +391,24 @@ def _setup(cfg: TrainConfig) -> tuple[int, int, torch.device, bool]:
     if own:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), device, own
+
+
+@contextmanager
+def process_group(backend: str | None = None):
+    """One data-parallel process group for a block that trains several times (a study's runs under
+    ``torchrun``): :func:`train` then joins it instead of creating and destroying its own each time
+    (torch's env:// rendezvous cannot be set up twice in one process). Yields (rank, world_size);
+    a single process (no ``WORLD_SIZE`` > 1) yields (0, 1) and creates nothing."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or dist.is_initialized():
+        yield (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        return
+    dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+    try:
+        yield dist.get_rank(), dist.get_world_size()
+        dist.barrier()  # every rank done before the group closes
+    finally:
+        dist.destroy_process_group()
 
 
 def _model_config(model: nn.Module) -> Any:

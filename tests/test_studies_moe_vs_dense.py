@@ -165,3 +165,43 @@ def test_flops_split_matches_an_independent_count_of_every_matmul():
         assert counted == split["non_embedding"] + split["lm_head"] - split["attention_scores"], arm
         share_all = split["ffn"] / (split["non_embedding"] + split["lm_head"])
         assert 0 < share_all < split["ffn_share"] < 1, arm  # the head is in one denominator only
+
+
+TINY_REFERENCE = ["--hidden_size", "32", "--num_layers", "1", "--num_heads", "2", "--num_kv_heads", "1",
+                  "--intermediate_size", "32", "--num_experts", "4", "--top_k", "2", "--seq_len", "32",
+                  "--batch_size", "4", "--steps", "4", "--warmup_steps", "1", "--eval_windows", "2",
+                  "--eval_every", "2", "--log_every", "1", "--ckpt_every", "2", "--threads", "1",
+                  "--only_runs", "moe_seed0,dense_active_seed0"]
+
+
+def test_reference_runs_under_torchrun_give_the_single_process_answer(tmp_path):
+    """Two gloo processes (torchrun) on the same global batch against one process: the recorded losses
+    and the held-out perplexities agree (data parallelism changes only the order of float sums); rank 0
+    alone writes."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    def launch(nproc: int, name: str):
+        out, ckpt = tmp_path / name, tmp_path / f"{name}-runs"
+        args = ["-m", "routelib.studies.moe_vs_dense", "reference", "--out", str(out), "--out_dir", str(ckpt),
+                *TINY_REFERENCE]
+        cmd = [sys.executable, *args] if nproc == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+        env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return out, proc.stdout
+
+    (one, _), (two, printed) = launch(1, "one"), launch(2, "two")
+    assert printed.count("moe_seed0: perplexity") == 1  # rank 0 alone reports
+    for run in ("moe_seed0", "dense_active_seed0"):
+        a, b = (json.loads((d / "final" / f"{run}.json").read_text()) for d in (one, two))
+        assert b["perplexity"]["overall"] == pytest.approx(a["perplexity"]["overall"], rel=1e-4)
+        ha, hb = (pd.read_csv(d / "history" / f"{run}.csv") for d in (one, two))
+        assert ha["step"].tolist() == hb["step"].tolist()
+        for key in ("loss", "lm_loss"):
+            assert hb[key].dropna().to_numpy() == pytest.approx(ha[key].dropna().to_numpy(), rel=1e-4, abs=1e-5), key
+    logs = json.loads((two / "invocations.json").read_text())
+    assert len(logs) == 1 and logs[0]["finished"]  # rank 0 alone recorded the invocation

@@ -207,12 +207,20 @@ def train_runs(cfg: MoEStudyConfig, runs: tuple[str, ...], out_dir: str | Path =
     compute-matched :data:`MATCHED`) and evaluate each on the full held-out set: its history goes to
     ``history/<run>.csv`` and its record (perplexity and mean loss per domain, steps, tokens, training
     FLOPs and time) to ``final/<run>.json``, as each run finishes. Runs resume from their checkpoints;
-    several processes can train different runs side by side. Returns the records."""
+    several processes can train different runs side by side, and under ``torchrun`` the ranks train each
+    run data-parallel on the same global batch (rank 0 alone writes). Returns the records."""
     from routelib.reference import write_record
+    from routelib.train import process_group
 
     out = paths.in_repo(out_dir)
-    (out / "history").mkdir(parents=True, exist_ok=True)
-    log = InvocationLog(out, command)
+    with process_group() as (rank, _):  # under torchrun: one group for every run; rank 0 alone writes
+        return _train_runs(cfg, runs, out, eval_every, log_every, eval_per_domain, command, rank == 0, write_record)
+
+
+def _train_runs(cfg, runs, out, eval_every, log_every, eval_per_domain, command, writer: bool, write_record):
+    if writer:
+        (out / "history").mkdir(parents=True, exist_ok=True)
+    log = InvocationLog(out, command) if writer else None
     eval_data = domain_eval_data(cfg)
     curve_data = _reference_eval_list(eval_data, eval_per_domain)
     arms_cfg = cfg.arm_configs()
@@ -225,15 +233,17 @@ def train_runs(cfg: MoEStudyConfig, runs: tuple[str, ...], out_dir: str | Path =
         model, result = train_arm(arm, lm_cfg, cfg_s, batches, eval_data=curve_data, eval_every=eval_every,
                                   log_every=log_every)
         fwd = model.flops_per_token(cfg.seq_len)
-        _history_frame(result, batches.tokens_per_step, 3 * fwd).to_csv(out / "history" / f"{name}.csv", index=False)
         ppl = perplexity_by_domain(model, eval_data)
         tokens = cfg_s.steps * batches.tokens_per_step
         records[name] = dict(arm=arm, seed=seed, steps=cfg_s.steps, warmup_steps=cfg_s.warmup_steps, tokens=tokens,
                              train_flops=3 * fwd * tokens, forward_flops_per_token=fwd, wall_s=result.wall_s,
                              perplexity=ppl, loss_nats={d: math.log(v) for d, v in ppl.items()})
-        write_record(out, name, records[name])
-        print(f"{name}: perplexity {ppl['overall']:.2f} ({result.wall_s:.0f} s)", flush=True)
-    log.finish()
+        if writer:
+            _history_frame(result, batches.tokens_per_step, 3 * fwd).to_csv(out / "history" / f"{name}.csv", index=False)
+            write_record(out, name, records[name])
+            print(f"{name}: perplexity {ppl['overall']:.2f} ({result.wall_s:.0f} s)", flush=True)
+    if writer:
+        log.finish()
     return records
 
 
