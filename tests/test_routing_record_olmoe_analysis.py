@@ -12,11 +12,11 @@ import pytest
 from routelib import paths
 from routelib.routing.record import olmoe_analysis as O
 
-BESIDE = paths.REPO_ROOT.parent / "shared" / "anchors" / "olmoe-routing" / "routing_output"
-
-
 def published_root():
-    root = os.environ.get(O.ENV) or (BESIDE if BESIDE.is_dir() else None)
+    """$ROUTELIB_OLMOE_ROUTING, else a copy of the published folder in a checkout beside this repository
+    (``<sibling>/anchors/olmoe-routing/routing_output``), else skip."""
+    beside = sorted(paths.REPO_ROOT.parent.glob("*/anchors/olmoe-routing/routing_output"))
+    root = os.environ.get(O.ENV) or (beside[0] if beside else None)
     if root is None:
         pytest.skip(f"the OLMoE routing-analysis data is not on this machine: {O.WHERE}")
     return root
