@@ -16,7 +16,8 @@ from routelib import paths
 from routelib.errors import ConfigError
 from routelib.evaluation import domain_eval_data, perplexity_by_domain
 from routelib.models import LM
-from routelib.reference import InvocationLog, load_manifest, reference_main, split_parts, torch_threads, write_manifest
+from routelib.reference import (InvocationLog, load_manifest, reference_main, split_parts, torch_threads, write_manifest,
+                                write_record)
 from routelib.train import TrainResult, load_checkpoint
 from routelib.studies.moe_vs_dense import (ARMS, MATCHED, MoEStudyConfig, capacity_sweep, comparison_table, flops_formula,
                                         flops_split, latency, load_balance, routing_records, saving, seed_claims,
@@ -209,15 +210,14 @@ def train_runs(cfg: MoEStudyConfig, runs: tuple[str, ...], out_dir: str | Path =
     FLOPs and time) to ``final/<run>.json``, as each run finishes. Runs resume from their checkpoints;
     several processes can train different runs side by side, and under ``torchrun`` the ranks train each
     run data-parallel on the same global batch (rank 0 alone writes). Returns the records."""
-    from routelib.reference import write_record
     from routelib.train import process_group
 
     out = paths.in_repo(out_dir)
     with process_group() as (rank, _):  # under torchrun: one group for every run; rank 0 alone writes
-        return _train_runs(cfg, runs, out, eval_every, log_every, eval_per_domain, command, rank == 0, write_record)
+        return _train_runs(cfg, runs, out, eval_every, log_every, eval_per_domain, command, rank == 0)
 
 
-def _train_runs(cfg, runs, out, eval_every, log_every, eval_per_domain, command, writer: bool, write_record):
+def _train_runs(cfg, runs, out, eval_every, log_every, eval_per_domain, command, writer: bool):
     if writer:
         (out / "history").mkdir(parents=True, exist_ok=True)
     log = InvocationLog(out, command) if writer else None
