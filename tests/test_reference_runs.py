@@ -24,13 +24,18 @@ def test_03_manifest_is_complete(ref03):
     seeds = params["seeds"]
     expected = {f"{arm}_seed{seeds[0]}" for arm in moe_vs_dense.ARMS}
     expected |= {f"{arm}_seed{s}" for s in seeds[1:] for arm in params["seed_arms"]}
-    assert set(ref03["histories"]) == expected
+    matched = set(params.get("matched_runs", []))  # the compute-matched arm, merged in with the later seeds
+    assert set(ref03["histories"]) == expected | matched
     cfg = moe_vs_dense.MoEStudyConfig(**params["study_config"])
     recomputed = {arm: moe_vs_dense.flops_split(c, cfg.seq_len) for arm, c in cfg.arm_configs().items()}
     for arm, row in ref03["flops_split"].iterrows():  # the committed split is the formula's at the run's shape
-        assert row.to_dict() == pytest.approx(recomputed[arm]), arm
-    tokens = {h["tokens"].iloc[-1] for h in ref03["histories"].values()}
-    assert tokens == {params["tokens_per_arm"]}  # every arm trained the same number of tokens
+        assert row.to_dict() == pytest.approx({k: recomputed[arm][k] for k in row.index}), arm
+    tokens = {name: h["tokens"].iloc[-1] for name, h in ref03["histories"].items()}
+    assert {tokens[n] for n in expected} == {params["tokens_per_arm"]}  # every arm trained the same tokens
+    flops = {name: h["train_flops"].iloc[-1] for name, h in ref03["histories"].items()}
+    for name in matched:  # ... but the compute-matched runs: the MoE's training FLOPs
+        moe = flops[name.replace(moe_vs_dense.MATCHED, "moe")]
+        assert flops[name] == pytest.approx(moe, rel=0.01), name
 
 
 # dense_total trained from step 0 to the end in one invocation (the others were resumed after

@@ -317,7 +317,8 @@ def flops_split(lm_cfg: LMConfig, seq_len: int) -> dict[str, float]:
     """Analytic forward FLOPs per token by part (2 per multiply-add, context T = ``seq_len``, as in
     :meth:`LM.flops_per_token`): attention projections, attention scores (2 L T d_attn), the FFN
     (k experts of 3 H I each, or the dense SwiGLU), the router (H E) and the LM head (V H); norms are
-    left out. ``ffn_share`` is the FFN's share of the non-embedding FLOPs (everything but the head)."""
+    left out. ``ffn_share`` is the FFN's share of the non-embedding FLOPs (everything but the head),
+    ``ffn_share_all`` its share of all forward FLOPs (``all_forward``: the head included)."""
     c = lm_cfg
     d_attn, d_kv = c.num_heads * c.head_size, c.num_kv_heads * c.head_size
     attn_proj = 2 * c.num_layers * c.hidden_size * (2 * d_attn + 2 * d_kv)
@@ -328,7 +329,8 @@ def flops_split(lm_cfg: LMConfig, seq_len: int) -> dict[str, float]:
     head = 2 * c.vocab_size * c.hidden_size
     non_embedding = attn_proj + attn_scores + ffn + router
     return {"attention_projections": attn_proj, "attention_scores": attn_scores, "ffn": ffn, "router": router,
-            "lm_head": head, "non_embedding": non_embedding, "ffn_share": ffn / non_embedding}
+            "lm_head": head, "non_embedding": non_embedding, "all_forward": non_embedding + head,
+            "ffn_share": ffn / non_embedding, "ffn_share_all": ffn / (non_embedding + head)}
 
 
 def specialisation_summary(records: pd.DataFrame) -> pd.DataFrame:

@@ -16,8 +16,8 @@ from routelib import paths
 from routelib.errors import ConfigError
 from routelib.evaluation import domain_eval_data, perplexity_by_domain
 from routelib.models import LM
-from routelib.reference import (InvocationLog, load_manifest, reference_main, split_parts, torch_threads, write_manifest,
-                                write_record)
+from routelib.reference import (InvocationLog, load_manifest, reference_main, split_parts, t_interval, torch_threads,
+                                write_manifest, write_record)
 from routelib.train import TrainResult, load_checkpoint
 from routelib.studies.moe_vs_dense import (ARMS, MATCHED, MoEStudyConfig, capacity_sweep, comparison_table, flops_formula,
                                         flops_split, latency, load_balance, routing_records, saving, seed_claims,
@@ -263,6 +263,9 @@ def load_reference(out_dir: str | Path = REFERENCE_DIR) -> dict:
         specialisation=pd.read_csv(out / "specialisation.csv"),
         load_balance=pd.read_csv(out / "load_balance.csv", index_col=0),
         capacity=pd.read_csv(out / "capacity.csv"),
+        # written when later seeds were merged in (routelib.studies.moe_vs_dense.merge); None before
+        throughput=pd.read_csv(out / "throughput.csv") if (out / "throughput.csv").is_file() else None,
+        runs=pd.read_csv(out / "runs.csv") if (out / "runs.csv").is_file() else None,
     )
 
 
@@ -283,12 +286,37 @@ def reproduce_first_steps(ref: dict, run: str, out_dir: str | Path) -> tuple[dic
     return result.history[0], ref["histories"][run].iloc[0].to_dict()
 
 
+#: The comparisons of notebook 03, as (name, arm whose loss is subtracted from, arm subtracted).
+COMPARISONS = (("moe - dense_active", "moe", "dense_active"), ("moe - dense_total", "moe", "dense_total"),
+               ("dense_total_matched - moe", MATCHED, "moe"))
+
+
+def seed_gaps(perplexity: pd.DataFrame, domain: str = "overall") -> pd.DataFrame:
+    """perplexity: rows (arm, seed, domain, perplexity) -> one row per comparison and seed, then one
+    "mean" row per comparison with its 95 % t-interval over the seeds both arms ran: columns
+    comparison, seed, gap_nats (log ppl_a - log ppl_b), gap_ppl (ppl_a - ppl_b), and for the mean rows
+    n, low/high (nats) and ppl_low/ppl_high."""
+    table = perplexity[perplexity["domain"] == domain].pivot_table(index="seed", columns="arm", values="perplexity")
+    rows = []
+    for name, a, b in COMPARISONS:
+        if a not in table or b not in table:
+            continue
+        both = table[[a, b]].dropna()
+        nats = (both[a].map(math.log) - both[b].map(math.log))
+        ppl = both[a] - both[b]
+        rows += [dict(comparison=name, seed=str(s), gap_nats=nats[s], gap_ppl=ppl[s]) for s in both.index]
+        ti, tp = t_interval(nats.to_numpy()), t_interval(ppl.to_numpy())
+        rows.append(dict(comparison=name, seed="mean", gap_nats=ti["mean"], gap_ppl=tp["mean"], n=ti["n"],
+                         low=ti["low"], high=ti["high"], ppl_low=tp["low"], ppl_high=tp["high"]))
+    return pd.DataFrame(rows)
+
+
 def reference_perplexity(ppl: pd.DataFrame) -> pd.DataFrame:
     """Overall and per-domain validation perplexity per arm: mean over the seeds the arm ran, and
     the number of seeds (rows: arms; columns: domains + ``seeds``)."""
     table = ppl.pivot_table(index="arm", columns="domain", values="perplexity", aggfunc="mean")
     table["seeds"] = ppl.groupby("arm")["seed"].nunique()
-    order = [a for a in ARMS if a in table.index]
+    order = [a for a in (*ARMS, MATCHED) if a in table.index]
     cols = [c for c in ("overall", "code", "math", "fiction", "encyclopedic", "news") if c in table.columns] + ["seeds"]
     return table.loc[order, cols]
 
@@ -306,22 +334,43 @@ def reference_claims(ref: dict) -> pd.DataFrame:
 
 
 def reference_verdict(ref: dict) -> str:
-    """The verdict of the reference run in words, every number read from its files."""
+    """The verdict of the reference run in words, every number read from its files: perplexities (mean
+    over seeds), the gaps over seeds with 95 % t-intervals (:func:`seed_gaps`), the FFN's share of the
+    forward FLOPs both ways, and the arms' training speed (side by side in one process when measured so)."""
     ppl = ref["perplexity"]
-    overall = ppl[ppl["domain"] == "overall"]
-    mean = overall.groupby("arm")["perplexity"].mean()
+    mean = ppl[ppl["domain"] == "overall"].groupby("arm")["perplexity"].mean()
+    seeds = ppl.groupby("arm")["seed"].nunique()
     cmp_, split = ref["comparison"], ref["flops_split"]
     tokens = ref["manifest"]["params"]["tokens_per_arm"]
-    moe_vs_act = overall.pivot_table(index="seed", columns="arm", values="perplexity").dropna(subset=["moe", "dense_active"])
-    gaps = (moe_vs_act["moe"] - moe_vs_act["dense_active"]).round(2).tolist()
-    return (
-        f"After {tokens / 1e6:.2f} M training tokens per arm, validation perplexity (all domains) is "
-        f"{mean['moe']:.2f} for the MoE, {mean['dense_active']:.2f} for the dense model with equal active "
-        f"parameters and {mean['dense_total']:.2f} for the dense model with equal total parameters "
-        f"(MoE − equal-active per seed: {gaps}). The MoE's forward pass costs "
-        f"{split.loc['moe', 'non_embedding'] / split.loc['dense_total', 'non_embedding']:.2f}× the equal-total "
-        f"model's non-embedding FLOPs (FFN {100 * split.loc['moe', 'ffn_share']:.0f} % of them). On this CPU it "
-        f"trains at {cmp_.loc['moe', 'train_tokens_per_s']:,.0f} tokens/s against "
+    gaps = seed_gaps(ppl).query("seed == 'mean'").set_index("comparison")
+
+    def gap(name: str) -> str:
+        g = gaps.loc[name]
+        interval = f", 95 % t-interval [{g['low']:+.3f}, {g['high']:+.3f}]" if g["n"] > 1 else ""
+        n = int(g["n"])
+        return f"{g['gap_nats']:+.3f} nats{interval} ({g['gap_ppl']:+.2f} perplexity, {n} seed{'s' * (n > 1)})"
+
+    text = (f"After {tokens / 1e6:.2f} M training tokens per arm, validation perplexity (all domains, mean over "
+            f"seeds) is {mean['moe']:.2f} for the MoE ({seeds['moe']} seed{'s' * (seeds['moe'] > 1)}), {mean['dense_active']:.2f} for the "
+            f"dense model with equal active parameters ({seeds['dense_active']}) and {mean['dense_total']:.2f} for "
+            f"the one with equal total parameters ({seeds['dense_total']}). MoE − equal-active: "
+            f"{gap('moe - dense_active')}; MoE − equal-total: {gap('moe - dense_total')}.")
+    if MATCHED in mean:
+        steps = ref["runs"].query("arm == @MATCHED")["steps"].iloc[0] if ref.get("runs") is not None else None
+        text += (f" Trained on the MoE's training FLOPs with a complete schedule of its own"
+                 f"{f' ({steps} steps)' if steps else ''}, the equal-total model reaches {mean[MATCHED]:.2f}: "
+                 f"equal-FLOPs dense − MoE {gap('dense_total_matched - moe')}.")
+    moe = split.loc["moe"]
+    text += (f" The MoE's forward pass costs {moe['non_embedding'] / split.loc['dense_total', 'non_embedding']:.2f}× the "
+             f"equal-total model's non-embedding FLOPs; its FFN is {100 * moe['ffn_share']:.0f} % of its "
+             f"non-embedding forward FLOPs")
+    if "ffn_share_all" in split:
+        text += f" and {100 * moe['ffn_share_all']:.0f} % of all of them (the LM head included)"
+    speed = ref.get("throughput")
+    how = (f"measured side by side in one process on {int(speed['threads'].iloc[0])} thread"
+           f"{'s' if speed['threads'].iloc[0] > 1 else ''}" if speed is not None else "from the training runs")
+    return text + (
+        f". Training speed ({how}): {cmp_.loc['moe', 'train_tokens_per_s']:,.0f} tokens/s for the MoE against "
         f"{cmp_.loc['dense_active', 'train_tokens_per_s']:,.0f} (equal active) and "
         f"{cmp_.loc['dense_total', 'train_tokens_per_s']:,.0f} (equal total); prefill "
         f"{cmp_.loc['dense_total', 'prefill_ms'] / cmp_.loc['moe', 'prefill_ms']:.2f}× the equal-total model's speed.")

@@ -13,7 +13,7 @@ import pandas as pd
 import seaborn as sns
 import torch
 
-from routelib.studies.moe_vs_dense import ARMS
+from routelib.studies.moe_vs_dense import ARMS, MATCHED
 from routelib.plots import PALETTE
 
 @torch.no_grad()
@@ -110,8 +110,9 @@ def plot_reference_curves(histories: Mapping[str, pd.DataFrame], key: str = "eva
     for i, (name, h) in enumerate(sorted(histories.items())):
         rows = h.dropna(subset=[key])
         arm = name.rsplit("_seed", 1)[0]
-        colour = PALETTE[ARMS.index(arm) if arm in ARMS else i % 10]
-        style = dict(color=colour, ls="-" if name.endswith("seed0") else "--", label=name)
+        seed = int(name.rsplit("_seed", 1)[1]) if "_seed" in name else 0
+        colour = PALETTE[(*ARMS, MATCHED).index(arm) if arm in (*ARMS, MATCHED) else i % 10]
+        style = dict(color=colour, ls=("-", "--", ":", "-.")[seed % 4], label=name)
         axes[0].plot(rows["tokens"] / 1e6, rows[key], **style)
         axes[1].plot(rows["train_flops"] / 1e12, rows[key], **style)
     axes[0].set(xlabel="training tokens (M)", ylabel="held-out loss (nats)", title="loss against tokens")
