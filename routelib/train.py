@@ -403,12 +403,26 @@ def process_group(backend: str | None = None):
     if world <= 1 or dist.is_initialized():
         yield (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         return
-    dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":  # collectives outside train() (rank0_value) run on this rank's GPU
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
     try:
         yield dist.get_rank(), dist.get_world_size()
         dist.barrier()  # every rank done before the group closes
     finally:
         dist.destroy_process_group()
+
+
+def rank0_value(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (any picklable object), so that the ranks of a
+    :func:`process_group` act on one decision (e.g. which runs are still to train, read from files
+    another process may be writing); ``value`` itself outside a group. Every rank must call it."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _model_config(model: nn.Module) -> Any:

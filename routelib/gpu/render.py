@@ -1,5 +1,6 @@
 """README's "GPU results" section, rendered from the plan's result files only (no number typed by
-hand): which steps ran (GPU, wall time, date) against their estimates, the MoE kernel table at
+hand): which steps ran (GPU, wall time, date) against their estimates and which run from the carry
+bundle alone (the others need SmolLM2's weights), the MoE kernel table at
 Mixtral shapes, and each step's headline numbers. With no results it says that no GPU run exists
 and every cell reads "not run". Results made with ``--smoke`` are never shown as GPU results."""
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from routelib.errors import ConfigError
-from routelib.gpu.plan import Step
+from routelib.gpu.plan import WEIGHTS, Step
 from routelib.reference import MANIFEST, load_manifest
 
 START = "<!-- gpu-results:start (rendered by `python -m routelib.gpu --render`; do not edit by hand) -->"
@@ -32,6 +33,16 @@ KERNEL_ROWS = {
     "transformers_grouped_mm": "transformers `MixtralSparseMoeBlock`, grouped_mm experts",
 }
 KERNEL_TOKENS = (4096, 8192, 16384)
+ASSET_LABELS = {WEIGHTS: "SmolLM2-135M's weights"}  # what an asset package of ``Step.needs`` holds, for the plan table
+
+
+def _from_bundle(step: Step) -> str:
+    """The plan table's cell: whether the step runs from the carry bundle alone (routelib.gpu.bundle)."""
+    from routelib.data.assets import requirement_for
+
+    if not step.needs:
+        return "yes"
+    return "no: needs " + ", ".join(f"{ASSET_LABELS.get(m, m)} (`{requirement_for(m)}`)" for m in step.needs)
 
 
 def load_results(results: str | os.PathLike, include_smoke: bool = False) -> dict[str, dict]:
@@ -93,7 +104,8 @@ def render(results: str | os.PathLike, plan: list[Step], include_smoke: bool = F
         lines += [textwrap.fill(f"{len(found)} of {len(plan)} plan steps have results, on {', '.join(gpus)} "
                                 f"(each step's folder holds its manifest); the others read \"{NOT_RUN}\".",
                                 width=100, break_on_hyphens=False), ""]
-    lines += ["| step | what | estimated device time (H100/H200) | result |", "|---|---|---:|---|"]
+    lines += ["| step | what | estimated device time (H100/H200) | runs from the carry bundle | result |",
+              "|---|---|---:|---|---|"]
     for step in plan:
         r = found.get(step.name)
         if r is None:
@@ -103,7 +115,8 @@ def render(results: str | os.PathLike, plan: list[Step], include_smoke: bool = F
             env = m["environment"]
             result = (f"{m.get('gpu') or env['device']}, torch {env['torch']}, CUDA {m.get('cuda')}: "
                       f"{m['wall_s']:.0f} s, {m.get('finished_utc', '')[:10]}")
-        lines.append(f"| `{step.name}` | {step.title} | {step.estimate().seconds / 60:.1f} min | {result} |")
+        lines.append(f"| `{step.name}` | {step.title} | {step.estimate().seconds / 60:.1f} min | {_from_bundle(step)} "
+                     f"| {result} |")
     lines += ["", *_kernel_table(found), "", "| step | headline numbers |", "|---|---|"]
     for step in plan:
         r = found.get(step.name)

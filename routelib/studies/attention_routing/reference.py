@@ -128,10 +128,13 @@ def _history_frame(result, tokens_per_step: int) -> pd.DataFrame:
 
 
 def _train_and_record(spec: RunSpec, cfg: HybridStudyConfig, settings: ReferenceSettings, out: Path,
-                      curve: list, eval_data: dict[str, list]) -> dict:
+                      curve: list, eval_data: dict[str, list], writer: bool = True) -> dict | None:
     """Train (or resume) one run, then write its history and its final record: per-domain validation
-    loss (nats/token, argmax routing), training tokens/s, steps and tokens."""
+    loss (nats/token, argmax routing), training tokens/s, steps and tokens. Under ``torchrun`` every
+    rank trains; the others (``writer`` False) return None without evaluating."""
     model, result = train_run(spec, cfg, curve, log_every=settings.log_every, ckpt_every=settings.ckpt_every)
+    if not writer:
+        return None
     tokens_per_step = cfg.batch_size * cfg.seq_len
     _history_frame(result, tokens_per_step).to_csv(out / "history" / f"{spec.name}.csv", index=False)
     ppl = perplexity_by_domain(model, eval_data)
@@ -214,10 +217,38 @@ def reference_run(cfg: HybridStudyConfig, settings: ReferenceSettings, out_dir: 
     of them, measure and write the manifest (returned; None for a restricted invocation). ``part=(i, n)``:
     this process's share of every group (``routelib.reference.split_parts``), the sweep's before the rest
     (waiting up to ``settings.wait_s`` for the other parts' sweep runs); ``only_runs``:
-    just these run names (the rest's names need the sweep finished)."""
+    just these run names (the rest's names need the sweep finished).
+
+    Under ``torchrun`` (``routelib.train.process_group``) the ranks train every run data-parallel on the
+    same global batch (``batch_size`` windows a step, split over the ranks), acting on rank 0's view of
+    which runs are done; rank 0 alone writes histories, records, the invocation log, and -- after the
+    group has closed and the other ranks have exited, so that its timings run alone -- the measurements
+    and the manifest. Checkpoints are rank 0's too, and resume under any number of processes."""
+    from routelib.train import process_group
+
     out = paths.in_repo(out_dir)
-    (out / "history").mkdir(parents=True, exist_ok=True)
-    log = InvocationLog(out, command)
+    with process_group("nccl" if cfg.device_().type == "cuda" else "gloo") as (rank, _):
+        writer = rank == 0
+        if writer:
+            (out / "history").mkdir(parents=True, exist_ok=True)
+        log = InvocationLog(out, command) if writer else None
+        trained = _train_plan(cfg, settings, out, part, only_runs, writer)
+        models = None if trained is None or part or only_runs else _measured_models(cfg, settings, trained[0])
+    if not writer:
+        return None
+    if models is None:
+        log.finish()
+        return None
+    plan, sweep, eval_data = trained
+    return _measure(cfg, settings, out, plan, sweep, eval_data, log, models)
+
+
+def _train_plan(cfg: HybridStudyConfig, settings: ReferenceSettings, out: Path, part: tuple[int, int] | None,
+                only_runs: tuple[str, ...], writer: bool) -> tuple[dict[str, list[RunSpec]], pd.DataFrame, dict] | None:
+    """This invocation's training (see :func:`reference_run`): (plan, sweep table, held-out data), or
+    None while the LR sweep is unfinished. Every rank of a process group calls it."""
+    from routelib.train import rank0_value
+
     eval_data = domain_eval_data(cfg)
     curve = [b for batches in eval_data.values() for b in batches[: settings.curve_batches]]
 
@@ -228,18 +259,18 @@ def reference_run(cfg: HybridStudyConfig, settings: ReferenceSettings, out_dir: 
         elif only_runs:
             specs = [s for s in specs if s.name in only_runs]
         done = load_records(out)
-        for spec in specs:
-            if spec.name not in done:
-                _train_and_record(spec, cfg, settings, out, curve, eval_data)
+        for spec in rank0_value([s for s in specs if s.name not in done]):
+            _train_and_record(spec, cfg, settings, out, curve, eval_data, writer)
 
     sweep_specs = reference_plan(cfg, settings)["lr_sweep"]
     train_share(sweep_specs)
     sweep = (wait_for(lambda: sweep_table(cfg, settings, load_records(out)), settings.wait_s) if part
              else sweep_table(cfg, settings, load_records(out)))
+    sweep = rank0_value(sweep)  # each rank polled the files; rank 0's answer counts
     if sweep is None:  # a part or only_runs invocation while other invocations' sweep runs are unfinished
         missing = [s.name for s in sweep_specs if s.name not in load_records(out)]
-        print(f"the LR sweep is not complete ({', '.join(missing)}); run this command again once they are", flush=True)
-        log.finish()
+        if writer:
+            print(f"the LR sweep is not complete ({', '.join(missing)}); run this command again once they are", flush=True)
         return None
     shared_lr = float(sweep.index[sweep["chosen"]][0])
     plan = reference_plan(cfg, settings, shared_lr)
@@ -250,15 +281,23 @@ def reference_run(cfg: HybridStudyConfig, settings: ReferenceSettings, out_dir: 
             raise ConfigError(f"only_runs: {', '.join(sorted(unknown))} not in the plan; runs: "
                               + ", ".join(s.name for s in unique_runs(plan)))
     train_share(specs)
-    if part or only_runs:
-        log.finish()
-        return None
-    return _measure(cfg, settings, out, plan, sweep, eval_data, log)
+    return plan, sweep, eval_data
+
+
+def _measured_models(cfg: HybridStudyConfig, settings: ReferenceSettings, plan: dict[str, list[RunSpec]]) -> dict[str, HybridLM]:
+    """The finished runs the measurements use, by name, loaded from their checkpoints (not retrained):
+    both arms of the first seed at the shared rate and every dynamic run of the comparison, the seed's
+    rates and the alpha sweep. Loaded inside the process group (``train`` joins it to load), so that
+    rank 0 can measure after the group has closed."""
+    specs = [s for s in plan["shared"] if s.seed == cfg.seeds[0]]
+    specs += [s for s in unique_runs(plan, ("shared", "seed_lrs", "alpha")) if s.arm == "dynamic"]
+    return {s.name: train_run(s, cfg, log_every=settings.log_every, ckpt_every=settings.ckpt_every)[0]
+            for s in dict.fromkeys(specs)}
 
 
 def _measure(cfg: HybridStudyConfig, settings: ReferenceSettings, out: Path, plan: dict[str, list[RunSpec]],
-             sweep: pd.DataFrame, eval_data: dict[str, list], log: InvocationLog) -> dict:
-    """The final invocation's measurements and files, then the manifest."""
+             sweep: pd.DataFrame, eval_data: dict[str, list], log: InvocationLog, models: dict[str, HybridLM]) -> dict:
+    """The final invocation's measurements and files (``models``: :func:`_measured_models`), then the manifest."""
     finals = load_records(out)
     groups = {s.name: ";".join(g for g in GROUPS if s in plan[g]) for s in unique_runs(plan)}
     runs = pd.DataFrame([{**finals[name], "groups": g} for name, g in groups.items()]).set_index("run")
@@ -267,15 +306,11 @@ def _measure(cfg: HybridStudyConfig, settings: ReferenceSettings, out: Path, pla
     shared_lr = float(sweep.index[sweep["chosen"]][0])
     deltas = delta_table(runs, shared_lr, cfg.seeds)
     deltas.to_csv(out / "delta.csv")
-
-    def trained(spec: RunSpec) -> HybridLM:  # a finished checkpoint is loaded, not retrained
-        return train_run(spec, cfg, log_every=settings.log_every, ckpt_every=settings.ckpt_every)[0]
-
-    first = {s.arm: trained(s) for s in plan["shared"] if s.seed == cfg.seeds[0]}
+    first = {s.arm: models[s.name] for s in plan["shared"] if s.seed == cfg.seeds[0]}
     train_speed(cfg, shared_lr, settings.speed_rounds).to_csv(out / "train_speed.csv", index=False)
     prefill_speed(first["static"], first["dynamic"], cfg, settings).to_csv(out / "prefill_speed.csv", index=False)
     tokenizer = load_tokenizer(cfg.tokenizer)
-    routing = [routing_breakdown(trained(s), eval_data, tokenizer, settings.position_bins).assign(run=s.name)
+    routing = [routing_breakdown(models[s.name], eval_data, tokenizer, settings.position_bins).assign(run=s.name)
                for s in unique_runs(plan, ("shared", "seed_lrs", "alpha")) if s.arm == "dynamic"]
     pd.concat(routing, ignore_index=True).to_csv(out / "routing.csv", index=False)
     summary = dict(shared_lr=shared_lr, unigram_val_loss=unigram_loss(cfg, eval_data),

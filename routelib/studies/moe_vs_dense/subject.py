@@ -15,7 +15,7 @@ from routelib.evaluation import domain_eval_data, perplexity_by_domain
 from routelib.models import LM, LMConfig
 from routelib.models.export import export_hf
 from routelib.train import TrainResult
-from routelib.studies.moe_vs_dense import MoEStudyConfig
+from routelib.studies.moe_vs_dense import MoEStudyConfig, train_arm, training_batches
 
 
 # ------------------------------------------------------------------------------ export + model card
@@ -115,6 +115,25 @@ def export_subject(model: LM, cfg: MoEStudyConfig, result: TrainResult, eval_dat
     (export_dir / "model_card.json").write_text(json.dumps(card, indent=2))
     (export_dir / "README.md").write_text(subject_readme(card, model.config, cfg, export_dir.name))
     return card
+
+
+def train_and_export(cfg: MoEStudyConfig, export_dir: Path, command: str) -> dict | None:
+    """The ``subject`` command: train the MoE arm (checkpoints under ``cfg.out_dir``, resumed when
+    there) and export it with its model card and training snapshots (:func:`export_subject`); returns
+    the card. Under ``torchrun`` the ranks train data-parallel on the same global batch
+    (``routelib.train.process_group``; ``batch_size`` windows a step, split over the ranks) and rank 0
+    alone, after the group has closed, computes the snapshots and writes the export; the other ranks
+    return None."""
+    from routelib.train import process_group
+
+    lm_cfg = cfg.moe_config()
+    with process_group("nccl" if cfg.device_().type == "cuda" else "gloo") as (rank, _):
+        model, result = train_arm("moe", lm_cfg, cfg, training_batches(cfg))
+    if rank != 0:
+        return None
+    snapshots = subject_snapshots(cfg, lm_cfg, Path(result.checkpoint).parent)
+    headline, at_context = card_eval_sets(cfg)
+    return export_subject(model, cfg, result, headline, Path(export_dir), command, snapshots, at_context)
 
 
 def subject_readme(card: dict, lm_cfg: LMConfig, cfg: MoEStudyConfig, name: str) -> str:

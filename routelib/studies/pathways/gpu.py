@@ -13,7 +13,7 @@ import math
 import pandas as pd
 import torch
 
-from routelib.gpu.plan import Context, Estimate, Step
+from routelib.gpu.plan import WEIGHTS, Context, Estimate, Step
 from routelib.gpu.sizing import BF16_PEAK, counts, full_size, keeps, timing_s, write_csv
 
 
@@ -143,7 +143,7 @@ def pathway_step(part: int) -> Step:
                             "are not in the plan (the notebook with the yaml runs them)"),
                 estimate=pathway_chunk_estimate, run=run,
                 after=() if part == 1 else (f"05_pathways_finetune_{part - 1}of{PATHWAY_CHUNKS}",),
-                checkpoint=None if last else "pathways")
+                checkpoint=None if last else "pathways", needs=(WEIGHTS,))  # fine-tunes SmolLM2-135M
 
 
 # ------------------------------------------------------------------------------ its steps
