@@ -64,3 +64,33 @@ def test_merged_is_the_plain_update():
     w, a, b = torch.randn(3, 5, 7, generator=g), torch.randn(3, 4, 7, generator=g), torch.randn(3, 5, 4, generator=g)
     torch.testing.assert_close(merged(w, a, b, 0.5), w + 0.5 * b @ a, rtol=1e-6, atol=1e-6)
     assert torch.equal(merged(w, None, None, 1.0), w)
+
+
+def test_build_from_a_delta_folder(tmp_path):
+    """The build applies a delta to a dense folder, checks every tensor's sha256 and writes a folder that
+    AutoModelForCausalLM loads with the same function; a changed delta tensor is refused by name."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from routelib.errors import ConfigError
+    from routelib.subject.build import build
+    from routelib.subject.export import write_delta
+
+    dense = tiny_llama(0)
+    dense.save_pretrained(tmp_path / "dense")
+    model = moefied(16)
+    write_delta(model, tmp_path / "delta", train_norms=False, lora_rank=3, lora_alpha=6.0, aux_loss_coef=0.01,
+                base={"name": "tiny"}, provenance={})
+    out = build(tmp_path / "delta", tmp_path / "built", base=str(tmp_path / "dense"), tokenizer="bpe8k")
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    x = torch.randint(0, 97, (1, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x).logits, rtol=1e-4, atol=1e-4)
+    from safetensors.torch import load_file
+
+    tensors = load_file(tmp_path / "delta" / "delta.safetensors")
+    tensors["layers.0.router"][0, 0] += 1e-3
+    save_file(tensors, tmp_path / "delta" / "delta.safetensors")
+    with pytest.raises(ConfigError, match="differ from delta.json"):
+        build(tmp_path / "delta", tmp_path / "built2", base=str(tmp_path / "dense"), tokenizer="bpe8k")
+    assert not (tmp_path / "built2").exists()

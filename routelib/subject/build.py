@@ -41,9 +41,11 @@ def read_delta(delta_dir: str | Path = DELTA_DIR) -> tuple[dict, dict]:
     return load_file(str(tensor_path)), meta
 
 
-def build(delta_dir: str | Path = DELTA_DIR, out: str | Path | None = None) -> Path:
-    """Apply the delta to the dense model, check every tensor's sha256, write the model folder ``out``
-    (default: :func:`subject_v3_dir`'s cache path) atomically; returns it."""
+def build(delta_dir: str | Path = DELTA_DIR, out: str | Path | None = None, base: str = "smollm2-135m",
+          tokenizer=None) -> Path:
+    """Apply the delta to the dense model ``base`` (``load_pretrained``'s name: the asset by default; a
+    local folder in tests, with ``tokenizer``), check every tensor's sha256, write the model folder
+    ``out`` (default: :func:`subject_v3_dir`'s cache path) atomically; returns it."""
     import torch
     from safetensors.torch import save_file
 
@@ -54,7 +56,7 @@ def build(delta_dir: str | Path = DELTA_DIR, out: str | Path | None = None) -> P
 
     delta, meta = read_delta(delta_dir)
     out = Path(out) if out is not None else cache_path(delta_dir)
-    dense, tok = load_pretrained("smollm2-135m")
+    dense, tok = load_pretrained(base, tokenizer=tokenizer)
     model = apply_delta(dense, delta, meta)
     state = hf_state_dict(model)
     digests = tensor_digests(state)

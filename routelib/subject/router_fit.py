@@ -47,12 +47,13 @@ def fit_router(x: torch.Tensor, norms: torch.Tensor, top_k: int, cfg: RouterFitC
     labels = oracle_labels(norms, top_k)  # (n, E)
     x = x.float()
     scale = x.pow(2).mean().sqrt().clamp_min(1e-6)  # inputs to unit RMS: one learning rate fits every layer
+    xs = x / scale  # (n, H), scaled once
     g = torch.Generator().manual_seed(cfg.seed)
     w = (torch.randn(norms.shape[1], x.shape[1], generator=g) * 0.01).requires_grad_(True)  # (E, H)
     opt = torch.optim.Adam([w], lr=cfg.lr, weight_decay=cfg.weight_decay)
     for _ in range(cfg.steps):
         opt.zero_grad()
-        loss = F.binary_cross_entropy_with_logits((x / scale) @ w.T, labels)
+        loss = F.binary_cross_entropy_with_logits(xs @ w.T, labels)
         loss.backward()
         opt.step()
     weight = (w.detach() / scale)  # (E, H): the router acts on unscaled inputs

@@ -18,6 +18,7 @@ model:
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -111,9 +112,10 @@ def initial_model(cfg: SubjectConfig, progress: bool = True):
         inputs = mlp_inputs(model, x, batch_size=8)
         bar = tqdm(total=len(inputs), desc="MoEfy", disable=not progress)
         moefy_model(model, inputs, cfg.split(), progress=bar)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(path) as tmp:
-            save_file(_init_tensors(model), str(tmp), metadata={"config": key})
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank computes the same; one writes
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(path) as tmp:
+                save_file(_init_tensors(model), str(tmp), metadata={"config": key})
     for moe in moe_layers(model):
         moe.set_mode("router", "softmax")
     return model, tok
