@@ -34,3 +34,21 @@ def test_cost_table_at_toy_shapes():
     assert text.splitlines()[0].startswith("| | B = 1: ms | % of layer | B = 8: ms") and "| mlp |" in text
     with pytest.raises(B.ConfigError, match="batch_sizes"):
         B.PrefetchBenchConfig(batch_sizes="1,x").batches()
+
+
+def test_hidden_state_predictors_are_timed_at_every_hop():
+    cfg = B.PrefetchBenchConfig(**TOY, predictors="lookup,hidden_router,hidden_probe,pre_attn_probe",
+                                hidden_hops="1,3", hidden_tokens=1000, probe_steps=2)
+    data = B.hidden_data(cfg, B.mixtral_layer(cfg).gate)
+    assert data.num_layers == 4 and data.hidden.x.shape == data.hidden.pre_attention.shape == (1000, 4, 32)
+    table = B.cost_table(cfg)
+    timed = set(zip(table["name"], table["hop"].fillna(0).astype(int)))
+    assert timed == {("moe_layer", 0), ("lookup", 1)} | {(n, h) for n in ("hidden_router", "hidden_probe", "pre_attn_probe")
+                                                         for h in (1, 3)}
+    assert len(table) == 2 * len(timed) and (table["median_ms"] > 0).all()
+    lines = B.markdown(table).splitlines()
+    assert len(lines) == 2 + len(timed)
+    assert any(line.startswith("| pre_attn_probe, hop 3 |") for line in lines)
+    assert any(line.startswith("| lookup |") for line in lines)
+    with pytest.raises(B.ConfigError, match="hidden_hops"):
+        B.hidden_data(B.PrefetchBenchConfig(**{**TOY, "hidden_hops": "4"}), None)

@@ -121,3 +121,23 @@ def test_a_trained_predictor_drives_prefetch_without_seeing_the_layer_it_predict
     data.experts = scrambled
     _, again = predictor_predictions(data, lookup, m=data.top_k)
     np.testing.assert_array_equal(again[:, 2], predictions[:, 2])
+
+
+def test_a_two_hop_predictor_reads_two_layers_back(tmp_path):
+    from routelib.routing.predict.offload import predictor_predictions
+    from routelib.routing.predict.predictors import LookupPredictor
+    from test_routing_predict_dataset import make_data
+
+    data = make_data(tmp_path, "deterministic")
+    lookup = LookupPredictor().fit(data, [(layer, 2) for layer in range(data.num_layers - 2)])
+    requests, predictions = predictor_predictions(data, lookup, m=data.top_k, hop=2)
+    np.testing.assert_array_equal(np.sort(predictions[:, 2:], 2), np.sort(requests[:, 2:], 2))
+    np.testing.assert_array_equal(predictions[1:, :2], requests[:-1, :2])  # layers 0, 1: the previous token's
+    scrambled = data.experts.copy()  # change what layer 1 routed: layer 2's guesses (from layer 0) must not move
+    scrambled[:, 1] = (scrambled[:, 1] + 3) % data.num_experts
+    data.experts = scrambled
+    _, again = predictor_predictions(data, lookup, m=data.top_k, hop=2)
+    np.testing.assert_array_equal(again[:, 2], predictions[:, 2])
+    assert not np.array_equal(again[:, 3], predictions[:, 3])  # layer 3's come from layer 1: they move
+    with pytest.raises(ConfigError, match="hop=4"):
+        predictor_predictions(data, lookup, m=2, hop=4)

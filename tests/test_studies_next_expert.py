@@ -97,3 +97,40 @@ def test_fit_hops_keeps_the_hops_the_layers_allow():
     assert fitted.hop_list() == [1, 2, 3] and dropped == "hops 4, 5 left out: the traces have 4 MoE layers (hops up to 3)"
     with pytest.raises(ConfigError, match="no hop fits"):
         fit_hops(cfg, 1)
+
+
+def test_hops_by_split_puts_the_hops_of_both_splits_side_by_side():
+    from routelib.studies.next_expert import hops_by_split
+
+    rows = [{"split": split, "train": train, "test": test, "subset": "all", "hop": hop, "predictor": p, "top1": top1}
+            for split, train, test in [("problem", "a+b", "a+b"), ("dataset", "a", "b"), ("token", "a+b", "a+b")]
+            for hop in (1, 2, 3, 4) for p, top1 in [("chance", 0.125), ("hidden_probe", 0.9 - 0.1 * hop)]
+            if split != "token" or hop == 1]
+    table = hops_by_split(pd.DataFrame(rows))
+    assert list(table.columns) == [("problem", 1), ("problem", 2), ("problem", 3), ("a -> b", 1), ("a -> b", 2),
+                                   ("a -> b", 3)]
+    assert list(table.index) == ["chance", "hidden_probe"]
+    assert table.loc["hidden_probe", ("a -> b", 3)] == pytest.approx(0.6)
+
+
+def test_offload_runs_rank_the_prefetch_sources(tmp_path):
+    import numpy as np
+
+    from routelib.routing.predict.predictors import LookupPredictor
+    from routelib.studies.next_expert import PREFETCH_SOURCES, offload_order, offload_runs, prefetch_guesses
+    from test_routing_predict_dataset import make_data
+
+    data = make_data(tmp_path, "deterministic", per_dataset=4, length=40)
+    lookup = LookupPredictor().fit(data, [(layer, h) for h in (1, 2) for layer in range(data.num_layers - h)])
+    sources = {**PREFETCH_SOURCES, "lookup_h2": ("lookup", 2), "missing": ("mlp", 1), "too far": ("perfect", 9)}
+    requests, guesses = prefetch_guesses(data, {"lookup": lookup}, k=2, tokens=50, hops=(1, 2), sources=sources)
+    assert requests.shape == (50, data.num_layers, 2)
+    assert set(guesses) == {"none", "perfect", "perfect_h3", "lookup_h2"}  # no such predictor, no such hop: left out
+    assert "lookup_h2" not in prefetch_guesses(data, {"lookup": lookup}, 2, 50, hops=(1,), sources=sources)[1]
+    assert guesses["none"] == (None, 1) and guesses["perfect_h3"][1] == 3
+    np.testing.assert_array_equal(np.sort(guesses["lookup_h2"][0][:, 2:], 2), np.sort(requests[:, 2:], 2))
+    runs = offload_runs(requests, guesses, data.num_experts, policies=("lru",), profiles=("rtx4090-pcie4-4bit",))
+    assert len(runs) == 4 and set(runs["lead"]) == {1, 2, 3}
+    order = offload_order(runs, ("perfect", "none", "nothing-like-it"))
+    assert list(order.columns) == ["perfect", "none", "holds"] and order["holds"].all()
+    assert not offload_order(runs, ("none", "perfect"))["holds"].any()  # the reverse order fails

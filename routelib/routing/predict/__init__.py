@@ -8,6 +8,7 @@ the experts of layer l + h before that layer runs, so that their weights can be 
 :mod:`.metrics`             top-1, top-2 hit, set recall, exact set; their chance levels
 :mod:`.predictors`          the predictors (prior, lookup, n-gram, previous token, history, MLP,
                             hidden-state router and probe)
+:mod:`.pre_attention`       the probe on the residual stream before a layer's attention
 :mod:`.evaluation`          :class:`EvalConfig`, :func:`evaluate` over splits, the tables, the command
                             line: ``python -m routelib.routing.predict <trace_dir>``
 :mod:`.prefetch`            what a prediction costs against one MoE layer; expert-cache hit rates
@@ -15,7 +16,7 @@ the experts of layer l + h before that layer runs, so that their weights can be 
 :mod:`.bench_scale`         benchmark: 10 M-token OLMoE-layout traces loaded and predictors trained
 ==========================  ==================================================================
 
-Every public name of the first five modules is importable from here (``from routelib.routing import
+Every public name of the first six modules is importable from here (``from routelib.routing import
 predict as P; P.evaluate(...)``), each imported on first use.
 """
 
@@ -24,10 +25,11 @@ from __future__ import annotations
 from routelib.lazy import lazy_exports
 
 _EXPORTS = {
-    **dict.fromkeys(('PredictorError', 'HiddenStatesUnavailable', 'HiddenStates', 'RoutingData', 'load_routing', 'repetition_table', 'gate_vectors', 'sequences', 'check_pair', 'layer_pairs', 'row_keys', 'journeys', 'attach_hidden_states',), "dataset"),
+    **dict.fromkeys(('PredictorError', 'HiddenStatesUnavailable', 'HiddenStates', 'RoutingData', 'load_routing', 'repetition_table', 'gate_vectors', 'sequences', 'check_pair', 'layer_pairs', 'row_keys', 'journeys', 'attach_hidden_states', 'need_pre_attention', 'decoder_blocks',), "dataset"),
     **dict.fromkeys(('SPLITS', 'SUBSETS', 'Split', 'check_no_leak', 'held_out_problems', 'describe_split', 'make_splits', 'journey_overlap', 'subset_masks',), "splits"),
     **dict.fromkeys(('METRICS', 'rank_experts', 'routing_metrics_per_token', 'routing_metrics', 'chance_metrics',), "metrics"),
-    **dict.fromkeys(('PREDICTORS', 'HIDDEN_PREDICTORS', 'Predictor', 'RandomPredictor', 'PriorPredictor', 'SameExpertPredictor', 'CHUNK_ROWS', 'target_gates', 'NGramPredictor', 'LookupPredictor', 'known_previous', 'PrevTokenPredictor', 'HistoryPredictor', 'MLPConfig', 'RoutingHistoryMLP', 'history_features', 'soft_cross_entropy', 'MLPPredictor', 'HistoryMLPPredictor', 'HiddenRouterPredictor', 'ProbeConfig', 'LinearProbes', 'HiddenProbePredictor',), "predictors"),
+    **dict.fromkeys(('PREDICTORS', 'HIDDEN_PREDICTORS', 'PRE_ATTENTION_PREDICTORS', 'Predictor', 'RandomPredictor', 'PriorPredictor', 'SameExpertPredictor', 'CHUNK_ROWS', 'target_gates', 'NGramPredictor', 'LookupPredictor', 'known_previous', 'PrevTokenPredictor', 'HistoryPredictor', 'MLPConfig', 'RoutingHistoryMLP', 'history_features', 'soft_cross_entropy', 'MLPPredictor', 'HistoryMLPPredictor', 'HiddenRouterPredictor', 'ProbeConfig', 'LinearProbes', 'HiddenProbePredictor',), "predictors"),
+    **dict.fromkeys(('PreAttentionProbePredictor', 'rms_normalise',), "pre_attention"),
     **dict.fromkeys(('SEED_CLAIMS', 'EvalConfig', 'make_predictor', 'SplitResult', 'mlp_dir', 'run_split', 'evaluate', 'summarize', 'metric_table', 'seed_table',), "evaluation"),
 }
 __all__ = list(_EXPORTS)

@@ -13,7 +13,15 @@ Mixtral's routing layout (32 MoE layers, top-2 of 8; :func:`routelib.routing.pre
 on B random hidden states and each predictor's ``predict_scores`` for B tokens (source layer 0,
 hop 1) are timed round-robin in one run (:func:`routelib.bench.compare`: warm-up, medians, several
 rounds), and each predictor's median is given as a share of the layer's median measured beside it.
-Not a test: a benchmark, run by hand; its table goes into README.
+
+The hidden-state predictors (``hidden_router``, ``hidden_probe``, ``pre_attn_probe``) read a hidden
+state of Mixtral's width instead of the routing: they are fitted on :func:`hidden_data`, synthetic
+routing of ``max(hidden_hops) + 1`` MoE layers with random N(0, 1) hidden and pre-attention states
+(float16, as :func:`~routelib.routing.predict.dataset.attach_hidden_states` stores them) and the
+benchmarked layer's own router as every layer's router; their cost per call depends on the hidden
+size and E, not on the number of layers. They are timed at every hop of ``hidden_hops`` (hop h: layer
+l+h's router or probe on layer l's state; the table's ``hop`` column).
+Not a test: a benchmark, run by hand; its table goes into docs/05_next_expert_mlp.md.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from routelib.bench import compare
 from routelib.errors import ConfigError
 from routelib.routing import predict as P
 from routelib.routing.predict.bench_scale import SyntheticConfig, synthetic_routing
-from routelib.routing.predict.dataset import RoutingData
+from routelib.routing.predict.dataset import HiddenStates, RoutingData
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -47,9 +55,13 @@ class PrefetchBenchConfig:
     num_layers: int = 32  # MoE layers of the traces the predictors read (Mixtral-8x7B: 32)
     dtype: str = "bf16"  # the layer's weights and inputs: bf16 (Mixtral's own) or fp32
     batch_sizes: str = "1,8,64"  # tokens per call, comma-separated
-    predictors: str = "prior,lookup,ngram,history,mlp,mlp_history"  # from routelib.routing.predict.predictors.PREDICTORS
+    predictors: str = ("prior,lookup,ngram,history,mlp,mlp_history,"  # from routelib.routing.predict.predictors
+                       "hidden_router,hidden_probe,pre_attn_probe")  # .PREDICTORS
     train_tokens: int = 50_000  # synthetic tokens the predictors are fitted on (500 per problem)
+    hidden_tokens: int = 1500  # synthetic tokens with hidden states (500 per problem; the last problem timed)
+    hidden_hops: str = "1,2,3"  # hops the hidden-state predictors are timed at
     mlp_steps: int = 200  # MLP training steps (its cost per prediction does not depend on them)
+    probe_steps: int = 20  # linear-probe training steps (likewise)
     rounds: int = 3  # round-robin rounds of the timing (routelib.bench.compare)
     min_time_s: float = 0.3  # timed time per function and round, at least 5 calls
     threads: int = 1  # torch CPU threads
@@ -62,6 +74,15 @@ class PrefetchBenchConfig:
             raise ConfigError(f"batch_sizes={self.batch_sizes!r}: expected integers like '1,8,64'") from None
         if not out or min(out) < 1:
             raise ConfigError(f"batch_sizes={self.batch_sizes!r}: need integers >= 1")
+        return out
+
+    def hops(self) -> list[int]:
+        try:
+            out = [int(h) for h in self.hidden_hops.split(",") if h.strip()]
+        except ValueError:
+            raise ConfigError(f"hidden_hops={self.hidden_hops!r}: expected integers like '1,2,3'") from None
+        if not out or min(out) < 1:
+            raise ConfigError(f"hidden_hops={self.hidden_hops!r}: need integers >= 1")
         return out
 
 
@@ -120,52 +141,94 @@ def synthetic_data(cfg: PrefetchBenchConfig) -> RoutingData:
                        vocab_size=syn.vocab, manifest=manifest)
 
 
+def hidden_data(cfg: PrefetchBenchConfig, router: torch.nn.Module) -> RoutingData:
+    """Synthetic routing of ``max(hidden_hops) + 1`` MoE layers (the first layers of
+    :func:`synthetic_data`'s structure) with random N(0, 1) router inputs and pre-attention states of
+    Mixtral's hidden size in float16, and ``router`` as every layer's router."""
+    layers = max(cfg.hops()) + 1
+    if layers > cfg.num_layers:
+        raise ConfigError(f"hidden_hops={cfg.hidden_hops!r}: hops up to {cfg.num_layers - 1} for {cfg.num_layers} layers")
+    if cfg.hidden_tokens < 1000:
+        raise ConfigError(f"hidden_tokens={cfg.hidden_tokens}: need at least 1000 (two problems of 500)")
+    small = dataclasses.replace(cfg, train_tokens=cfg.hidden_tokens)
+    data = synthetic_data(small)
+    data = dataclasses.replace(data, experts=np.ascontiguousarray(data.experts[:, :layers]),
+                               weights=np.ascontiguousarray(data.weights[:, :layers]),
+                               manifest={**data.manifest, "layout": {**data.manifest["layout"], "num_moe_layers": layers}})
+    rng = np.random.default_rng(cfg.seed + 1)
+    shape = (len(data), layers, cfg.hidden_size)  # (N, L, H)
+    states = [rng.standard_normal(shape, dtype=np.float32).astype(np.float16) for _ in range(2)]
+    data.hidden = HiddenStates(states[0], [router] * layers, "synthetic", 1.0, None, states[1])
+    return data
+
+
+def _held_out(data: RoutingData) -> tuple[RoutingData, RoutingData]:
+    """(train, test): the last tenth of the problems (at least one) held out whole."""
+    cut = len(data) - 500 * max(1, len(data.problems) // 10)
+    return data.take(slice(0, cut)), data.take(slice(cut, len(data)))
+
+
 def cost_table(cfg: PrefetchBenchConfig) -> pd.DataFrame:
-    """One row per (batch, name): median ms per call, us per token, and ``pct_of_layer`` = 100 x
-    median / the layer's median at that batch, all from one round-robin run."""
+    """One row per (batch, name, hop): median ms per call, us per token, and ``pct_of_layer`` = 100 x
+    median / the layer's median at that batch, all from one round-robin run (``hop`` is NaN for the layer)."""
     torch.set_num_threads(cfg.threads)
-    data = synthetic_data(cfg)
-    cut = len(data) - 500 * max(1, len(data.problems) // 10)  # the last tenth of the problems: whole problems held out
-    train, test = data.take(slice(0, cut)), data.take(slice(cut, len(data)))
-    pairs = P.layer_pairs(cfg.num_layers, [1])
-    ecfg = P.EvalConfig(predictors=cfg.predictors, mlp_steps=cfg.mlp_steps, seed=cfg.seed)
-    fitted = {name: P.make_predictor(name, ecfg).fit(train, pairs) for name in ecfg.predictor_names()}
+    ecfg = P.EvalConfig(predictors=cfg.predictors, mlp_steps=cfg.mlp_steps, probe_steps=cfg.probe_steps, seed=cfg.seed)
+    names = ecfg.predictor_names()
     layer = mixtral_layer(cfg)
+    timed = {}  # label -> (fitted predictor, test rows, hop)
+    routing = [n for n in names if n not in P.HIDDEN_PREDICTORS]
+    if routing:
+        train, test = _held_out(synthetic_data(cfg))
+        pairs = P.layer_pairs(cfg.num_layers, [1])
+        timed |= {(n, 1): (P.make_predictor(n, ecfg).fit(train, pairs), test, 1) for n in routing}
+    hidden = [n for n in names if n in P.HIDDEN_PREDICTORS]
+    if hidden:
+        train, test = _held_out(hidden_data(cfg, layer.gate))
+        pairs = P.layer_pairs(train.num_layers, cfg.hops())
+        for n in hidden:
+            fitted = P.make_predictor(n, ecfg).fit(train, pairs)
+            timed |= {(n, h): (fitted, test, h) for h in cfg.hops()}
     gen = torch.Generator().manual_seed(cfg.seed)
     frames = []
     for batch in cfg.batches():
         if batch > 400:
             raise ConfigError(f"batch {batch}: at most 400 (the generated tokens of one held-out problem)")
         x = torch.randn(1, batch, cfg.hidden_size, generator=gen).to(DTYPES[cfg.dtype])  # (1, B, H)
-        part = test.take(slice(100, 100 + batch))  # B generated tokens of one held-out problem
 
         def run_layer(x=x):
             with torch.no_grad():
                 return layer(x)
 
-        fns = {"moe_layer": run_layer,
-               **{name: (lambda p=p, d=part: p.predict_scores(d, 0, 1)) for name, p in fitted.items()}}
+        fns = {"moe_layer": run_layer}
+        for (name, hop), (p, test, _) in timed.items():
+            part = test.take(slice(100, 100 + batch))  # B generated tokens of one held-out problem
+            fns[f"{name}@{hop}"] = lambda p=p, d=part, h=hop: p.predict_scores(d, 0, h)
         df = compare(fns, baseline="moe_layer", rounds=cfg.rounds, min_time_s=cfg.min_time_s, device="cpu")
         layer_ms = float(df.loc[df["name"] == "moe_layer", "median_ms"].iloc[0])
-        frames.append(df.assign(batch=batch, us_per_token=1e3 * df["median_ms"] / batch,
-                                pct_of_layer=100 * df["median_ms"] / layer_ms))
+        label = df["name"].str.split("@")
+        frames.append(df.assign(name=label.str[0], hop=pd.to_numeric(label.str[1]), batch=batch,
+                                us_per_token=1e3 * df["median_ms"] / batch, pct_of_layer=100 * df["median_ms"] / layer_ms))
     out = pd.concat(frames, ignore_index=True)
     out.attrs["config"] = dataclasses.asdict(cfg)
-    return out[["batch", "name", "median_ms", "p10_ms", "p90_ms", "repeats", "us_per_token", "pct_of_layer"]]
+    return out[["batch", "name", "hop", "median_ms", "p10_ms", "p90_ms", "repeats", "us_per_token", "pct_of_layer"]]
 
 
 def markdown(table: pd.DataFrame) -> str:
-    """The README table: one row per name, per batch the median ms and the share of the layer."""
+    """The docs table: one row per (name, hop), per batch the median ms and the share of the layer;
+    a predictor timed at several hops is named with its hop."""
     batches = sorted(table["batch"].unique())
     head = "| | " + " | ".join(f"B = {b}: ms | % of layer" for b in batches) + " |"
     rule = "|---|" + "---:|---:|" * len(batches)
     lines = [head, rule]
-    for name in dict.fromkeys(table["name"]):
+    hops = table.groupby("name", sort=False)["hop"].nunique()
+    for name, hop in dict.fromkeys((n, None if pd.isna(h) else int(h)) for n, h in zip(table["name"], table["hop"])):
         cells = []
         for b in batches:
-            row = table[(table["batch"] == b) & (table["name"] == name)].iloc[0]
+            same = (table["batch"] == b) & (table["name"] == name)
+            row = table[same & (table["hop"].isna() if hop is None else table["hop"] == hop)].iloc[0]
             cells += [f"{row['median_ms']:.3g}", f"{row['pct_of_layer']:.3g}"]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        label = f"{name}, hop {hop}" if hops[name] > 1 else name
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -18,6 +18,13 @@ forward pass per problem over the traced tokens (positions 0..n-1) and checks th
 choose exactly the traced experts. If the model that routed the traces cannot be loaded,
 :class:`HiddenStatesUnavailable` says so.
 
+The pre-attention state (``pre_attention=True``): for each MoE layer l, the residual stream entering
+its decoder block, before that block's attention (for block 0 the token embeddings; for block l > 0 the
+output of block l - 1). At a decoding step it exists as soon as block l - 1 has finished -- before
+layer l's attention, so one attention earlier than layer l's router input. It depends on the current
+and earlier tokens only (causal attention), never on a later token or a later layer. The pre-attention
+predictor (:mod:`.pre_attention`) reads it.
+
 :class:`PredictorError` is the error of the whole prediction package (:mod:`.expert_metrics`,
 :mod:`.splits` and :mod:`.predictors` raise it too); it lives here, in the module they all build on.
 """
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -61,9 +69,12 @@ class HiddenStates:
     model_name: str  # name or path of the model
     agreement: float  # fraction of (token, layer) whose recomputed top-k set equals the traced one
     model: nn.Module | None = field(default=None, repr=False)  # the model itself (its MoE blocks are timed)
+    pre_attention: np.ndarray | None = field(default=None, repr=False)  # (N, L, H) float16: the residual
+    # stream entering the decoder block of MoE layer l, before its attention; None: not captured
 
     def take(self, rows: np.ndarray) -> "HiddenStates":
-        return dataclasses.replace(self, x=self.x[rows])
+        pre = self.pre_attention[rows] if self.pre_attention is not None else None
+        return dataclasses.replace(self, x=self.x[rows], pre_attention=pre)
 
 
 @dataclass
@@ -235,7 +246,7 @@ def _load_model(model, manifest: dict, device: str | None = None):
     name = model or trace_info(manifest).model
     if not name:
         raise HiddenStatesUnavailable("the trace manifest names no model: pass model=<local path> (CLI: --model) "
-                                      "for the hidden-state predictors, or leave hidden_router/hidden_probe out")
+                                      "for the hidden-state predictors, or leave hidden_router/hidden_probe/pre_attn_probe out")
     local = resolve_trace_dir(name)
     try:
         device_map = "auto" if device not in (None, "cpu") and torch.cuda.is_available() else None
@@ -244,12 +255,34 @@ def _load_model(model, manifest: dict, device: str | None = None):
         raise HiddenStatesUnavailable(
             f"the hidden-state predictors need the model that routed these traces, {name!r}, and it cannot be "
             f"loaded here ({type(err).__name__}: {' '.join(str(err).split())[:200]}). Pass model=<local path> (CLI: --model), or "
-            f"leave hidden_router/hidden_probe out of the predictors.") from None
+            f"leave hidden_router/hidden_probe/pre_attn_probe out of the predictors.") from None
+
+
+def decoder_blocks(model: nn.Module, router_names: Sequence[str]) -> list[nn.Module]:
+    """The decoder block (transformer layer) holding each router: the module named by the router's name
+    up to its layer index (``model.layers.3.block_sparse_moe.gate`` -> ``model.layers.3``)."""
+    blocks = []
+    for name in router_names:
+        m = re.match(r"^(.*?\.\d+)(?:\.|$)", name)
+        if m is None:
+            raise HiddenStatesUnavailable(f"router {name!r}: its name holds no layer index, so the decoder block "
+                                          f"whose input is the pre-attention state cannot be found")
+        blocks.append(model.get_submodule(m.group(1)))
+    return blocks
+
+
+def _block_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a decoder block is called with (positional or ``hidden_states=``)."""
+    x = kwargs.get("hidden_states", args[0] if args else None)
+    if not isinstance(x, torch.Tensor):
+        raise HiddenStatesUnavailable("a decoder block was called without a hidden-states tensor; the "
+                                      "pre-attention state cannot be read from this architecture")
+    return x
 
 
 @torch.no_grad()
 def attach_hidden_states(data: RoutingData, model=None, *, batch_tokens: int = 8192, device: str | None = None,
-                         progress: bool = True) -> HiddenStates:
+                         progress: bool = True, pre_attention: bool = False) -> HiddenStates:
     """Recompute what every MoE router read for every traced token and attach it as ``data.hidden``.
 
     One forward pass per problem over its token ids (positions 0..n-1; sequences batched by length,
@@ -257,7 +290,9 @@ def attach_hidden_states(data: RoutingData, model=None, *, batch_tokens: int = 8
     them). model: a loaded model, a path or hub name, or None for the manifest's ``name_or_path``.
     Raises :class:`HiddenStatesUnavailable` when the model cannot be loaded or its router weights
     differ from the manifest's ``router_weights_sha256``; ``agreement`` (the fraction of (token,
-    layer) pairs whose recomputed top-k set equals the traced one) must then be ~1.
+    layer) pairs whose recomputed top-k set equals the traced one) must then be ~1. ``pre_attention``:
+    also keep the input of each MoE layer's decoder block (forward pre-hooks on the blocks,
+    :func:`decoder_blocks`) as ``pre_attention``.
     """
     from routelib.progress import progress_bar
     from routelib.routing.record.routers import find_routers, model_info, split_router_output
@@ -286,6 +321,12 @@ def attach_hidden_states(data: RoutingData, model=None, *, batch_tokens: int = 8
     captured: list[list] = [[] for _ in routers.modules]
     hooks = [m.register_forward_hook(lambda mod, args, out, i=i: captured[i].append((args[0], out)))
              for i, m in enumerate(routers.modules)]
+    blocks_in: list[list] = [[] for _ in routers.modules]
+    pre_all: np.ndarray | None = None
+    if pre_attention:
+        hooks += [b.register_forward_pre_hook(lambda mod, args, kwargs, i=i: blocks_in[i].append(_block_input(args, kwargs)),
+                                              with_kwargs=True)
+                  for i, b in enumerate(decoder_blocks(model, routers.names))]
     base = getattr(model, "base_model", model)
     seqs.sort(key=len)
     batches, cur = [], []
@@ -304,7 +345,7 @@ def attach_hidden_states(data: RoutingData, model=None, *, batch_tokens: int = 8
             for j, rows in enumerate(batch):
                 ids[j, :len(rows)] = torch.from_numpy(data.token_id[rows])
                 mask[j, :len(rows)] = 1
-            for store in captured:
+            for store in captured + blocks_in:
                 store.clear()
             base(input_ids=ids.to(dev), attention_mask=mask.to(dev))
             keep = mask.flatten().bool().to(dev)  # (B*T,)
@@ -320,6 +361,11 @@ def attach_hidden_states(data: RoutingData, model=None, *, batch_tokens: int = 8
                 if chosen is None:
                     chosen = torch.topk(logits.float(), data.top_k, dim=-1).indices
                 ids_all[target, layer] = chosen.reshape(-1, chosen.shape[-1])[keep][:, :data.top_k].cpu().numpy()
+                if pre_attention:
+                    (block_x,) = blocks_in[layer]  # (B, T, H): the block's input, before its attention
+                    if pre_all is None:
+                        pre_all = np.zeros((len(data), data.num_layers, block_x.shape[-1]), np.float16)
+                    pre_all[target, layer] = block_x.reshape(-1, block_x.shape[-1])[keep].float().cpu().numpy()
             bar.update(len(batch))
     finally:
         for h in hooks:
@@ -330,7 +376,7 @@ def attach_hidden_states(data: RoutingData, model=None, *, batch_tokens: int = 8
     agreement = float((np.sort(ids_all, 2) == np.sort(data.experts, 2)).all(2).mean())
     name = str(given if isinstance(given, str) and given else  # as the caller / manifest names it, not
                trace_info(data.manifest).model or getattr(model, "name_or_path", ""))  # resolved
-    data.hidden = HiddenStates(x_all, list(routers.modules), name, agreement, model)
+    data.hidden = HiddenStates(x_all, list(routers.modules), name, agreement, model, pre_all)
     return data.hidden
 
 
@@ -339,3 +385,12 @@ def need_hidden(data: RoutingData, who: str) -> HiddenStates:
         raise HiddenStatesUnavailable(f"{who} needs the hidden states of the model that routed the traces: call "
                                       f"attach_hidden_states(data) on the full traces before splitting")
     return data.hidden
+
+
+def need_pre_attention(data: RoutingData, who: str) -> np.ndarray:
+    """(N, L, H) the pre-attention states of ``data``, or a clear error saying how to attach them."""
+    hidden = need_hidden(data, who)
+    if hidden.pre_attention is None:
+        raise HiddenStatesUnavailable(f"{who} needs the pre-attention states (each MoE layer's decoder-block input): "
+                                      f"call attach_hidden_states(data, pre_attention=True) on the full traces")
+    return hidden.pre_attention

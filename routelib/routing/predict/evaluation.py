@@ -26,7 +26,9 @@ from routelib.routing.predict.metrics import METRICS, chance_metrics, routing_me
 from routelib.routing.predict.dataset import (PredictorError, RoutingData, resolve_trace_dir, attach_hidden_states, layer_pairs,
                                            load_routing)
 from routelib.routing.predict.splits import SPLITS, SUBSETS, Split, describe_split, make_splits, subset_masks
-from routelib.routing.predict.predictors import (HIDDEN_PREDICTORS, PREDICTORS, HiddenProbePredictor, HiddenRouterPredictor,
+from routelib.routing.predict.pre_attention import PreAttentionProbePredictor
+from routelib.routing.predict.predictors import (HIDDEN_PREDICTORS, PRE_ATTENTION_PREDICTORS, PREDICTORS,
+                                              HiddenProbePredictor, HiddenRouterPredictor,
                                               HistoryMLPPredictor, HistoryPredictor, LookupPredictor, MLPConfig,
                                               MLPPredictor, NGramPredictor, Predictor, PrevTokenPredictor,
                                               PriorPredictor, ProbeConfig, RandomPredictor, SameExpertPredictor)
@@ -49,7 +51,7 @@ class EvalConfig:
     trace_dir: str = "routing_data_collected/moe-subject"  # trace folder (absolute, or relative to the repo root)
     split: str = "problem"  # comma list of split kinds: problem | dataset | token
     hops: str = "1"  # comma list of hops h >= 1: predict layer l+h from layer l
-    predictors: str = "random,prior,same,lookup,ngram,prev_token,history,mlp"  # from PREDICTORS (hidden_*: the model)
+    predictors: str = "random,prior,same,lookup,ngram,prev_token,history,mlp"  # from PREDICTORS (hidden_*, pre_attn_*: the model)
     subsets: str = "all"  # comma list of test subsets reported: all | prompt | generated | unique
     test_fraction: float = 0.25  # share of problems (or tokens) held out per dataset
     seed: int = 0  # split, random predictor, MLP and probe
@@ -67,7 +69,7 @@ class EvalConfig:
     probe_steps: int = 200  # linear-probe optimizer steps
     probe_batch: int = 512  # linear-probe tokens per step
     probe_lr: float = 3e-3  # linear-probe peak learning rate
-    model: str | None = None  # model for hidden_* predictors; None: the manifest's name_or_path
+    model: str | None = None  # model for the hidden-state predictors; None: the manifest's name_or_path
     hidden_batch_tokens: int = 8192  # padded tokens per forward pass when recomputing hidden states
     out_dir: str | None = None  # trained MLPs are saved here (relative to the repo root); None: not saved
     device: str = "cpu"  # where the MLP and probes train: cpu | cuda | auto
@@ -125,6 +127,7 @@ def make_predictor(name: str, cfg: EvalConfig | None = None, out_dir: str | os.P
         "mlp_history": lambda: HistoryMLPPredictor(cfg.mlp_config(), out_dir, cfg.history_prompt),
         "hidden_router": HiddenRouterPredictor,
         "hidden_probe": lambda: HiddenProbePredictor(cfg.probe_config()),
+        "pre_attn_probe": lambda: PreAttentionProbePredictor(cfg.probe_config()),
     }
     if name not in makers:
         raise PredictorError(f"unknown predictor {name!r}; choose from {', '.join(PREDICTORS)}")
@@ -182,7 +185,8 @@ def evaluate(source: str | os.PathLike | RoutingData | None = None, cfg: EvalCon
     """Fit and score every predictor on every split of ``cfg`` (fields may be overridden by keyword).
 
     source: a trace directory, loaded :class:`RoutingData` (hidden states attached or not), or None
-    for ``cfg.trace_dir``. Hidden states are recomputed (once) when a hidden_* predictor is asked for.
+    for ``cfg.trace_dir``. Hidden states are recomputed (once) when a hidden-state predictor is asked for
+    (with the pre-attention states when ``pre_attn_probe`` is).
     Returns the per-layer table: split, train, test, predictor, subset, hop, layer, target_layer, n
     and the four metrics; :func:`summarize` averages it over layers (the comparison table).
     ``.attrs["splits"]`` says in one line per split what was held out (:func:`describe_split`).
@@ -191,8 +195,11 @@ def evaluate(source: str | os.PathLike | RoutingData | None = None, cfg: EvalCon
     data = source if isinstance(source, RoutingData) else load_routing(source if source is not None else cfg.trace_dir)
     if len(data) == 0:
         raise PredictorError("the traces hold no tokens")
-    if data.hidden is None and set(cfg.predictor_names()) & set(HIDDEN_PREDICTORS):
-        attach_hidden_states(data, cfg.model, batch_tokens=cfg.hidden_batch_tokens, device=cfg.device)
+    names = set(cfg.predictor_names())
+    pre = bool(names & set(PRE_ATTENTION_PREDICTORS))
+    if names & set(HIDDEN_PREDICTORS) and (data.hidden is None or (pre and data.hidden.pre_attention is None)):
+        attach_hidden_states(data, cfg.model, batch_tokens=cfg.hidden_batch_tokens, device=cfg.device,
+                             pre_attention=pre)
     splits = [split for kind in cfg.split_kinds() for split in make_splits(data, kind, cfg.seed, cfg.test_fraction)]
     out = pd.concat([run_split(data, split, cfg).metrics for split in splits], ignore_index=True)
     out.attrs["splits"] = [describe_split(data, split) for split in splits]
@@ -211,10 +218,11 @@ def summarize(per_layer: pd.DataFrame) -> pd.DataFrame:
         .drop(columns="_order").reset_index(drop=True)
 
 
-def metric_table(summary: pd.DataFrame, columns: str, metric: str = "top1", **where) -> pd.DataFrame:
-    """One metric of :func:`summarize`'s table as predictor (rows, table order) x ``columns``, over the
-    rows whose columns equal ``where`` (e.g. ``hop=1, subset="all"``). ``columns="direction"``
-    gives one column per split and direction ("dataset: humaneval -> gsm8k")."""
+def metric_table(summary: pd.DataFrame, columns: str | list[str], metric: str = "top1", **where) -> pd.DataFrame:
+    """One metric of :func:`summarize`'s table as predictor (rows, table order) x ``columns`` (one
+    column name, or several: a column per combination), over the rows whose columns equal ``where``
+    (e.g. ``hop=1, subset="all"``). ``columns="direction"`` gives one column per split and direction
+    ("dataset: humaneval -> gsm8k")."""
     rows = summary.assign(direction=summary["split"] + ": " + summary["train"] + " -> " + summary["test"])
     for key, value in where.items():
         rows = rows[rows[key] == value]

@@ -230,22 +230,26 @@ def decoding_rows(data, generated_only: bool = True) -> np.ndarray:
     return np.concatenate(rows)
 
 
-def predictor_predictions(data, predictor, m: int, generated_only: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(requests, predictions) in decoding order for a fitted one-hop predictor (``predict_scores(data,
-    l - 1, 1)``): layer l's top-m guesses come from what layer l - 1 of the same token routed (issue
-    them with ``lead=1``); layer 0 has nothing before it in the token and guesses the previous token's
-    layer-0 experts. Only what exists at decode time is used."""
+def predictor_predictions(data, predictor, m: int, generated_only: bool = True,
+                          hop: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(requests, predictions) in decoding order for a fitted predictor of ``hop`` (``predict_scores(data,
+    l - hop, hop)``): layer l's top-m guesses come from what layer l - hop of the same token knew (issue
+    them with ``lead=hop``); the first ``hop`` layers have no such source in the token and guess the
+    previous token's experts at the same layer (it has passed that layer by then). Only what exists at
+    decode time is used."""
     rows = decoding_rows(data, generated_only)
     requests = np.asarray(data.experts[rows], np.int64)  # (T, L, k)
     T, L, k = requests.shape
     if not 1 <= m <= data.num_experts:
         raise ConfigError(f"m={m}: need 1 <= m <= {data.num_experts}")
+    if not 1 <= hop < L:
+        raise ConfigError(f"hop={hop}: need 1 <= hop <= {L - 1} (the traces have {L} MoE layers)")
     out = np.zeros((T, L, m), np.int64)
-    for layer in range(1, L):
-        scores = predictor.predict_scores(data, layer - 1, 1)[rows]  # (T, E)
+    for layer in range(hop, L):
+        scores = predictor.predict_scores(data, layer - hop, hop)[rows]  # (T, E)
         out[:, layer] = np.argsort(-scores, axis=1, kind="stable")[:, :m]
-    prev = np.concatenate([requests[:1, 0], requests[:-1, 0]])  # (T, k): the previous token's layer 0
-    out[:, 0] = np.pad(prev, ((0, 0), (0, max(0, m - k))), mode="edge")[:, :m]
+    prev = np.concatenate([requests[:1, :hop], requests[:-1, :hop]])  # (T, hop, k): the previous token's
+    out[:, :hop] = np.pad(prev, ((0, 0), (0, 0), (0, max(0, m - k))), mode="edge")[..., :m]
     return requests, out
 
 

@@ -34,6 +34,9 @@ l's router has run:
                    observation: adjacent layers' gate inputs are close)
 ``hidden_probe``   a linear probe per (l, h) on that same hidden state, initialised from the router
                    of layer l+h and trained (Pre-gated MoE trains such a "pre-gate")
+``pre_attn_probe`` the same probe on the residual stream *entering* layer l's block, before its
+                   attention (:mod:`.pre_attention`): known one attention earlier than layer l's
+                   router input, so its lead is longer
 =================  =================================================================================
 
 *The previous token, leak-free.* At a decoding step the previous token has passed every layer, so
@@ -70,10 +73,11 @@ from routelib.routing.predict.dataset import (HiddenStatesUnavailable, Predictor
                                            check_pair, gate_vectors, row_keys)
 
 
-#: Every predictor name, in table order; those after "mlp" need the model's hidden states.
+#: Every predictor name, in table order; those after "mlp_history" need the model's hidden states.
 PREDICTORS = ("random", "prior", "same", "lookup", "ngram", "prev_token", "history", "mlp", "mlp_history",
-              "hidden_router", "hidden_probe")
-HIDDEN_PREDICTORS = ("hidden_router", "hidden_probe")
+              "hidden_router", "hidden_probe", "pre_attn_probe")
+HIDDEN_PREDICTORS = ("hidden_router", "hidden_probe", "pre_attn_probe")
+PRE_ATTENTION_PREDICTORS = ("pre_attn_probe",)  # they also need the pre-attention states
 
 
 
@@ -698,20 +702,29 @@ class HiddenProbePredictor(Predictor):
     def __init__(self, cfg: ProbeConfig | None = None):
         self.cfg = cfg or ProbeConfig()
 
+    def states(self, data: RoutingData) -> np.ndarray:
+        """(N, L, H) float16: the state the probe of source layer l reads -- here layer l's router input."""
+        return need_hidden(data, self.name).x
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., H) states as read from :meth:`states` -> the probe's float32 input (here unchanged)."""
+        return x.float()
+
     def _fit(self, train, pairs):
         cfg = self.cfg
         hidden = need_hidden(train, self.name)
+        states = self.states(train)  # (N, L, H)
         self.pairs = [tuple(p) for p in pairs]
         sources = torch.tensor([layer for layer, _ in pairs])  # (P,)
         targets_l = torch.tensor([layer + hop for layer, hop in pairs])  # (P,)
-        self.net = LinearProbes(len(pairs), hidden.x.shape[2], train.num_experts)
+        self.net = LinearProbes(len(pairs), states.shape[2], train.num_experts)
         if cfg.init_from_router:
             for p, t in enumerate(targets_l.tolist()):
                 weight = next((w for w in hidden.routers[t].parameters()
-                               if tuple(w.shape) == (train.num_experts, hidden.x.shape[2])), None)
+                               if tuple(w.shape) == (train.num_experts, states.shape[2])), None)
                 if weight is not None:
                     self.net.weight.data[p] = weight.detach().float().cpu()
-        x = torch.from_numpy(hidden.x)  # (N, L, H) float16
+        x = torch.from_numpy(states)  # (N, L, H) float16
         gates = torch.from_numpy(np.stack([gate_vectors(train.experts[:, t], train.weights[:, t], train.num_experts)
                                            for t in range(train.num_layers)], 1))  # (N, L, E)
 
@@ -721,7 +734,7 @@ class HiddenProbePredictor(Predictor):
             return x[rows], gates[rows][:, targets_l]  # (B, L, H) float16, (B, P, E)
 
         def loss_fn(net, xb, yb):
-            loss = soft_cross_entropy(net(xb[:, sources.to(xb.device)].float()), yb)  # (B, P, H) -> (B, P, E)
+            loss = soft_cross_entropy(net(self.prepare(xb[:, sources.to(xb.device)])), yb)  # (B, P, H) -> (B, P, E)
             return loss, {"ce": loss.detach()}
 
         result = _train_module(self.net, batch_fn, loss_fn, steps=cfg.steps, lr=cfg.lr, weight_decay=0.0,
@@ -732,8 +745,8 @@ class HiddenProbePredictor(Predictor):
     @torch.no_grad()
     def _predict(self, data, layer, hop):
         if (layer, hop) not in self.pairs:
-            raise PredictorError(f"hidden_probe: trained for (layer, hop) pairs {self.pairs}, not ({layer}, {hop})")
+            raise PredictorError(f"{self.name}: trained for (layer, hop) pairs {self.pairs}, not ({layer}, {hop})")
         p = self.pairs.index((layer, hop))
         weight, bias = self.net.weight[p], self.net.bias[p]  # (E, H), (E,)
-        x = torch.from_numpy(need_hidden(data, self.name).x[:, layer]).to(weight.device, weight.dtype)  # (N, H)
+        x = self.prepare(torch.from_numpy(self.states(data)[:, layer])).to(weight.device)  # (N, H)
         return torch.softmax(x @ weight.T + bias, -1).cpu().numpy()  # (N, E)

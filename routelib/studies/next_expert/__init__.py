@@ -13,7 +13,11 @@ them: :func:`hidden_states` attaches the routers' inputs when the model is here 
 not (the notebook then leaves the hidden-state predictors and the cost against the model's layer out);
 :func:`fit_hops` keeps the hops the traces' layers allow; :func:`order_checks` lists the orders of the
 predictors the notebook reports (asserted on the shipped traces only, :func:`reports_shipped_traces`);
-:func:`headline` keeps the numbers the run has.
+:func:`headline` keeps the numbers the run has. :func:`hops_by_split` tabulates the predictors at hops
+1-3 on the problem and dataset splits. Section 9 (what prediction buys in tokens per second):
+:func:`prefetch_guesses` turns each fitted predictor of :data:`PREFETCH_SOURCES` into guesses issued
+``hop`` layers ahead, :func:`offload_runs` replays them through the offloading model on every machine
+profile and cache policy, and :func:`offload_order` checks the order of :data:`OFFLOAD_ORDER`.
 """
 
 from __future__ import annotations
@@ -21,13 +25,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
 from routelib.errors import ConfigError
-from routelib.routing.predict import prefetch
+from routelib.routing.predict import offload, prefetch
 from routelib.routing.predict.dataset import HiddenStates, HiddenStatesUnavailable, RoutingData, attach_hidden_states
 from routelib.routing.predict.evaluation import SEED_CLAIMS, EvalConfig, SplitResult, metric_table
-from routelib.routing.predict.predictors import HIDDEN_PREDICTORS
+from routelib.routing.predict.predictors import HIDDEN_PREDICTORS, PRE_ATTENTION_PREDICTORS
 from routelib.routing.record.traces import resolve_trace_dir
 
 
@@ -48,7 +53,18 @@ class NextExpertConfig(EvalConfig):
 #: shipped traces: (better, worse).
 ORDERS = (("ngram", "lookup"), ("lookup", "prior"), ("prior", "chance"), ("hidden_router", "lookup"),
           ("ngram", "hidden_router"), ("mlp", "ngram"), ("history", "ngram"), ("hidden_probe", "mlp"),
-          ("hidden_probe", "hidden_router"))
+          ("hidden_probe", "hidden_router"), ("hidden_probe", "pre_attn_probe"), ("pre_attn_probe", "mlp"))
+
+#: Section 9's prefetch sources: label -> (predictor, hop), or None for no prefetch. A hop-h source
+#: predicts layer l from layer l - h and is issued h layer visits ahead (``lead=h``); "perfect" is the
+#: true experts, the bound of any predictor at that lead.
+PREFETCH_SOURCES = {"none": None, "mlp": ("mlp", 1), "hidden_probe": ("hidden_probe", 1),
+                    "hidden_probe_h2": ("hidden_probe", 2), "hidden_probe_h3": ("hidden_probe", 3),
+                    "pre_attn_probe": ("pre_attn_probe", 1), "perfect": ("perfect", 1), "perfect_h3": ("perfect", 3)}
+
+#: The order of prefetch sources by tokens per second that section 9 reports on the shipped traces,
+#: for every machine profile and cache policy (best first).
+OFFLOAD_ORDER = ("perfect", "none", "hidden_probe", "pre_attn_probe", "mlp")
 
 
 def reports_shipped_traces(cfg: EvalConfig) -> bool:
@@ -74,11 +90,15 @@ def fit_hops(cfg: NextExpertConfig, num_layers: int) -> tuple[NextExpertConfig, 
 
 def hidden_states(data: RoutingData, cfg: EvalConfig) -> tuple[HiddenStates | None, str | None]:
     """(the hidden states, None) attached to ``data`` when ``cfg`` asks for a hidden-state predictor
-    and the model that routed the traces can be loaded here; else (None, why not in one line)."""
-    if not set(cfg.predictor_names()) & set(HIDDEN_PREDICTORS):
-        return None, "no hidden-state predictor among the predictors (add hidden_router,hidden_probe, with the model)"
+    and the model that routed the traces can be loaded here (the pre-attention states too when it asks
+    for ``pre_attn_probe``); else (None, why not in one line)."""
+    names = set(cfg.predictor_names())
+    if not names & set(HIDDEN_PREDICTORS):
+        return None, ("no hidden-state predictor among the predictors (add hidden_router,hidden_probe,pre_attn_probe, "
+                      "with the model)")
     try:
-        return attach_hidden_states(data, cfg.model, batch_tokens=cfg.hidden_batch_tokens, device=cfg.device), None
+        return attach_hidden_states(data, cfg.model, batch_tokens=cfg.hidden_batch_tokens, device=cfg.device,
+                                    pre_attention=bool(names & set(PRE_ATTENTION_PREDICTORS))), None
     except HiddenStatesUnavailable as err:
         return None, " ".join(str(err).split())
 
@@ -112,6 +132,62 @@ def latency(result: SplitResult, hidden, cfg: NextExpertConfig) -> pd.DataFrame:
                             min_time_s=cfg.bench_min_time_s))
 
 
+def hops_by_split(summary: pd.DataFrame, hops=(1, 2, 3), metric: str = "top1") -> pd.DataFrame:
+    """``metric`` on all test tokens as predictor x (split, hop), for the problem and dataset splits at
+    ``hops`` (the token split, run at one hop, is left out); a split is named "problem" or by its
+    direction ("gsm8k -> humaneval")."""
+    rows = summary[(summary["subset"] == "all") & summary["hop"].isin(list(hops)) & (summary["split"] != "token")]
+    rows = rows.assign(split=rows["split"].where(rows["split"] == "problem", rows["train"] + " -> " + rows["test"]))
+    table = metric_table(rows, ["split", "hop"], metric)
+    return table.reindex(columns=sorted(table.columns, key=lambda c: (c[0] != "problem", c[0], c[1])))
+
+
+def prefetch_guesses(test: RoutingData, predictors: dict, k: int, tokens: int, hops=(1, 2, 3),
+                     sources: dict = PREFETCH_SOURCES) -> tuple[np.ndarray, dict]:
+    """(requests (T, L, k), {label: (guesses (T, L, k) or None, lead)}) for the first ``tokens`` generated
+    test tokens in decoding order (:func:`routelib.routing.predict.offload.predictor_predictions`), one
+    entry per source of ``sources`` whose predictor was fitted (``predictors``, for the ``hops``) and
+    whose hop the layers allow."""
+    requests = offload.decoding_requests(test)[:tokens]
+    out = {}
+    for label, source in sources.items():
+        if source is None:
+            out[label] = (None, 1)
+            continue
+        name, hop = source
+        fitted = name == "perfect" or (name in predictors and hop in hops)
+        if hop >= test.num_layers or not fitted:
+            continue
+        guesses = requests if name == "perfect" else \
+            offload.predictor_predictions(test, predictors[name], m=k, hop=hop)[1][:tokens]
+        out[label] = (guesses, hop)
+    return requests, out
+
+
+def offload_runs(requests: np.ndarray, guesses: dict, num_experts: int, policies=("lru", "belady"),
+                 profiles=tuple(offload.PROFILES)) -> pd.DataFrame:
+    """:func:`routelib.routing.predict.offload.simulate` for every profile x policy x prefetch source of
+    ``guesses`` (from :func:`prefetch_guesses`): one row each (policy, prefetch, lead and
+    :meth:`~routelib.routing.predict.offload.OffloadResult.row`)."""
+    rows = []
+    for profile in profiles:
+        for policy in policies:
+            for label, (predicted, lead) in guesses.items():
+                result = offload.simulate(requests, num_experts, offload.PROFILES[profile], policy=policy,
+                                          predictions=predicted, lead=lead)
+                rows.append({"policy": policy, "prefetch": label, "lead": lead, **result.row()})
+    return pd.DataFrame(rows)
+
+
+def offload_order(runs: pd.DataFrame, order=OFFLOAD_ORDER) -> pd.DataFrame:
+    """Per (profile, policy) of ``runs``: the tokens per second of the sources of ``order`` that were run,
+    best first, and whether they fall in that order."""
+    table = runs.pivot_table(index=["profile", "policy"], columns="prefetch", values="tokens_per_s")
+    present = [name for name in order if name in table.columns]
+    out = table[present]
+    return out.assign(holds=(out.diff(axis=1).iloc[:, 1:] < 0).all(axis=1))
+
+
 def seed_gap(by_split: pd.DataFrame, by_subset: pd.DataFrame) -> pd.DataFrame:
     """Top-1 of the seed (Mixtral-8x7B, a random split over single layer transitions) beside ours on
     the token split (the closest to the seed's), on held-out problems, and on held-out problems'
@@ -128,10 +204,10 @@ def seed_gap(by_split: pd.DataFrame, by_subset: pd.DataFrame) -> pd.DataFrame:
 
 
 def headline(hop1: pd.DataFrame, by_split: pd.DataFrame, by_subset: pd.DataFrame, hit: pd.DataFrame | None,
-             latencies: pd.DataFrame | None, k: int) -> dict:
+             latencies: pd.DataFrame | None, k: int, by_hop: pd.DataFrame | None = None) -> dict:
     """Notebook 05's headline numbers, in a fixed order, as far as the run has them: a number whose
-    predictor was left out, whose test tokens are absent or whose section was skipped (``hit`` or
-    ``latencies`` None) is left out."""
+    predictor was left out, whose test tokens are absent or whose section was skipped (``hit``,
+    ``latencies`` or ``by_hop`` -- predictor x hop on held-out problems -- None) is left out."""
     token_split = by_split.filter(like="token")
     wanted = {
         "problem_split_top1_lookup": (hop1, "lookup", "top1"),
@@ -140,6 +216,7 @@ def headline(hop1: pd.DataFrame, by_split: pd.DataFrame, by_subset: pd.DataFrame
         "problem_split_top2_hit_mlp": (hop1, "mlp", "top2_hit"),
         "problem_split_top1_hidden_router": (hop1, "hidden_router", "top1"),
         "problem_split_top1_hidden_probe": (hop1, "hidden_probe", "top1"),
+        "problem_split_top1_pre_attn_probe": (hop1, "pre_attn_probe", "top1"),
         "token_split_top1_mlp": (token_split, "mlp", token_split.columns[0] if len(token_split.columns) else None),
         "unique_journeys_top1_mlp": (by_subset, "mlp", "unique"),
         "cache_hit_at_k_hidden_probe": (hit, "hidden_probe", k),
@@ -151,6 +228,9 @@ def headline(hop1: pd.DataFrame, by_split: pd.DataFrame, by_subset: pd.DataFrame
         "generated_top1_ngram": (by_subset, "ngram", "generated"),
         "cache_hit_at_k_history": (hit, "history", k),
         "cache_hit_at_k_ngram": (hit, "ngram", k),
+        "problem_split_hop2_top1_hidden_probe": (by_hop, "hidden_probe", 2),
+        "problem_split_hop3_top1_hidden_probe": (by_hop, "hidden_probe", 3),
+        "problem_split_hop3_top1_pre_attn_probe": (by_hop, "pre_attn_probe", 3),
     }
     out = {}
     for name, (table, row, column) in wanted.items():
