@@ -170,7 +170,7 @@ SAMPLED = TRACES_DIR / "moe-subject-sampled"
 def test_shipped_traces_validate(trace_dir):
     """Both shipped trace sets of the subject (greedy and sampled decoding of the same prompts): every
     shard's checksum and schema valid, HumanEval complete and >= 300 GSM8K problems, at least as many
-    generated-token journeys as the seed (29,463 HumanEval, 14,820 GSM8K), no token beyond the
+    generated-token journeys as the original Mixtral routing analysis (29,463 HumanEval, 14,820 GSM8K), no token beyond the
     subject's trained context, the decoding the folder's name says."""
     df = load_traces(trace_dir, columns=["dataset", "problem_id", "phase", "position"])
     m = df.attrs["manifest"]

@@ -1,4 +1,4 @@
-"""Record the expert routing of any Hugging Face MoE causal LM while it generates.
+"""Record the expert routing of any Hugging Face MoE causal LM while it generates, or over plain text.
 
 ``collect(model, tokenizer, prompts, out_dir, dataset=...)`` runs the prompts through
 ``model.generate`` (greedy by default, KV cache on, batches left-padded) and records, for every
@@ -49,6 +49,20 @@ Command line (the shipped traces were made this way; the command is stored in th
     python -m routelib.routing.record.collect --model data/moe-subject --datasets humaneval,gsm8k \\
         --out routing_data_collected/moe-subject [--max_new_tokens N --batch_size B --limit N]
 
+Plain text
+----------
+``collect_text(model, tokenizer, windows, out_dir)`` records routing over plain text instead of
+generating: the windows (:mod:`routelib.routing.record.text`) are consecutive, non-overlapping slices of
+``--window`` tokens of a token stream -- corpus domains (``--text code,math`` or ``--text all``; the held-out
+``validation`` split unless ``--split`` names others, read in order) or a file (``--text_file``: JSON lines
+with a ``"text"`` field, or plain text with documents separated by blank lines), at most ``--max_tokens``
+per domain or file. Each window is one row of one forward pass (no cache, no padding), every token phase
+``prompt``; the manifest records the source (domain and splits, or the file and its sha256) and the window
+length under ``datasets.<name>.text``. Resumable and ``--shard``-able like generation::
+
+    python -m routelib.routing.record.collect --model data/moe-subject --text all --split validation,test,train \\
+        --window 256 --max_tokens 51200 --batch_size 25 --out routing_data_collected/moe-subject-text
+
 With ``--backend vllm`` a vLLM engine generates instead (``enable_return_routed_experts=True``; GPU
 builds only, not yet run on a GPU) and its routed experts are imported (:mod:`.vllm`).
 """
@@ -76,14 +90,13 @@ from routelib.progress import progress_bar
 from routelib.io import TMP_MARK, sha256_file
 from routelib.routing.record import traces as T
 from routelib.routing.record.shards import shard_dir, shard_from_env
+from routelib.routing.record.text import TEXT_FORMATS, TextWindows, check_window
 from routelib.routing.record.routers import (EXPERT_COUNT_KEYS, SCORE_KINDS, Routers, RoutingRecorder, config_value,
                                               find_routers, load_model, model_info)
 
 DEFAULT_MAX_NEW_TOKENS = 128
 DEFAULT_BATCH_SIZE = 8
-
-DEFAULT_MAX_NEW_TOKENS = 128
-DEFAULT_BATCH_SIZE = 8
+DEFAULT_WINDOW = 256  # tokens per window of plain text (collect_text)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -374,7 +387,8 @@ def _open_manifest(out_dir: Path, dataset: str, resume: bool, minfo: dict, tinfo
                  {k: minfo.get(k) for k in _RESUME_MODEL_KEYS}, out_dir, hint)
         _compare("tokenizer", {"sha256": manifest["tokenizer"].get("sha256")}, {"sha256": tinfo["sha256"]}, out_dir, hint)
         if resume and ours and dataset in manifest["datasets"]:
-            old, keys = manifest["datasets"][dataset], ("num_problems", "prompts_sha256", "template", "generation", "shard")
+            old = manifest["datasets"][dataset]
+            keys = ("num_problems", "prompts_sha256", "template", "generation", "text", "shard")
             _compare(f"{dataset} run", {k: old.get(k) for k in keys}, {k: dinfo.get(k) for k in keys}, out_dir)
     if not resume:  # start this dataset over: drop its shards (listed or not) and its entry
         for path in out_dir.glob(f"{dataset}-*{T.SHARD_SUFFIX}"):
@@ -399,6 +413,67 @@ def _open_manifest(out_dir: Path, dataset: str, resume: bool, minfo: dict, tinfo
         manifest["command"] = command
     manifest["environment"] = environment_info()
     return manifest
+
+
+def _prepare_out_dir(out_dir: str | os.PathLike, dataset: str) -> Path:
+    """``out_dir`` created, without the temporary files a kill during a write of ``dataset`` left."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for tmp in out_dir.glob(f".{dataset}-*{T.SHARD_SUFFIX}{TMP_MARK}*"):
+        tmp.unlink(missing_ok=True)
+    return out_dir
+
+
+def _done_problems(out_dir: Path, manifest: dict, dataset: str, ids: list[str]) -> set[int]:
+    """Indices of the ``dataset`` problems already in ``out_dir`` (orphan shards adopted, every listed
+    shard checked intact); writes the manifest."""
+    _adopt_orphans(out_dir, manifest, dataset, ids)
+    done: set[int] = set()
+    for s in manifest["shards"]:
+        if s["dataset"] == dataset:
+            T.check_shard_file(out_dir / s["file"], s)  # a listed shard must be intact before we build on it
+            done.update(s["problem_indices"])
+    T.summarise_manifest(manifest)
+    T.write_trace_manifest(out_dir, manifest)
+    return done
+
+
+def _batch_layout(model, routers: Routers, recorder: RoutingRecorder, top_k: int, num_experts: int,
+                  full_distribution: bool) -> dict:
+    """The manifest's ``layout`` as the routers of one recorded batch show it."""
+    layout = {"num_moe_layers": len(routers.names), "moe_layers": routers.moe_layers,
+              "router_modules": routers.names, "routers_found_by": routers.source,
+              "top_k": int(top_k), "num_experts": int(num_experts),
+              "full_distribution": full_distribution, "experts_dtype": T.EXPERTS_DTYPE,
+              "weights_dtype": T.WEIGHTS_DTYPE, "probs_dtype": T.PROBS_DTYPE if full_distribution else None,
+              "weights_source": recorder.weights_source}
+    kinds = sorted(set(k for k in recorder.score_kinds if k))
+    layout["router_scores"] = kinds[0] if len(kinds) == 1 else recorder.score_kinds
+    layout["router_scores_meaning"] = {k: SCORE_KINDS.get(k, "not told from the data") for k in kinds}
+    zero = zero_computation_experts(model, int(num_experts))
+    if zero:  # ids the router may pick that run no expert (the token passes through)
+        layout["zero_computation_experts"] = zero
+    return layout
+
+
+def _set_layout(manifest: dict, layout: dict, out_dir: Path) -> None:
+    """Record ``layout`` in a new manifest; in one that has a layout, ConfigError unless it is the same."""
+    if manifest["layout"] is None:
+        manifest["layout"] = layout
+    else:
+        _compare("layout", {k: manifest["layout"].get(k) for k in _RESUME_LAYOUT_KEYS},
+                 {k: layout.get(k) for k in _RESUME_LAYOUT_KEYS}, out_dir)
+
+
+def _append_shard(out_dir: Path, manifest: dict, dataset: str, chunk: list[int], table) -> dict:
+    """Write the shard of one batch atomically, then the manifest that lists it; returns its entry."""
+    name = T.shard_name(dataset, chunk[0])
+    entry = {"file": name, "dataset": dataset, "problem_indices": list(map(int, chunk)), **T.shard_counts(table)}
+    entry.update(T.write_shard(out_dir / name, table))
+    manifest["shards"].append(entry)
+    T.summarise_manifest(manifest)
+    T.write_trace_manifest(out_dir, manifest)
+    return entry
 
 
 def collect(model, tokenizer, prompts: Sequence[str] | Mapping[str, str], out_dir: str | os.PathLike, *,
@@ -446,11 +521,7 @@ def collect(model, tokenizer, prompts: Sequence[str] | Mapping[str, str], out_di
     if not re.fullmatch(r"[A-Za-z0-9_.]+", dataset):
         raise ConfigError(f"dataset name {dataset!r}: use letters, digits, '_' and '.' only (it names files)")
     ids, texts = _as_prompts(prompts, problem_ids, dataset)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for tmp in out_dir.glob(f".{dataset}-*{T.SHARD_SUFFIX}{TMP_MARK}*"):
-        tmp.unlink(missing_ok=True)  # left by a kill during a write
-
+    out_dir = _prepare_out_dir(out_dir, dataset)
     routers = find_routers(model)
     pad_id, eos_ids = _special_ids(model, tokenizer)
     gen_config = generation_config_for(model, max_new_tokens=max_new_tokens, greedy=greedy, stop_at_eos=stop_at_eos,
@@ -472,14 +543,7 @@ def collect(model, tokenizer, prompts: Sequence[str] | Mapping[str, str], out_di
         dinfo["shard"] = [int(i), int(n)]  # resuming with another part is refused like other settings
 
     manifest = _open_manifest(out_dir, dataset, resume, minfo, tinfo, dinfo, command)
-    _adopt_orphans(out_dir, manifest, dataset, ids)
-    done: set[int] = set()
-    for s in manifest["shards"]:
-        if s["dataset"] == dataset:
-            T.check_shard_file(out_dir / s["file"], s)  # a listed shard must be intact before we build on it
-            done.update(s["problem_indices"])
-    T.summarise_manifest(manifest)
-    T.write_trace_manifest(out_dir, manifest)
+    done = _done_problems(out_dir, manifest, dataset, ids)
 
     pending = [i for i in range(len(ids)) if i not in done
                and (shard is None or (i // batch_size) % shard[1] == shard[0] - 1)]
@@ -504,34 +568,124 @@ def collect(model, tokenizer, prompts: Sequence[str] | Mapping[str, str], out_di
                 keep = _kept_columns(sequences, attention_mask, eos_ids, stop_at_eos)  # (B, P+G)
                 table = _batch_table(dataset, [ids[i] for i in chunk], chunk, sequences, attention_mask.shape[1], keep,
                                      experts, weights, probs, num_experts, texts_of)
-                layout = {"num_moe_layers": len(routers.names), "moe_layers": routers.moe_layers,
-                          "router_modules": routers.names, "routers_found_by": routers.source,
-                          "top_k": int(experts.shape[-1]), "num_experts": int(num_experts),
-                          "full_distribution": full_distribution, "experts_dtype": T.EXPERTS_DTYPE,
-                          "weights_dtype": T.WEIGHTS_DTYPE, "probs_dtype": T.PROBS_DTYPE if full_distribution else None,
-                          "weights_source": recorder.weights_source}
-                kinds = sorted(set(k for k in recorder.score_kinds if k))
-                layout["router_scores"] = kinds[0] if len(kinds) == 1 else recorder.score_kinds
-                layout["router_scores_meaning"] = {k: SCORE_KINDS.get(k, "not told from the data") for k in kinds}
-                zero = zero_computation_experts(model, int(num_experts))
-                if zero:  # ids the router may pick that run no expert (the token passes through)
-                    layout["zero_computation_experts"] = zero
-                if manifest["layout"] is None:
-                    manifest["layout"] = layout
-                else:
-                    _compare("layout", {k: manifest["layout"].get(k) for k in _RESUME_LAYOUT_KEYS},
-                             {k: layout.get(k) for k in _RESUME_LAYOUT_KEYS}, out_dir)
-                name = T.shard_name(dataset, chunk[0])
-                entry = {"file": name, "dataset": dataset, "problem_indices": list(map(int, chunk)),
-                         **T.shard_counts(table)}
-                entry.update(T.write_shard(out_dir / name, table))
-                manifest["shards"].append(entry)
-                T.summarise_manifest(manifest)
-                T.write_trace_manifest(out_dir, manifest)
+                _set_layout(manifest, _batch_layout(model, routers, recorder, int(experts.shape[-1]), num_experts,
+                                                    full_distribution), out_dir)
+                entry = _append_shard(out_dir, manifest, dataset, chunk, table)
                 generated_total += entry["generated_tokens"]
                 bar.update(len(chunk))
                 bar.set_postfix(generated=generated_total,
                                 tok_s=f"{generated_total / max(time.perf_counter() - t0, 1e-9):.0f}")
+                if on_shard is not None:
+                    on_shard(entry)
+    finally:
+        bar.close()
+        model.train(was_training)
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------------
+# plain text
+
+
+@torch.no_grad()
+def forward_with_routing(model, input_ids: torch.Tensor, recorder: RoutingRecorder):
+    """One forward pass (no cache, no padding) over a batch of equal-length windows, recording the
+    routers (hooks installed: ``with recorder:``). Returns (experts (B, W, L, k), weights (B, W, L, k),
+    probs (B, W, L, E) | None) on the CPU."""
+    recorder.reset()
+    batch, width = input_ids.shape
+    step = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "use_cache": False}
+    if _accepts(model.forward, "output_router_logits"):
+        step["output_router_logits"] = False  # as in generate_with_routing
+    if _accepts(model.forward, "logits_to_keep"):
+        step["logits_to_keep"] = 1  # the logits are not needed: skip most of the LM head
+    model(**step)
+    return recorder.gather(batch, width)
+
+
+def _window_table(dataset: str, problem_ids: list[str], indices: list[int], tokens: np.ndarray, experts: torch.Tensor,
+                  weights: torch.Tensor, probs: torch.Tensor | None, num_experts: int, texts_of: "_TokenTexts"):
+    """The shard table of one batch of windows (B, W): every token, phase "prompt", rows by window then position."""
+    batch, width = tokens.shape
+    token_ids = tokens.reshape(-1).astype(np.int32)
+    columns = {
+        "dataset": [dataset] * token_ids.size,
+        "problem_id": np.repeat(np.asarray(problem_ids, dtype=object), width).tolist(),
+        "problem_index": np.repeat(np.asarray(indices, dtype=np.int32), width),
+        "position": np.tile(np.arange(width, dtype=np.int32), batch),
+        "phase": ["prompt"] * token_ids.size,
+        "token_id": token_ids,
+        "token_text": texts_of(token_ids),
+    }
+    flat = lambda t: t.numpy().reshape(batch * width, *t.shape[2:])  # noqa: E731  (B, W, L, X) -> (B*W, L, X)
+    return T.shard_table(columns, flat(experts), flat(weights), flat(probs) if probs is not None else None, num_experts)
+
+
+def collect_text(model, tokenizer, windows: TextWindows, out_dir: str | os.PathLike, *,
+                 batch_size: int = DEFAULT_BATCH_SIZE, full_distribution: bool = False, resume: bool = True,
+                 model_name: str | None = None, command: str | None = None, progress: bool = True,
+                 on_shard: Callable[[dict], None] | None = None, shard: tuple[int, int] | None = None) -> dict:
+    """Record the routing of every token of ``windows`` (:mod:`routelib.routing.record.text`: corpus
+    domains or a file of texts, cut into windows) to ``out_dir``, in the trace format of :func:`collect`;
+    returns the manifest.
+
+    Each window is one sequence (one problem: ``problem_id`` from the windows, ``problem_index`` its
+    index), fed once through the model without cache or padding; every token is recorded with phase
+    ``prompt`` at positions 0..W-1. The dataset's manifest entry has ``text`` (the source, its sha256
+    or splits, window length and counts) instead of generation settings. ``batch_size`` windows run
+    in one forward pass and make one shard; ``resume``, ``shard``, ``full_distribution``, ``on_shard``,
+    ``model_name``, ``command`` and ``progress`` work as in :func:`collect` (a killed run continues where
+    it stopped; :mod:`.shards` merges ``--shard`` parts into the one-process result).
+    """
+    if batch_size < 1:
+        raise ConfigError(f"need batch_size >= 1, got {batch_size}")
+    dataset, ids = windows.dataset, list(windows.problem_ids)
+    if not re.fullmatch(r"[A-Za-z0-9_.]+", dataset):
+        raise ConfigError(f"dataset name {dataset!r}: use letters, digits, '_' and '.' only (it names files)")
+    tokens = np.asarray(windows.tokens, dtype=np.int64)
+    if tokens.ndim != 2 or not len(tokens) or len(ids) != len(tokens) or len(set(ids)) != len(ids):
+        raise ConfigError(f"windows of {dataset}: need a (windows, window) token array with one unique problem id "
+                          f"per window, got shape {tokens.shape} and {len(ids)} ids ({len(set(ids))} unique)")
+    check_window(tokens.shape[1], None)
+    out_dir = _prepare_out_dir(out_dir, dataset)
+    routers = find_routers(model)
+    minfo, tinfo = model_info(model, routers, model_name), tokenizer_info(tokenizer)
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(max_positions, int) and tokens.shape[1] > max_positions:
+        raise ConfigError(f"window {tokens.shape[1]} is longer than the model's max_position_embeddings "
+                          f"{max_positions}")
+    dinfo = {"num_problems": len(ids), "source": windows.source, "template": None,
+             "prompts_sha256": T.sha256_json([ids, tokens.tolist()]), "generation": None,
+             "text": {**windows.info, "batch_size": batch_size,
+                      "forward": "one forward pass per batch of windows: no cache, no padding, phase prompt"}}
+    if shard is not None:
+        i, n = shard
+        if not 1 <= i <= n:
+            raise ConfigError(f"shard {i}/{n}: need 1 <= i <= n")
+        dinfo["shard"] = [int(i), int(n)]
+    manifest = _open_manifest(out_dir, dataset, resume, minfo, tinfo, dinfo, command)
+    done = _done_problems(out_dir, manifest, dataset, ids)
+    batches = [list(range(b, min(b + batch_size, len(ids)))) for b in range(0, len(ids), batch_size)]
+    batches = [chunk for number, chunk in enumerate(batches) if not set(chunk) <= done
+               and (shard is None or number % shard[1] == shard[0] - 1)]
+    texts_of = _TokenTexts(tokenizer)
+    device = _input_device(model)
+    bar = progress_bar(progress, total=len(ids), initial=len(ids) - sum(map(len, batches)), desc=f"routing {dataset}",
+                       unit="window", dynamic_ncols=True)
+    was_training = model.training
+    model.eval()
+    try:
+        with RoutingRecorder(model, routers, keep_logits=full_distribution) as recorder:
+            for chunk in batches:
+                experts, weights, probs = forward_with_routing(model, torch.from_numpy(tokens[chunk]).to(device),
+                                                               recorder)
+                num_experts = probs.shape[-1] if probs is not None else _num_experts(model, routers, recorder)
+                table = _window_table(dataset, [ids[i] for i in chunk], chunk, tokens[chunk], experts, weights, probs,
+                                      num_experts, texts_of)
+                _set_layout(manifest, _batch_layout(model, routers, recorder, int(experts.shape[-1]), num_experts,
+                                                    full_distribution), out_dir)
+                entry = _append_shard(out_dir, manifest, dataset, chunk, table)
+                bar.update(len(chunk))
                 if on_shard is not None:
                     on_shard(entry)
     finally:
@@ -685,11 +839,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m routelib.routing.record.collect", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="local directory or Hub name of a transformers MoE causal LM")
-    p.add_argument("--datasets", default="humaneval,gsm8k", help="comma-separated: humaneval, gsm8k")
+    p.add_argument("--datasets", default=None,
+                   help="comma-separated: humaneval, gsm8k (default: both; not with --text)")
     p.add_argument("--out", required=True, help="trace directory (created; resumed if it holds this run)")
-    p.add_argument("--max_new_tokens", default=str(DEFAULT_MAX_NEW_TOKENS),
-                   help="N, or per dataset: humaneval=192,gsm8k=160")
-    p.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE)
+    p.add_argument("--max_new_tokens", default=None,
+                   help=f"N, or per dataset: humaneval=192,gsm8k=160 (default {DEFAULT_MAX_NEW_TOKENS})")
+    p.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help="prompts per generate call, or windows per forward pass (--text); one shard each")
     p.add_argument("--limit", default=None, help="first N problems of each dataset, or per dataset: gsm8k=100")
     p.add_argument("--source", default="local", choices=["local", "hub"], help="benchmark prompts: shipped or Hub")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -711,6 +867,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="transformers", choices=["transformers", "vllm"],
                    help="vllm: a vLLM engine with enable_return_routed_experts (GPU; routelib.routing.record.vllm)")
     p.add_argument("--num_experts", type=int, default=None, help="vllm backend: experts per layer (default: config)")
+    text = p.add_argument_group("plain text instead of generation (routelib.routing.record.text)")
+    text.add_argument("--text", default=None, help="corpus domains, comma-separated (code, math, fiction, "
+                      "encyclopedic, news) or 'all': record windows of their text, no generation")
+    text.add_argument("--text_file", default=None, help="a file of texts: JSON lines with a \"text\" field, or plain "
+                      "text with documents separated by blank lines")
+    text.add_argument("--text_format", default=None, choices=TEXT_FORMATS,
+                      help="of --text_file (default auto: .jsonl/.ndjson, or a first line starting with '{', "
+                      "is JSON lines)")
+    text.add_argument("--text_name", default=None, help="dataset name of --text_file in the traces (default: its stem)")
+    text.add_argument("--split", default=None, help="corpus split(s) read in order, comma-separated (default "
+                      "validation, held out from training): e.g. validation,test,train")
+    text.add_argument("--window", type=int, default=None, help=f"tokens per window (default {DEFAULT_WINDOW})")
+    text.add_argument("--max_tokens", type=int, default=None, help="at most this many tokens per domain or file "
+                      "(default: all)")
     p.add_argument("--shard", default=None, help="i/n: collect part i of n into <out>.shard-<i>-of-<n> (auto: from "
                    "RANK and WORLD_SIZE); merge with python -m routelib.routing.record.shards <out>")
     from routelib import cli
@@ -724,7 +894,12 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m routelib.routing.record.collect " + shlex.join(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    if args.text is not None or args.text_file is not None:
+        return _main_text(args, command)
+    given = [f"--{k}" for k in _TEXT_ONLY if getattr(args, k) is not None]
+    if given:
+        raise ConfigError(f"{', '.join(given)}: options of plain-text collection, only with --text or --text_file")
+    datasets = [d.strip() for d in (args.datasets or "humaneval,gsm8k").split(",") if d.strip()]
     unknown = [d for d in datasets if d not in BENCHMARK_TEMPLATES]
     if unknown or not datasets:
         raise ConfigError(f"--datasets {args.datasets!r}: unknown {unknown or 'empty list'}; "
@@ -801,6 +976,60 @@ def _shard_option(text: str | None) -> tuple[int, int] | None:
         return parse_part(text)
     except argparse.ArgumentTypeError as err:
         raise ConfigError(f"--shard {err}") from None
+
+
+#: Options of plain-text collection (all default to None).
+_TEXT_ONLY = ("text_format", "text_name", "split", "window", "max_tokens")
+#: Options of generation that plain-text collection does not take (and their defaults).
+_NOT_IN_TEXT = {"datasets": None, "max_new_tokens": None, "limit": None, "source": "local", "sample": False,
+                "temperature": None, "top_p": None, "no_stop_at_eos": False, "prepend_bos": False,
+                "overhead_problems": 0, "backend": "transformers", "num_experts": None}
+
+
+def _main_text(args, command: str) -> int:
+    """``--text`` / ``--text_file``: windows of corpus domains or of a file, one forward pass each."""
+    from routelib.data.corpus import DOMAINS
+    from routelib.routing.record.text import corpus_windows, file_windows
+
+    given = [f"--{k}" for k, default in _NOT_IN_TEXT.items() if getattr(args, k) != default]
+    if given:
+        raise ConfigError(f"{', '.join(given)}: generation options; --text/--text_file record windows of text "
+                          f"without generating (collect generation into its own folder)")
+    if args.text is not None and args.text_file is not None:
+        raise ConfigError("--text and --text_file: give one (collect the other into the same --out afterwards)")
+    window = DEFAULT_WINDOW if args.window is None else args.window
+    check_window(window, args.max_tokens)
+    if args.text_file is None:
+        for option in ("text_format", "text_name"):
+            if getattr(args, option) is not None:
+                raise ConfigError(f"--{option} applies to --text_file, not to corpus domains (--text)")
+        domains = list(DOMAINS) if args.text == "all" else [d.strip() for d in args.text.split(",") if d.strip()]
+        unknown = [d for d in domains if d not in DOMAINS]
+        if unknown or not domains:
+            raise ConfigError(f"--text {args.text!r}: unknown domain(s) {unknown or 'none given'}; the corpus has "
+                              f"{', '.join(DOMAINS)} (or 'all')")
+        splits = [s.strip() for s in (args.split or "validation").split(",") if s.strip()]
+        sources = [lambda tok, d=d: corpus_windows(tok, d, window, args.max_tokens, splits) for d in domains]
+    else:
+        if args.split is not None:
+            raise ConfigError("--split applies to corpus domains (--text), not to --text_file")
+        sources = [lambda tok: file_windows(tok, args.text_file, window, args.max_tokens, args.text_name,
+                                            args.text_format or "auto")]
+    shard = _shard_option(args.shard)
+    device_map = args.device_map or ("auto" if torch.cuda.is_available() else None)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device_map=device_map, load_in_4bit=args.load_in_4bit)
+    out = Path(args.out) if shard is None else shard_dir(args.out, *shard)
+    for make in sources:
+        windows = make(tokenizer)
+        t0 = time.perf_counter()
+        manifest = collect_text(model, tokenizer, windows, out, batch_size=args.batch_size,
+                                full_distribution=args.full_distribution, resume=not args.no_resume,
+                                model_name=args.model, command=command, shard=shard)
+        counts = manifest["datasets"][windows.dataset]["counts"]
+        print(f"{windows.dataset}: {counts['problems']} windows of {windows.window} tokens, "
+              f"{counts['prompt_tokens']:,} tokens, {counts['bytes'] / 1e6:.2f} MB ({time.perf_counter() - t0:.1f} s "
+              f"this run; {windows.source})")
+    return 0
 
 
 #: Options of the transformers backend that the vLLM backend does not offer (and their defaults).

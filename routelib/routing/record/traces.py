@@ -52,6 +52,9 @@ problems, rows, prompt/generated tokens, bytes, sha256), totals, the software ve
 where measured, the collection overhead. Traces imported from another tool (:mod:`.convert`) carry a
 ``source`` entry instead of a collection command: the kind of input, its files with sha256, the exact
 command and the import report (tokens kept; duplicates, incomplete tokens and gaps counted).
+Windows of plain text (``collect --text`` / ``--text_file``, :mod:`.text`) are datasets whose every token
+has phase "prompt"; their manifest entry has ``text`` (source, window length, counts) and no generation
+settings (:meth:`TraceInfo.text_of`).
 
 Only the format, the layout and the shard list are required; an import cannot know the model's class,
 the tokenizer, the prompts or the generation settings. Read a manifest through :func:`trace_info`: a
@@ -463,6 +466,8 @@ class TraceInfo:
     generation: dict = field(default_factory=dict, repr=False)  # dataset -> generation settings; empty
     # for imports of other tools' output (the vLLM backend of the collection records them)
     overhead: dict | None = field(default=None, repr=False)  # the measured collection overhead, if measured
+    text: dict = field(default_factory=dict, repr=False)  # dataset -> its text windows (collect --text): source,
+    # window length, counts; empty for generated datasets and for manifests written before text collection
 
     @property
     def imported(self) -> bool:
@@ -472,6 +477,10 @@ class TraceInfo:
     def generation_of(self, dataset: str) -> dict:
         """The generation settings ``dataset`` was decoded with ({} when not recorded)."""
         return dict(self.generation.get(dataset) or {})
+
+    def text_of(self, dataset: str) -> dict:
+        """How ``dataset``'s windows of plain text were made ({} when it was generated, not read from text)."""
+        return dict(self.text.get(dataset) or {})
 
     def describe(self) -> str:
         """One line: the model and its class, where the traces came from when imported, and the layout."""
@@ -540,7 +549,9 @@ def trace_info(manifest: dict | str | os.PathLike) -> TraceInfo:
         source=_text(source, "kind") or COLLECTED,
         command=_text(manifest, "command") or _text(source, "command") or first_command,
         datasets=tuple(datasets), generation=_generation(manifest, datasets, source),
-        overhead=manifest.get("overhead") if isinstance(manifest.get("overhead"), dict) else None)
+        overhead=manifest.get("overhead") if isinstance(manifest.get("overhead"), dict) else None,
+        text={name: dict(info["text"]) for name, info in datasets.items()
+              if isinstance(info, dict) and isinstance(info.get("text"), dict)})
 
 
 # ----------------------------------------------------------------------------------------------
