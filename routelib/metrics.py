@@ -14,11 +14,12 @@ through the same code:
 - purity_i        1 - H_i / log(V), V = the tokenizer's vocabulary size: 1 when a pathway sees a single
                   token id, 0 when it sees every id of the vocabulary equally often. This is the H_max
                   we report. ``purity_distinct`` = 1 - H_i / log(D_i), D_i = distinct ids the pathway
-                  saw, is the seed's definition (labelled as such): it rewards seeing few ids, is 1 by
-                  definition for D_i = 1, and is not comparable across pathways with different D_i
+                  saw, is the definition of the original project, "Pathway LLM" (labelled as such): it
+                  rewards seeing few ids, is 1 by definition for D_i = 1, and is not comparable across
+                  pathways with different D_i
 - utilisation     fraction of the N pathways with load_i >= min_load (default 0.01: 1 % of the layer's
                   selections; uniform routing gives 1/N = 6.25 % at N = 16). *Every* pathway counts --
-                  the seed skipped pathways with < 10 activations, which made utilisation ~1 by
+                  that project skipped pathways with < 10 activations, which made utilisation ~1 by
                   construction. (With N >= 100 pathways lower min_load: uniform load is then < 1 %.)
 - load_balance    H(load) / log(N): 1 for perfectly balanced loads, 0 for one pathway taking all
 - mean_purity     load-weighted mean of purity_i (pathways with no selections weigh 0); also the plain
@@ -88,7 +89,8 @@ def purity(counts: np.ndarray, h_max: str = "vocab", vocab_size: int | None = No
     """Purity 1 - H/H_max of each row of counts (..., V); NaN for rows with no counts.
 
     h_max="vocab": H_max = log(vocab_size) (default V = counts.shape[-1]). h_max="distinct":
-    H_max = log(number of distinct ids in the row), the seed's definition; 1 for a single distinct id."""
+    H_max = log(number of distinct ids in the row), the original project's ("Pathway LLM") definition;
+    1 for a single distinct id."""
     c = np.asarray(counts)
     h = entropy(c)
     if h_max == "vocab":
@@ -142,7 +144,7 @@ class PathwayMetrics:
     distinct: np.ndarray  # (N,) distinct token ids each pathway saw
     entropy: np.ndarray  # (N,) nats; NaN for pathways never selected
     purity: np.ndarray  # (N,) 1 - H/log(V); NaN for pathways never selected
-    purity_distinct: np.ndarray  # (N,) 1 - H/log(distinct), the seed's definition; NaN if never selected
+    purity_distinct: np.ndarray  # (N,) 1 - H/log(distinct), the original project's definition; NaN if never selected
     corpus_counts: np.ndarray  # (V,) int64 token-id counts over the n positions
     min_load: float  # utilisation threshold on load
     top_tokens: list[list[tuple[int, int]]] = field(default_factory=list)  # per pathway (id, count), top first

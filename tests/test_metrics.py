@@ -35,7 +35,7 @@ def test_purity_one_for_a_single_token_zero_for_uniform_vocabulary():
     assert np.isnan(m.purity[2]) and m.selections[2] == 0  # never selected: undefined, not skipped
     assert m.top_tokens[0] == [(7, 30)]
     assert m.distinct.tolist() == [1, vocab, 0]
-    # the seed's H_max = log(distinct ids) labels a uniform pathway 0 as well; a single id is 1
+    # the original project's H_max = log(distinct ids) labels a uniform pathway 0 as well; a single id is 1
     assert m.purity_distinct[0] == pytest.approx(1.0) and m.purity_distinct[1] == pytest.approx(0.0, abs=1e-12)
 
 

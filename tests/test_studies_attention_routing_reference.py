@@ -42,7 +42,7 @@ def test_plan_groups_and_shared_runs():
     assert [(s.arm, s.seed) for s in plan["shared"]] == [(a, s) for s in (0, 1, 2) for a in ("static", "dynamic")]
     assert {(s.arm, s.lr) for s in plan["seed_lrs"]} == {("static", 1e-3), ("dynamic", 2e-3)}
     assert [(s.alpha, s.lr, s.steps) for s in plan["alpha"]] == [(0.0, 1e-3, 2), (0.5, 1e-3, 2)]
-    # static at the seed's 1e-3 is the shared run of seed 0; dynamic alpha 0.5 at 2 steps is its sweep run
+    # static at the original project's 1e-3 is the shared run of seed 0; dynamic alpha 0.5 at 2 steps is its sweep run
     assert len(ref_run.unique_runs(plan)) == 4 + 6 + 1 + 1
 
 

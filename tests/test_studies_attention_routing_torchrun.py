@@ -13,7 +13,7 @@ import sys
 import pandas as pd
 import pytest
 
-# Two runs (static and dynamic, 4 steps each): the sweep, the comparison, the seed's rates and the
+# Two runs (static and dynamic, 4 steps each): the sweep, the comparison, the original project's rates and the
 # alpha sweep all name the same two runs, so the whole reference run, measurements and manifest
 # included, takes seconds.
 TINY = ["--hidden_size", "16", "--num_heads", "2", "--intermediate_size", "32", "--seq_len", "16",

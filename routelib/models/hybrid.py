@@ -15,7 +15,8 @@ Routing (dynamic model):
 
 - *Parallel routing*: one router, ``RMSNorm`` then a linear map to 2 logits [GDN, softmax] per routed
   layer, reads the residual stream after the last fixed layer before the first routed one (layer 0)
-  and decides every routed layer at once (the seed's "all routing decisions made at layer 0").
+  and decides every routed layer at once ("all routing decisions made at layer 0" in the original
+  project, "Dynamic Per-Token Layer Routing").
 - *Training*: Gumbel-softmax straight-through (Jang, Gu & Poole, ICLR 2017; Maddison et al. 2017):
   ``p = softmax((logits + Gumbel noise) / tau)``, the forward pass takes the argmax (hard), and the
   chosen branch's output is multiplied by ``gate = 1 + (p_c - stopgrad(p_c))`` -- exactly 1 in the
@@ -31,7 +32,7 @@ Routing (dynamic model):
   ``balance = 2 * sum_i f_i P_i`` over the two branches, f_i the fraction of the batch's tokens sent
   to branch i (hard decisions) and P_i the mean router probability ``softmax(logits)`` of branch i;
   1 when balanced (f = P = 1/2), 2 when collapsed (it dips below 1 when f and P disagree). ``HybridOutput.aux_loss = balance_coef * mean over routed
-  layers`` (the seed's ``alpha``), added by ``routelib.train``'s default loss with weight 1. Like
+  layers`` (the original project's ``alpha``), added by ``routelib.train``'s default loss with weight 1. Like
   every batch-level MoE loss it couples the tokens of a batch *in the loss*, never in the outputs.
 
 What each branch sees of a token (real compute skipping: a token runs only its chosen branch):
@@ -74,22 +75,22 @@ from routelib.models.moe import DenseFFN
 
 LAYER_KINDS = ("gdn", "softmax", "routed")
 BRANCHES = ("gdn", "softmax")  # router logit order: index 0 = GDN, index 1 = softmax
-STATIC_LAYOUT = ("gdn", "gdn", "gdn", "softmax")  # the seed's baseline
-DYNAMIC_LAYOUT = ("gdn", "routed", "routed", "softmax")  # the seed's dynamic model
+STATIC_LAYOUT = ("gdn", "gdn", "gdn", "softmax")  # the original project's baseline
+DYNAMIC_LAYOUT = ("gdn", "routed", "routed", "softmax")  # the original project's dynamic model
 SOFTMAX_KV = ("routed", "all")
 
 
 @dataclass
 class HybridConfig:
     vocab_size: int = 8192  # V: tokens in the vocabulary (bpe8k: 8192)
-    hidden_size: int = 256  # H: width of the residual stream (the seed: 768)
-    num_heads: int = 4  # heads of every mixer, GDN and softmax (the seed: 12)
+    hidden_size: int = 256  # H: width of the residual stream (the original project: 768)
+    num_heads: int = 4  # heads of every mixer, GDN and softmax (the original project: 12)
     num_kv_heads: int | None = None  # softmax key/value heads (GQA); None = num_heads
     intermediate_size: int = 512  # inner width of the SwiGLU FFN of every block
     layers: tuple[str, ...] = DYNAMIC_LAYOUT  # per block: "gdn", "softmax" or "routed" (per-token choice)
     softmax_kv: Literal["routed", "all"] = "routed"  # keys/values of a routed softmax branch: only the
     # softmax-routed tokens ("routed", Mixture-of-Depths style) or every token ("all")
-    balance_coef: float = 0.01  # alpha: weight of the load-balancing loss in aux_loss (seed text 0.01, its code 0.5)
+    balance_coef: float = 0.01  # alpha: weight of the load-balancing loss in aux_loss (the original project: 0.01 in its text, 0.5 in its code)
     tau_start: float = 1.0  # Gumbel-softmax temperature at the first training forward
     tau_end: float = 0.5  # temperature reached after tau_anneal_steps (exponential anneal), then kept
     tau_anneal_steps: int = 1000  # training forwards over which tau goes from tau_start to tau_end
@@ -129,12 +130,12 @@ class HybridConfig:
 
     @classmethod
     def static(cls, **kw) -> HybridConfig:
-        """The seed's baseline: [GDN, GDN, GDN, softmax]."""
+        """The original project's baseline: [GDN, GDN, GDN, softmax]."""
         return cls(**{**kw, "layers": STATIC_LAYOUT})
 
     @classmethod
     def dynamic(cls, **kw) -> HybridConfig:
-        """The seed's dynamic model: [GDN, routed, routed, softmax]."""
+        """The original project's dynamic model: [GDN, routed, routed, softmax]."""
         return cls(**{**kw, "layers": DYNAMIC_LAYOUT})
 
     @property

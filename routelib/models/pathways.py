@@ -33,12 +33,13 @@ Gates: the router's top-k probabilities renormalised over the k chosen and multi
 Two implementations of the same function (``impl``):
 
 - ``dense_masked``  compute all N pathways (the whole MLP), zero the unchosen ones, weight the rest;
-                    no compute saved -- the seed's approach, kept as the reference;
+                    no compute saved -- the original project's approach, kept as the reference;
 - ``sparse``        sort the token-slots (token, chosen pathway) by pathway and run grouped GEMMs
                     (:func:`routelib.models.moe.grouped_matmul`) over the pathways' weight slices,
                     which are *views* of the pretrained weights: only k/N of the MLP FLOPs.
 
-What the seed's code got wrong (docs/design.md §6) and what this module does instead:
+What the code of the original project ("Pathway LLM", docs/design.md §6) got wrong and what this
+module does instead:
 
 - its pathways were block-diagonal slices of *both* MLP dimensions, so all 16 did not add up to
   the original MLP -> here pathways split the intermediate dimension only and sum to it exactly;
@@ -87,7 +88,7 @@ ROUTER_INITS = ("normal", "zeros")
 class RoutingConfig:
     num_pathways: int = 16  # N: neuron groups each routed MLP is split into (I must be divisible by N)
     top_k_pathways: int = 4  # k: pathways active per token
-    route_every_n_layers: int = 2  # route the MLP of layers 0, n, 2n, ... (the seed: every other layer)
+    route_every_n_layers: int = 2  # route the MLP of layers 0, n, 2n, ... (the original project: every other layer)
     routed_layers: tuple[int, ...] | None = None  # explicit decoder-layer indices; overrides the above
     normalize_topk: bool = True  # gates = k * (top-k probs renormalised over k), summing to k;
     # False: gates = N * probs. Either way a uniform router gives every chosen pathway weight 1

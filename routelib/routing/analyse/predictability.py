@@ -3,7 +3,7 @@ paths tokens take through the layers, and how two datasets use the experts diffe
 
 All functions take plain arrays from :func:`routelib.routing.record.traces.trace_arrays`: ``experts`` is
 (N, L, k) expert ids (slot 0 = the highest gate weight), so ``experts[:, :, 0]`` is each token's
-top-1 expert per layer. They follow the questions of the seed (Mixtral routing analysis, 004):
+top-1 expert per layer. They follow the questions of the original project (a small public Mixtral routing analysis):
 which experts each layer picks, whether layer j's expert can be read off layer i's, which full-depth
 paths recur, and whether code (HumanEval) and math (GSM8K) route differently.
 

@@ -1,7 +1,7 @@
 """Router and expert weights of any supported MoE language model, layer by layer.
 
-A model-agnostic view for weight-geometry studies (the seed's OLMoE router study, 002, built on
-nnterp): :func:`moe_weights` finds each MoE layer's router (with
+A model-agnostic view for weight-geometry studies (such as the small public OLMoE router study, built
+on nnterp, that notebook 06 starts from): :func:`moe_weights` finds each MoE layer's router (with
 :func:`routelib.routing.record.collect.find_routers`, the same search the trace collection uses) and the
 experts module beside it, and returns plain tensors -- router (E, H) and, per expert, the SwiGLU
 weights gate (I, H), up (I, H), down (H, I). No tracing library is needed: the weights are

@@ -8,8 +8,8 @@ be incomplete is skipped and counted, never filled in. The written folder is the
 the source (files, sha256, the command) and the import report (what was kept, what was skipped).
 
 **JSON lines** (``python -m routelib.routing.record.convert jsonl ROUTING.jsonl --out DIR``): one object per
-(token, layer), the shape hand-rolled routing collectors log (such as the one behind the seed's
-Mixtral study)::
+(token, layer), the shape hand-rolled routing collectors log (such as the one behind the original
+Mixtral routing analysis that notebook 04 starts from)::
 
     {"dataset": "gsm8k", "problem_id": "gsm8k/0", "token_idx": 17, "layer": 3,
      "experts": [5, 1], "gating_probs": [0.71, 0.29]}
@@ -31,7 +31,7 @@ descending weight order if a line lists them otherwise). Optional per line: ``to
   a top-k different from the first line's, a repeated expert id within a record, an expert id outside
   ``[0, num_experts)``, or a non-finite weight: an error naming file and line.
 - ``phase``: the record's own field; else the companion file's ``prompt_tokens`` (token_idx below it
-  is a prompt token); else "generated" (the seed's collector logged decode tokens only).
+  is a prompt token); else "generated" (that analysis's collector logged decode tokens only).
 - Missing token ids are written as -1 (the manifest's tokenizer then says
   ``"token_ids_recorded": false``); missing token texts as "".
 

@@ -10,7 +10,7 @@ text says 0.01) to avoid collapsing to all-GDN, and trained the arms at differen
 
 Here (models: :mod:`routelib.models.hybrid`):
 
-- runs (:class:`RunSpec`): each arm at the seed's own learning rates (1e-3 static, 2e-3 dynamic) and
+- runs (:class:`RunSpec`): each arm at the original project's own learning rates (1e-3 static, 2e-3 dynamic) and
   both arms at the same learning rate(s) ``lr_same`` (the fair comparison; the tuned rate is the one
   with the lowest mean validation loss), for every seed in ``seeds``; the arms of one seed see the
   same batches and start from the same RNG state;
@@ -19,7 +19,7 @@ Here (models: :mod:`routelib.models.hybrid`):
 - measured in the run: validation loss and perplexity per domain, training tokens/s, prefill
   (inference) tokens/s over a sweep of sequence lengths, routing statistics over training (share of
   tokens per branch and layer, router entropy, balance loss) and on held-out text;
-- the seed's ``compare_experiments`` (:func:`compare_experiments`, :func:`verdict`) and
+- the original project's ``compare_experiments`` (:func:`compare_experiments`, :func:`verdict`) and
   ``visualize_routing`` (:func:`route_tokens`, :func:`softmax_share`, :func:`routing_html`);
 - the **reference run** (docs/design.md §7) is :mod:`routelib.studies.attention_routing.reference`: the same
   models at a scale where they have learned something, on the CPU,
@@ -56,13 +56,13 @@ ARMS = {"static": STATIC_LAYOUT, "dynamic": DYNAMIC_LAYOUT}
 @dataclass
 class HybridStudyConfig:
     # --- the models (both arms: 4 layers, same widths) ---
-    hidden_size: int = 64  # H: residual width (the seed: 768)
-    num_heads: int = 4  # heads of every GDN and softmax mixer (the seed: 12)
+    hidden_size: int = 64  # H: residual width (the original project: 768)
+    num_heads: int = 4  # heads of every GDN and softmax mixer (the original project: 12)
     intermediate_size: int = 128  # SwiGLU FFN width of every block
     softmax_kv: str = "routed"  # routed softmax branch attends over softmax-routed tokens only ("routed") or all ("all")
     tokenizer: str = "bpe8k"  # the project's BPE (8192 tokens)
     # --- routing (dynamic arm) ---
-    balance_coef: float = 0.5  # alpha of the main dynamic runs (the seed's code used 0.5; its text says 0.01)
+    balance_coef: float = 0.5  # alpha of the main dynamic runs (the original project's code used 0.5; its text says 0.01)
     tau_start: float = 1.0  # Gumbel-softmax temperature at step 0, annealed exponentially ...
     tau_end: float = 0.5  # ... to this at the last training step
     alpha_sweep: list[float] = field(default_factory=lambda: [0.0, 0.01, 0.5])  # alphas of the sweep ([] = none)
@@ -72,8 +72,8 @@ class HybridStudyConfig:
     batch_size: int = 8  # windows per optimizer step
     steps: int = 60  # optimizer steps per run
     warmup_steps: int = 6  # linear warm-up steps
-    lr_static: float = 1e-3  # the seed's learning rate for the static baseline
-    lr_dynamic: float = 2e-3  # the seed's learning rate for the dynamic model
+    lr_static: float = 1e-3  # the original project's learning rate for the static baseline
+    lr_dynamic: float = 2e-3  # the original project's learning rate for the dynamic model
     lr_same: list[float] = field(default_factory=lambda: [2e-3])  # both arms also at each of these ([] = none)
     seeds: list[int] = field(default_factory=lambda: [0, 1])  # model init and data order, one run per arm each
     eval_every: int = 0  # validation loss during training every this many steps (0 = only at the end)
@@ -254,7 +254,7 @@ def run_all(cfg: HybridStudyConfig, specs: list[RunSpec], eval_data: dict[str, l
 
 # ---------------------------------------------------------------------------------- comparisons
 def pairings(cfg: HybridStudyConfig) -> dict[str, tuple[float, float]]:
-    """Named (static lr, dynamic lr) comparisons: the seed's rates, and each equal rate in lr_same."""
+    """Named (static lr, dynamic lr) comparisons: the original project's rates, and each equal rate in lr_same."""
     out = {"seed lrs": (cfg.lr_static, cfg.lr_dynamic)}
     out.update({f"same lr {lr:g}": (lr, lr) for lr in cfg.lr_same})
     return out
@@ -266,7 +266,7 @@ def main_runs(table: pd.DataFrame, cfg: HybridStudyConfig) -> pd.DataFrame:
 
 
 def compare_experiments(table: pd.DataFrame, cfg: HybridStudyConfig, speed: pd.DataFrame | None = None) -> pd.DataFrame:
-    """The seed's ``compare_experiments``, per pairing (see :func:`pairings`) and over seeds: mean
+    """The original project's ``compare_experiments``, per pairing (see :func:`pairings`) and over seeds: mean
     and std of each arm's validation loss and perplexity, the per-seed difference dynamic - static
     (negative: dynamic better), training tokens/s, and (with ``speed`` from :func:`inference_speed`)
     prefill tokens/s at the longest measured length."""
@@ -303,9 +303,9 @@ def tuned_lr(table: pd.DataFrame, cfg: HybridStudyConfig) -> float | None:
 
 
 def verdict(table: pd.DataFrame, cfg: HybridStudyConfig, speed: pd.DataFrame | None = None) -> dict:
-    """Which of the seed's two expected outcomes held, computed from the runs.
+    """Which of the original project's two expected outcomes held, computed from the runs.
 
-    At the tuned equal learning rate (the seed's own rates when lr_same is empty), with
+    At the tuned equal learning rate (the original project's own rates when lr_same is empty), with
     delta = dynamic - static validation loss per seed: "dynamic routing wins" when delta < 0 for every
     seed *and* the mean |delta| exceeds the seed-to-seed spread (the larger std over seeds of either
     arm's loss); "baseline wins" likewise with delta > 0; else "no clear winner", with ``leaning``
@@ -343,9 +343,9 @@ def unigram_loss(cfg: HybridStudyConfig, eval_data: dict[str, list]) -> float:
 def verdict_text(v: dict, cfg: HybridStudyConfig, tokens_per_run: int, unigram: float | None = None) -> str:
     """The verdict as a few Markdown sentences (every number from ``v``, ``cfg`` and ``unigram``,
     the validation loss of :func:`unigram_loss`)."""
-    meaning = {"dynamic routing wins": "the seed's first outcome (adaptive attention helps)",
-               "baseline wins": "the seed's second outcome (a static assignment is sufficient)",
-               "no clear winner": "neither of the seed's outcomes is supported"}[v["outcome"]]
+    meaning = {"dynamic routing wins": "the original project's first outcome (adaptive attention helps)",
+               "baseline wins": "the original project's second outcome (a static assignment is sufficient)",
+               "no clear winner": "neither of the original project's outcomes is supported"}[v["outcome"]]
     if v["outcome"] == "no clear winner":
         meaning += (f" (every seed leans to the {v['leaning']} model, by less than the seed-to-seed spread)"
                     if v["leaning"] else " (the sign of the gap depends on the seed)")
@@ -355,7 +355,7 @@ def verdict_text(v: dict, cfg: HybridStudyConfig, tokens_per_run: int, unigram: 
              f"{v['delta_max']:+.3f}); the larger seed-to-seed std of an arm is {v['seed_spread']:.3f}, so the gap "
              f"{'exceeds' if v['gap_exceeds_spread'] else 'does not exceed'} the spread across seeds"
              + (f"; for scale, a unigram model (training-split token frequencies) scores {unigram:.3f}." if unigram is not None else "."),
-             f"At the seed's own learning rates (static {cfg.lr_static:g}, dynamic {cfg.lr_dynamic:g}) the mean gap "
+             f"At the original project's own learning rates (static {cfg.lr_static:g}, dynamic {cfg.lr_dynamic:g}) the mean gap "
              f"is {v['seed_lrs_delta_mean']:+.3f}."]
     share = ", ".join(f"{layer}: {100 * f:.0f} % softmax" for layer, f in v["softmax_share"].items())
     lines.append(f"Held-out routing split of the dynamic arm: {share}"

@@ -49,7 +49,7 @@ from routelib.train import TrainConfig, make_optimizer
 # 1. ``lr_sweep``: both arms, first seed, ``sweep_steps`` steps, at every rate of ``lr_same``; the
 #    **shared rate** is the one with the lowest mean validation loss over both arms (:func:`sweep_table`);
 # 2. ``shared``: both arms at the shared rate for every seed of ``seeds`` (the comparison);
-# 3. ``seed_lrs``: static at ``lr_static``, dynamic at ``lr_dynamic`` (the seed's unequal rates), first seed;
+# 3. ``seed_lrs``: static at ``lr_static``, dynamic at ``lr_dynamic`` (the original project's unequal rates), first seed;
 # 4. ``alpha``: the dynamic arm at the shared rate at every alpha of ``alpha_sweep``, first seed,
 #    ``alpha_sweep_steps`` steps (0 = ``steps``).
 #
@@ -286,8 +286,8 @@ def _train_plan(cfg: HybridStudyConfig, settings: ReferenceSettings, out: Path, 
 
 def _measured_models(cfg: HybridStudyConfig, settings: ReferenceSettings, plan: dict[str, list[RunSpec]]) -> dict[str, HybridLM]:
     """The finished runs the measurements use, by name, loaded from their checkpoints (not retrained):
-    both arms of the first seed at the shared rate and every dynamic run of the comparison, the seed's
-    rates and the alpha sweep. Loaded inside the process group (``train`` joins it to load), so that
+    both arms of the first seed at the shared rate and every dynamic run of the comparison, the original
+    project's rates and the alpha sweep. Loaded inside the process group (``train`` joins it to load), so that
     rank 0 can measure after the group has closed."""
     specs = [s for s in plan["shared"] if s.seed == cfg.seeds[0]]
     specs += [s for s in unique_runs(plan, ("shared", "seed_lrs", "alpha")) if s.arm == "dynamic"]
@@ -455,7 +455,7 @@ def reference_verdict(ref: dict) -> str:
         f"(the LR sweep's lowest mean validation loss over both arms): validation loss dynamic − static = "
         f"{d['mean']:+.3f} nats, 95 % t-interval over {d['n']} seeds [{d['low']:+.3f}, {d['high']:+.3f}], which "
         f"{'excludes' if v['interval_excludes_zero'] else 'includes'} 0; the {v['better']} arm is lower on average.",
-        f"At the seed's unequal rates (static {ref['cfg'].lr_static:g}, dynamic {ref['cfg'].lr_dynamic:g}) the gap is "
+        f"At the original project's unequal rates (static {ref['cfg'].lr_static:g}, dynamic {ref['cfg'].lr_dynamic:g}) the gap is "
         f"{v['seed_lrs_delta']:+.3f}: the confound of unequal rates is {v['seed_lrs_delta'] - d['mean']:+.3f} nats "
         "against the shared-rate mean.",
         f"Held-out share of tokens routed to softmax per routed layer by balance weight: {shares}.",

@@ -127,7 +127,7 @@ def plot_reference_curves(ref: dict):
 
 def plot_reference_delta(ref: dict):
     """Validation loss dynamic − static per seed at the shared rate, their mean with the 95 % t-interval,
-    and the gap at the seed's unequal rates (one seed)."""
+    and the gap at the original project's unequal rates (one seed)."""
     v = reference_numbers(ref)
     d, per_seed = v["delta"], ref["delta"]["delta"]
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
@@ -135,7 +135,7 @@ def plot_reference_delta(ref: dict):
     y = len(per_seed)
     ax.errorbar([d["mean"]], [y], xerr=[[d["mean"] - d["low"]], [d["high"] - d["mean"]]], fmt="o", color="black",
                 capsize=4, label="mean, 95 % t-interval")
-    ax.scatter([v["seed_lrs_delta"]], [y + 1], marker="s", color=PALETTE[3], label="seed's unequal rates")
+    ax.scatter([v["seed_lrs_delta"]], [y + 1], marker="s", color=PALETTE[3], label="original project's unequal rates")
     ax.axvline(0, color="gray", ls=":")
     ax.set_yticks(range(y + 2), [f"seed {s}" for s in per_seed.index] + ["mean", "unequal rates"])
     ax.set(xlabel="validation loss dynamic − static (nats; < 0: dynamic better)", title="the difference that decides")

@@ -30,7 +30,7 @@ the neurons' activation patterns on held-out text ("coactivation") or of their i
 Which layers are routed matters more than anything else here: on SmolLM2 the first MLP is nearly
 irreplaceable (routing layer 0 alone with an untrained router multiplies perplexity by ~100 --
 notebook 01 measures it), the middle layers cost little. ``routed_layers`` / ``first_routed_layer``
-/ ``last_routed_layer`` choose them; the GPU parameters route every even layer as the seed did.
+/ ``last_routed_layer`` choose them; the GPU parameters route every even layer as the original project did.
 """
 
 from __future__ import annotations
@@ -73,9 +73,9 @@ ROUTERS = ("fine-tuned", "untrained", "random top-k", "permuted")
 class PathwayStudyConfig:
     # --- the model and its routing ---
     model_name: str = "smollm2-135m"  # load_pretrained name: "smollm2-135m" (offline), a directory or a Hub name
-    num_pathways: int = 16  # N neuron groups per routed MLP (the seed: 16)
-    top_k_pathways: int = 4  # k pathways active per token (the seed: 4)
-    route_every_n_layers: int = 2  # route layers first, first+n, first+2n, ... (the seed: every other layer)
+    num_pathways: int = 16  # N neuron groups per routed MLP (the original project: 16)
+    top_k_pathways: int = 4  # k pathways active per token (the original project: 4)
+    route_every_n_layers: int = 2  # route layers first, first+n, first+2n, ... (the original project: every other layer)
     first_routed_layer: int = 0  # lowest decoder layer that is routed
     last_routed_layer: int = -1  # highest decoder layer that may be routed (-1: the model's last layer)
     routed_layers: str = ""  # explicit comma-separated layer indices ("12,16,20"); overrides the three above
@@ -602,8 +602,8 @@ def summary_table(per_router: dict[str, dict[int, metrics.PathwayMetrics]]) -> p
 
 
 def pathway_purities(per_router: dict[str, dict[int, metrics.PathwayMetrics]]) -> pd.DataFrame:
-    """One row per (router, layer, pathway): load, selections, purity (H_max = log V) and the seed's
-    purity_distinct."""
+    """One row per (router, layer, pathway): load, selections, purity (H_max = log V) and the original
+    project's purity_distinct."""
     rows = [{"router": name, "layer": layer, "pathway": p, "load": float(m.load[p]),
              "selections": int(m.selections[p]), "purity": float(m.purity[p]),
              "purity_distinct": float(m.purity_distinct[p])}
@@ -708,7 +708,7 @@ def pathway_speed(cfg: PathwayStudyConfig, hidden_size: int, intermediate_size: 
 
 def seed_claims(table: pd.DataFrame, headline: pd.DataFrame, speed: pd.DataFrame, cfg: PathwayStudyConfig,
                 routed: list[int], num_layers: int) -> pd.DataFrame:
-    """The seed's claims beside this run: ``table`` from :func:`perplexity_table` (rows base,
+    """The original project's claims beside this run: ``table`` from :func:`perplexity_table` (rows base,
     untrained, fine-tuned), ``headline`` from :func:`headline_purity` (with a ``purity_excess``
     column from :func:`purity_excess` when there is one), ``speed`` from :func:`pathway_speed`."""
     s = speed.set_index("name")
@@ -735,7 +735,7 @@ def seed_claims(table: pd.DataFrame, headline: pd.DataFrame, speed: pd.DataFrame
         ("routing keeps the model working", "not measured against the base",
          f"perplexity {base:.2f} base -> {before:.2f} routed (untrained) -> {after:.2f} fine-tuned"),
     ]
-    return pd.DataFrame(rows, columns=["claim", "seed", "this run"]).set_index("claim")
+    return pd.DataFrame(rows, columns=["claim", "original project", "this run"]).set_index("claim")
 
 
 __all__ = [

@@ -1,5 +1,5 @@
 """Notebook 01's reference run (docs/design.md §7): the pathway study of
-:mod:`routelib.studies.pathways` at a scale that can decide the seed's claim -- routed pathways of
+:mod:`routelib.studies.pathways` at a scale that can decide the original project's claim -- routed pathways of
 SmolLM2-135M trained until held-out perplexity recovers most of the gap routing opened, or plateaus --
 its purity measured with bootstrap intervals against controls, its small result files committed under
 ``data/reference/01_train_pathway_llm/`` with a manifest, and the functions notebook 01 reads them with.
@@ -48,7 +48,7 @@ from routelib.studies.pathways import (
 )
 from routelib.train import TrainResult, prune_checkpoints
 
-# docs/design.md §7: the study at a scale that can decide the seed's claim, on the CPU, its small result
+# docs/design.md §7: the study at a scale that can decide the original project's claim, on the CPU, its small result
 # files committed under data/reference/01_train_pathway_llm/ with a manifest. The runs:
 #
 #   main arm       GLBL at cfg.grouping, every seed of ``seeds``     (the answer, with its seed spread)

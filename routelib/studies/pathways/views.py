@@ -1,4 +1,4 @@
-"""Views of the pathway study (notebook 01): the seed's 4-panel monosemanticity figure, with the
+"""Views of the pathway study (notebook 01): the original project's 4-panel monosemanticity figure, with the
 controls drawn beside the fine-tuned router, purity per domain, and the pathway explorer.
 
 Every figure takes tables computed by :mod:`routelib.studies.pathways` and only draws them; it
@@ -96,7 +96,7 @@ def plot_utilisation_by_layer(summary: pd.DataFrame, ax=None):
 
 
 def plot_monosemanticity(summary: pd.DataFrame, purities: pd.DataFrame, top: pd.DataFrame):
-    """The seed's 4-panel figure -- purity across layers, distribution of purity, top specialised
+    """The original project's 4-panel figure -- purity across layers, distribution of purity, top specialised
     pathways with their tokens, utilisation by layer -- every panel with the controls."""
     fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
     plot_purity_across_layers(summary, axes[0, 0])

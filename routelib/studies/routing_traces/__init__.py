@@ -32,8 +32,8 @@ class TraceStudyConfig:
     # collected, or imported with python -m routelib.routing.record.convert)
     compare_dir: str | None = "routing_data_collected/moe-subject-sampled"  # the same prompts decoded otherwise
     # (sampled), compared with trace_dir in the last section (None skips it)
-    phase: str = "generated"  # which tokens to analyse: "generated" (the seed's journeys), "prompt" or "all"
-    sample_size: int | None = 50_000  # tokens sampled for the statistics (the seed's SAMPLE_SIZE); None = all
+    phase: str = "generated"  # which tokens to analyse: "generated" (the original project's journeys), "prompt" or "all"
+    sample_size: int | None = 50_000  # tokens sampled for the statistics (the original project's SAMPLE_SIZE); None = all
     seed: int = 0  # seed of the token sample and of the permutation test
     permutations: int = 2000  # label shuffles of the problem-level permutation test
     top_paths: int = 10  # how many frequent paths / prefixes to list

@@ -1,5 +1,6 @@
-"""The seed's routing dashboard (004, section 1) on recorded traces: pick a dataset, a problem and a
-token, and follow that token through every MoE layer with the gate's confidence.
+"""The routing dashboard of notebook 04's original project (a small public Mixtral routing analysis)
+on recorded traces: pick a dataset, a problem and a token, and follow that token through every MoE
+layer with the gate's confidence.
 
 The views are plain functions returning HTML (tested without a browser); :func:`routing_dashboard`
 only wires ipywidgets controls to them.
