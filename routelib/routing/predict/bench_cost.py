@@ -248,7 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         command = "python -m routelib.routing.predict.bench_cost " + " ".join(sys.argv[1:] if argv is None else argv)
+        from routelib.reference import environment, git_commit
+
         Path(args.out).write_text(json.dumps({"config": dataclasses.asdict(cfg), "command": command,
+                                              "environment": environment(), **git_commit(),
                                               "rows": table.to_dict("records")}, indent=1))
     return 0
 

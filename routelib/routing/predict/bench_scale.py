@@ -257,8 +257,13 @@ def main(argv: list[str] | None = None) -> int:
             line = line.splitlines()[-1]
             results.append(json.loads(line))
             print(line, flush=True)
-        (out / "results.json").write_text(json.dumps({"config": asdict(cfg), "argv": argv or sys.argv[1:],
-                                                      "results": results}, indent=1))
+        from routelib.reference import environment, git_commit
+
+        argv_used = list(argv or sys.argv[1:])
+        (out / "results.json").write_text(json.dumps({
+            "command": "python -m routelib.routing.predict.bench_scale " + " ".join(argv_used), "config": asdict(cfg),
+            "argv": argv_used, "environment": {**environment(), "torch_threads": 1}, **git_commit(),
+            "results": results}, indent=1))
         return 0
     print(json.dumps(result), flush=True)
     return 0
