@@ -65,14 +65,30 @@ def claims_02() -> list[str]:
 
 
 def claims_03() -> list[str]:
+    """From each run's perplexity (``perplexity.csv``: one row per arm, seed and domain), the FLOP split
+    (checked against the formula in test_reference_runs) and the side-by-side throughput."""
+    import math
+
     folder = REF / "03_moe_speedup"
     load_manifest(folder)
     ppl = pd.read_csv(folder / "perplexity.csv")
-    first = ppl[ppl["domain"].eq("overall") & ppl["seed"].eq(ppl["seed"].min())].set_index("arm")["perplexity"]
-    speed = pd.read_csv(folder / "comparison.csv", index_col=0)["train_tokens_per_s"]
+    overall = ppl[ppl["domain"].eq("overall")].pivot_table(index="seed", columns="arm", values="perplexity")
+
+    def gap(a: str, b: str) -> dict:
+        both = overall[[a, b]].dropna()
+        return t_interval([math.log(x) - math.log(y) for x, y in zip(both[a], both[b])])
+
+    act, tot, matched = gap("moe", "dense_active"), gap("moe", "dense_total"), gap("dense_total_matched", "moe")
+    sign = lambda v: f"{v:+.3f}".replace("-", "−")  # noqa: E731
+    split = pd.read_csv(folder / "flops_split.csv", index_col=0).loc["moe"]
+    speed = pd.read_csv(folder / "throughput.csv").set_index("arm")["tokens_per_s"]
     tokens = json.loads((folder / "manifest.json").read_text())["params"]["tokens_per_arm"]
-    return [f"after {tokens / 1e6:.2f} M tokens", f"the MoE (perplexity {first['moe']:.2f})",
-            f"*active* parameters ({first['dense_active']:.2f})", f"*total* parameters ({first['dense_total']:.2f})",
+    return [f"After {tokens / 1e6:.2f} M tokens per arm, over {act['n']} seeds",
+            f"{'−' if act['mean'] < 0 else '+'}{abs(act['mean']):.3f} nats, 95 % t-interval [{sign(act['low'])}, {sign(act['high'])}])",
+            f"({sign(tot['mean'])} nats, [{sign(tot['low'])}, {sign(tot['high'])}])",
+            f"**ahead by {matched['mean']:.3f} nats** ([{matched['low']:.3f}, {matched['high']:.3f}])",
+            f"Its FFN is {100 * split['ffn_share']:.0f} % of its non-embedding forward FLOPs, "
+            f"{100 * split['ffn_share_all']:.0f} % of all of them",
             f"at {speed['moe'] / speed['dense_active']:.2f}× the equal-active model's speed"]
 
 

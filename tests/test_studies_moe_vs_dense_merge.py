@@ -70,6 +70,6 @@ def test_merge_reference(tmp_path):
         ["moe", "dense_active", "dense_total"], "tokens_per_s"].tolist()
     split = pd.read_csv(out / "flops_split.csv", index_col=0)
     assert (split["ffn_share_all"] < split["ffn_share"]).all()  # the head counts in the second denominator
-    assert (out / "history" / "moe_seed1.csv").is_file() and len(json.loads((out / "invocations.json").read_text())) == 1
+    assert (out / "final" / "moe_seed1.json").is_file() and (out / "history" / "moe_seed1.csv").is_file() and len(json.loads((out / "invocations.json").read_text())) == 1
     with pytest.raises(ConfigError, match="already in"):
         merge_reference(runs, out, rounds=1, min_time_s=0.01)

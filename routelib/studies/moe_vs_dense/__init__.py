@@ -50,12 +50,12 @@ MATCHED = "dense_total_matched"
 class MoEStudyConfig:
     # --- the models (the dense arms are derived from these) ---
     hidden_size: int = 128  # H: residual width of every arm
-    num_layers: int = 2  # decoder blocks (the seed: 2)
+    num_layers: int = 2  # decoder blocks (the original project: 2)
     num_heads: int = 4  # query heads
     num_kv_heads: int = 2  # key/value heads (GQA)
     intermediate_size: int = 256  # I: width of one expert; dense arms use k*I and E*I
-    num_experts: int = 4  # E (the seed: 4)
-    top_k: int = 2  # k (the seed: 2)
+    num_experts: int = 4  # E (the original project: 4)
+    top_k: int = 2  # k (the original project: 2)
     aux_loss_coef: float = 0.01  # Switch load-balancing loss weight per layer
     z_loss_coef: float = 0.001  # router z-loss weight per layer (ST-MoE)
     moe_impl: str = "grouped"  # expert computation used for training: naive | padded | grouped
@@ -293,7 +293,7 @@ def saving(ours: float, theirs: float) -> str:
 
 
 def seed_claims(table: pd.DataFrame) -> pd.DataFrame:
-    """The seed's headline claims beside this run's measurements (``table`` from
+    """The original project's headline claims beside this run's measurements (``table`` from
     :func:`comparison_table`, with all three arms)."""
     moe, act, tot = table.loc["moe"], table.loc["dense_active"], table.loc["dense_total"]
     rows = [
@@ -309,7 +309,7 @@ def seed_claims(table: pd.DataFrame) -> pd.DataFrame:
         ("perplexity MoE vs dense", "12.3 vs 13.1",
          f"{moe.ppl_overall:.1f} vs {act.ppl_overall:.1f} (equal active) / {tot.ppl_overall:.1f} (equal total)"),
     ]
-    return pd.DataFrame(rows, columns=["claim", "seed", "this run"]).set_index("claim")
+    return pd.DataFrame(rows, columns=["claim", "original project", "this run"]).set_index("claim")
 
 
 # ---------------------------------------------------------------------------------- FLOPs by part

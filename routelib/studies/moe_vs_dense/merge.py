@@ -7,7 +7,8 @@ The first invocation of the reference run trained and measured every arm of seed
 them into the reference folder:
 
 - ``perplexity.csv`` gains every run's per-domain perplexity (seed 0's three arms keep their rows);
-  ``runs.csv`` lists every record (steps, tokens, training FLOPs, wall time), ``history/`` every curve;
+  ``runs.csv`` lists every record (steps, tokens, training FLOPs, wall time), ``final/`` keeps the records
+  as their invocations wrote them, ``history/`` every curve;
 - ``gaps.csv``: each comparison per seed (loss difference in nats = log of the perplexity ratio, and
   the perplexity difference) with its mean and 95 % Student-t interval over the seeds;
 - ``throughput.csv``: one training step (forward, backward, AdamW) of every arm on the same batch,
@@ -104,6 +105,9 @@ def merge_reference(runs_dir: str | Path, out_dir: str | Path, *, rounds: int = 
                   for n, r in records.items()]).to_csv(out / "runs.csv", index=False)
     for curve in sorted((src / "history").glob("*.csv")):
         shutil.copyfile(curve, out / "history" / curve.name)
+    (out / "final").mkdir(exist_ok=True)
+    for name in records:  # each run's own record, as its invocation wrote it
+        shutil.copyfile(src / "final" / f"{name}.json", out / "final" / f"{name}.json")
     seed_gaps(ppl).to_csv(out / "gaps.csv", index=False)
     speed = interleaved_throughput(cfg, rounds=rounds, min_time_s=min_time_s, threads=threads)
     speed.to_csv(out / "throughput.csv", index=False)

@@ -48,7 +48,7 @@ def routes_html(routes: list[dict], layer: int) -> str:
 
 
 def expert_dashboard(model, tokenizer, samples: Mapping[str, str]):
-    """The seed's Streamlit dashboard inside the notebook: pick a held-out sample or type text,
+    """The original project's Streamlit dashboard inside the notebook: pick a held-out sample or type text,
     choose a layer, and see each token coloured by its expert (hover for all layers' gates)."""
     import ipywidgets as W
 
