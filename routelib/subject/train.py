@@ -46,6 +46,7 @@ class SubjectConfig:
     lr: float = 1e-3  # peak learning rate of the trained tensors
     warmup_steps: int = 20  # linear warm-up steps
     aux_loss_coef: float = 0.01  # weight of the load-balancing loss (mean over layers)
+    distill: float = 0.0  # weight of KL(dense model || MoE) over next-token distributions (0: LM loss only)
     ckpt_every: int = 40  # checkpoint every this many steps (kept: the training snapshots read them)
     eval_every: int = 40  # held-out loss on the training curve every this many steps
     eval_windows: int = 2  # held-out windows per domain on the training curve
@@ -145,13 +146,24 @@ def make_trainable(model, cfg: SubjectConfig) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def subject_loss(cfg: SubjectConfig):
-    """``loss_fn(model, x, y)`` for ``routelib.train``: next-token loss + aux_loss_coef x mean balance loss."""
+def subject_loss(cfg: SubjectConfig, teacher: nn.Module | None = None):
+    """``loss_fn(model, x, y)`` for ``routelib.train``: next-token loss + aux_loss_coef x mean balance loss
+    (+ distill x KL(teacher || model) per token, Hinton et al. 2015, when a teacher is given)."""
+    import torch.nn.functional as F
+
     def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-        logits = model(x).logits  # (B, T, V)
-        lm = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-        balance = torch.stack([m.balance_loss() for m in moe_layers(model)]).mean()
-        return lm + cfg.aux_loss_coef * balance, {"lm_loss": lm.detach(), "balance": balance.detach()}
+        logits = model(x).logits.float()  # (B, T, V)
+        lm = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        balance = torch.stack([m.balance_loss() for m in moe_layers(getattr(model, "module", model))]).mean()
+        loss = lm + cfg.aux_loss_coef * balance
+        metrics = {"lm_loss": lm.detach(), "balance": balance.detach()}
+        if teacher is not None and cfg.distill > 0:
+            with torch.no_grad():
+                target = F.log_softmax(teacher(x).logits.float(), -1).flatten(0, 1)  # (B*T, V)
+            kl = F.kl_div(F.log_softmax(logits, -1).flatten(0, 1), target, log_target=True, reduction="batchmean")
+            loss = loss + cfg.distill * kl
+            metrics["kl"] = kl.detach()
+        return loss, metrics
 
     return loss_fn
 
@@ -172,7 +184,13 @@ def train_subject(cfg: SubjectConfig, stop_step: int | None = None, progress: bo
                        eval_batches=len(held), ckpt_every=cfg.ckpt_every,
                        out_dir=str(Path(cfg.out_dir) / "checkpoints"), save_frozen=False, seed=cfg.seed,
                        device="cpu", progress=progress)
-    result = train(model, batches, tcfg, eval_data=held, loss_fn=subject_loss(cfg), resume=True)
+    teacher = None
+    if cfg.distill > 0:
+        from routelib.data.pretrained import load_pretrained
+
+        teacher, _ = load_pretrained("smollm2-135m")
+        teacher.requires_grad_(False)
+    result = train(model, batches, tcfg, eval_data=held, loss_fn=subject_loss(cfg, teacher), resume=True)
     return model.eval(), result
 
 
