@@ -55,3 +55,31 @@ def test_routing_matters_modes():
     from routelib.subject.train import moe_layers
 
     assert all(m.mode == "router" and m.gating == "softmax" for m in moe_layers(model))
+
+
+def test_paired_gaps_by_hand():
+    import pandas as pd
+
+    from routelib.subject.report import paired_gaps
+
+    rows = [dict(mode="router", seed=0, batch=b, loss=2.0 + b) for b in range(3)]
+    rows += [dict(mode="random", seed=s, batch=b, loss=2.5 + b + 0.1 * s) for s in (0, 1) for b in range(3)]
+    rows += [dict(mode="oracle", seed=0, batch=b, loss=1.8 + b) for b in range(3)]
+    gaps = paired_gaps(pd.DataFrame(rows)).set_index("comparison")
+    assert gaps.loc["random - router", "mean"] == pytest.approx(0.55)
+    assert gaps.loc["router - oracle", "mean"] == pytest.approx(0.2) and gaps.loc["router - oracle", "n"] == 3
+
+
+def test_generations_record_repetition():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from routelib.subject.report import ReportConfig, generations
+
+    tok = load_tokenizer("bpe8k")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, head_dim=8)).eval()
+    gens = generations({"tiny": model}, tok, [("p0", "def f(x):"), ("p1", "Question: 1+1?\nAnswer:")],
+                       ReportConfig(new_tokens=12))
+    assert len(gens) == 4 and set(gens["mode"]) == {"greedy", "sampled"} and (gens["tokens"] == 12).all()
+    assert gens["repeated_4gram_share"].between(0, 1).all()

