@@ -123,11 +123,10 @@ def parse_variant(text: str) -> tuple[str, SplitConfig]:
 def run_pilot(variants: list[str], cfg: PilotConfig = PilotConfig(), fit: RouterFitConfig = RouterFitConfig()
               ) -> pd.DataFrame:
     """Every variant's held-out losses (nats/token) per domain and mode -> one row per (variant, mode)."""
-    from tqdm.auto import tqdm
-
     from routelib.data.batching import TokenWindows, domain_streams, eval_batches, token_stream
-    from routelib.data.pretrained import load_pretrained
     from routelib.data.corpus import DOMAINS
+    from routelib.data.pretrained import load_pretrained
+    from routelib.progress import progress_bar
 
     parsed = [parse_variant(v) for v in variants]
     stream = token_stream(None, "train", "smollm2")
@@ -141,7 +140,7 @@ def run_pilot(variants: list[str], cfg: PilotConfig = PilotConfig(), fit: Router
     for name, split in parsed:
         t0 = time.perf_counter()
         m, _ = load_pretrained("smollm2-135m")
-        stats = moefy_model(m, inputs, split, fit, progress=tqdm(total=len(inputs), desc=f"MoEfy {name}"))
+        stats = moefy_model(m, inputs, split, fit, progress=progress_bar(total=len(inputs), desc=f"MoEfy {name}"))
         fit_s = time.perf_counter() - t0
         agree = float(np.mean([s["agreement"] for s in stats]))
         for mode, gating in (("dense", "unit"), ("router", "unit"), ("router", "softmax"), ("random", "unit"),

@@ -87,12 +87,11 @@ def initial_model(cfg: SubjectConfig, progress: bool = True):
     import json
 
     from safetensors.torch import load_file, save_file
-    from tqdm.auto import tqdm
-
     from routelib.data.batching import TokenWindows, token_stream
     from routelib.data.pretrained import load_pretrained
     from routelib.io import atomic_write
     from routelib.models.pathways import decoder_layers
+    from routelib.progress import progress_bar
     from routelib.subject.pilot import mlp_inputs, moefy_model
 
     model, tok = load_pretrained("smollm2-135m")
@@ -111,7 +110,7 @@ def initial_model(cfg: SubjectConfig, progress: bool = True):
         n = cfg.fit_tokens // cfg.seq_len
         x, _ = TokenWindows(stream, cfg.seq_len, n, seed=cfg.seed)(0)  # (n, T) training-split windows
         inputs = mlp_inputs(model, x, batch_size=8)
-        bar = tqdm(total=len(inputs), desc="MoEfy", disable=not progress)
+        bar = progress_bar(progress, total=len(inputs), desc="MoEfy")
         moefy_model(model, inputs, cfg.split(), progress=bar)
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank computes the same; one writes
             path.parent.mkdir(parents=True, exist_ok=True)
