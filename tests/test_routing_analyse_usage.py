@@ -33,8 +33,19 @@ def test_transitions_determined_and_independent():
 def test_vocabulary_share_of_the_top_expert():
     frame = pd.DataFrame({"token_id": [7, 7, 7, 9], "expert": [0, 0, 1, 3], "count": [3, 1, 1, 6]})
     # token 7: 4 of its 5 routings to expert 0; token 9: 6 of 6 -> (4 + 6) / 11
-    assert U.vocabulary_stats(frame) == {"top_expert_share": pytest.approx(10 / 11), "tokens": 2}
-    assert U.vocabulary_stats(frame, min_count=6) == {"top_expert_share": 1.0, "tokens": 1}
+    assert U.vocabulary_stats(frame) == {"top_expert_share": pytest.approx(10 / 11),
+                                         "top_expert_rate": pytest.approx(10 / 11), "tokens": 2}
+    assert U.vocabulary_stats(frame, min_count=6) == {"top_expert_share": 1.0, "top_expert_rate": 1.0, "tokens": 1}
+
+
+def test_vocabulary_rate_counts_occurrences_under_top_k():
+    # top-2: token 5 occurs 4 times, always with expert 0 and twice each with 1 and 2 -> 4 of 8 routings to
+    # expert 0 (share 0.5), but expert 0 in every occurrence (rate 1)
+    frame = pd.DataFrame({"token_id": [5, 5, 5], "expert": [0, 1, 2], "count": [4, 2, 2]})
+    stats = U.vocabulary_stats(frame, top_k=2)
+    assert stats["top_expert_share"] == pytest.approx(0.5) and stats["top_expert_rate"] == pytest.approx(1.0)
+    with pytest.raises(ConfigError, match="top_k"):
+        U.vocabulary_stats(frame, top_k=0)
 
 
 def test_counts_from_traces():

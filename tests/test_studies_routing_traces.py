@@ -185,3 +185,140 @@ def test_locality_number_is_none_for_pairs_the_traces_lack(shipped):
                                  TraceStudyConfig(max_distance=1, bootstrap=5))
     assert locality_number(table, "top1_same", 0, phase="prompt") is None
     assert 0 <= locality_number(table, "top1_same", 0, phase="generated") <= 1
+
+
+# --------------------------------------------------------------------------- section 9: against real MoEs
+def _constructed_traces():
+    """Two domains of 4 experts, top-2, 2 layers: domain a uses experts 0/1, domain b 2/3; layer 1's first
+    choice repeats layer 0's; each token id always gets the same pair."""
+    token_ids = np.array([1, 2, 1, 2, 3, 4, 3, 4])
+    pair = {1: (0, 1), 2: (1, 0), 3: (2, 3), 4: (3, 2)}
+    experts = np.array([[pair[t], pair[t]] for t in token_ids])  # (8, 2 layers, 2)
+    return experts, np.array(["a"] * 4 + ["b"] * 4), token_ids
+
+
+def test_depth_names_and_layers():
+    from routelib.studies.routing_traces import depth_layers, depth_name
+
+    # the published aggregates' layers 0, 7, 15: of Mixtral-8x7B's 32, of OLMoE-1B-7B's 16
+    assert [depth_name(layer, 32) for layer in (0, 7, 15, 31)] == ["first", "quarter", "half", "last"]
+    assert [depth_name(layer, 16) for layer in (0, 7, 15)] == ["first", "half", "last"]
+    assert depth_layers(6) == {"first": 0, "quarter": 1, "half": 2, "last": 5}
+    assert depth_layers(2) == {"first": 0, "last": 1}
+    with pytest.raises(ConfigError, match="outside"):
+        depth_name(6, 6)
+
+
+def test_mixtral_table5_as_quoted():
+    from routelib.studies.routing_traces import mixtral_table5, paper_statistics
+
+    table = mixtral_table5()
+    assert table.shape == (8, 6) and table.loc["ArXiv", ("first choice", 0)] == 14.0
+    assert table.loc["DM Mathematics", ("first or second choice", 15)] == 67.0
+    rows = paper_statistics().set_index(["statistic", "layer"])
+    first = rows.loc[("repeat_top1", "0")]
+    assert first["value"] == pytest.approx(table[("first choice", 0)].mean() / 100)
+    assert (first["low"], first["high"], first["depth"]) == (pytest.approx(0.136), pytest.approx(0.149), "first")
+    assert rows.loc[("repeat_top2", "15"), "depth"] == "half"
+
+
+def test_statistics_of_constructed_counts():
+    from routelib.studies.routing_traces import routing_statistics, trace_counts
+
+    experts, domains, token_ids = _constructed_traces()
+    counts = trace_counts(experts, 4, "toy", [0, 1], [(0, 1)], domains=domains, token_ids=token_ids)
+    stats = routing_statistics(counts, min_occurrences=2).set_index(["statistic", "layer"])["value"]
+    assert stats[("usage_entropy", "0")] == pytest.approx(1.0) and stats[("max_share", "1")] == pytest.approx(0.25)
+    assert stats[("domain_tv", "0")] == pytest.approx(0.5)  # each domain half of the experts, pooled all four
+    assert stats[("transition_u", "0→1")] == pytest.approx(1.0) and stats[("lookup_accuracy", "0→1")] == 1.0
+    assert stats[("vocabulary", "1")] == pytest.approx(1.0)  # a token's top expert in every occurrence
+    assert stats[("repeat_chance", "0")] == pytest.approx(0.5)  # each domain: two first choices, half each
+    without = routing_statistics(trace_counts(experts, 4, "toy", [0], []))
+    assert set(without["statistic"]) == {"usage_entropy", "max_share", "repeat_chance"}
+
+
+def _write_aggregates(root, model="mistral", domains=("arxiv", "book"), eid2token=("arxiv",)):
+    """A routing_output folder of constructed pickles in the published layout (layers 0, 7, 15)."""
+    import collections
+    import pickle
+
+    layer = collections.Counter({np.int64(e): 10 * (e + 1) for e in range(8)})
+    objects = {"expert_counts": [layer] * 3, "expert_counts_top1": [layer] * 3,
+               "expert_counts_crosslayer_top1": [collections.Counter({(np.int64(e), np.int64(e)): 5 for e in range(8)})] * 2,
+               "eid2token": [{np.int64(e): collections.Counter({np.int64(e): 20, np.int64((e - 1) % 8): 20})
+                              for e in range(8)}] * 3}  # token t always to experts t and t + 1
+    for kind, obj in objects.items():
+        (root / model / kind).mkdir(parents=True)
+        for domain in (eid2token if kind == "eid2token" else domains):
+            (root / model / kind / f"{domain}.pkl").write_bytes(pickle.dumps(obj))
+    return root
+
+
+def test_aggregate_counts_of_constructed_files(tmp_path):
+    from routelib.routing.record.olmoe_analysis import AnalysisDataMissing
+    from routelib.studies.routing_traces import aggregate_counts, routing_statistics
+
+    counts = aggregate_counts(_write_aggregates(tmp_path), "mistral")
+    assert (counts.model, counts.num_layers, counts.top_k) == ("Mixtral-8x7B", 32, 2)
+    assert counts.usage[7].tolist() == [2 * 10 * (e + 1) for e in range(8)]  # two domains pooled
+    assert counts.transitions[(0, 7)].trace() == 2 * 8 * 5
+    assert any("vocabulary pooled without book" in note for note in counts.notes)
+    stats = routing_statistics(counts, min_occurrences=1).set_index(["statistic", "depth"])["value"]
+    assert stats[("domain_tv", "quarter")] == pytest.approx(0) and stats[("transition_u", "quarter→half")] == pytest.approx(1)
+    assert stats[("vocabulary", "half")] == pytest.approx(1)  # top-2: half a token's routings, every occurrence
+    with pytest.raises(AnalysisDataMissing, match="no expert_counts"):
+        aggregate_counts(tmp_path, "olmoe")
+    with pytest.raises(ConfigError, match="choose from"):
+        aggregate_counts(tmp_path, "gpt")
+
+
+def test_real_moe_comparison_with_and_without_the_data(tmp_path, shipped, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from routelib.routing.record.olmoe_analysis import ENV
+    from routelib.studies.routing_traces import (STATISTICS, compared_layers, comparison_view, real_moe_comparison,
+                                                 subject_statistics)
+    from routelib.studies.routing_traces.views import plot_real_moe_comparison
+
+    df, arrays = shipped
+    subject = subject_statistics(df, "subject", phase="generated", by_domain=False)
+    assert set(subject["layer"]) >= {"0", "1", "2", "5", "0→2", "2→5"} and "domain_tv" not in set(subject["statistic"])
+    gen = (df["phase"] == "generated").to_numpy()  # the top-1 repeat rate at layer 5, counted directly
+    hits = pairs = 0
+    for _, part in df[gen].groupby("problem_id"):
+        top = arrays.experts[part.index.to_numpy(), 5, 0]
+        hits, pairs = hits + int((top[1:] == top[:-1]).sum()), pairs + len(top) - 1
+    got = subject.set_index(["statistic", "layer"]).loc[("repeat_top1", "5"), "value"]
+    assert got == pytest.approx(hits / pairs)
+
+    monkeypatch.delenv(ENV, raising=False)
+    table, missing = real_moe_comparison([subject])
+    assert "allenai/OLMoE" in missing and ENV in missing and "\n" not in missing
+    assert list(dict.fromkeys(table["model_name"])) == ["subject", "Mixtral paper, Table 5"]
+    table, missing = real_moe_comparison([subject], root=_write_aggregates(tmp_path / "out", "mistral"),
+                                         models=("mistral",), min_occurrences=1)
+    assert missing is None and list(dict.fromkeys(table["model_name"])) == ["Mixtral-8x7B", "subject", "Mixtral paper, Table 5"]
+    view = comparison_view(table)
+    assert list(view.columns) == ["Mixtral-8x7B", "subject", "Mixtral paper, Table 5"]
+    assert view.index.get_level_values(0)[0] == STATISTICS["usage_entropy"]
+    assert view.loc[(STATISTICS["repeat_top1"], "half"), "Mixtral-8x7B"] == ""  # counts have no token order
+    assert "[" in view.loc[(STATISTICS["repeat_top1"], "half"), "Mixtral paper, Table 5"]  # a range over domains
+    assert compared_layers(table).loc["quarter", "Mixtral-8x7B"] == "7"
+    fig = plot_real_moe_comparison(table)
+    assert len(fig.axes) == 6
+    plt.close(fig)
+
+
+def test_subject_columns_name_another_models_traces_and_skip_a_thin_vocabulary(shipped):
+    from routelib.studies.routing_traces import routing_statistics, subject_columns, trace_counts
+
+    df, _ = shipped
+    text, generated = subject_columns(TraceStudyConfig(), df)
+    assert set(text["model_name"]) == {"subject text"} and set(generated["model_name"]) == {"subject generated"}
+    assert "domain_tv" in set(text["statistic"]) and "vocabulary" in set(generated["statistic"])
+    other = df.copy()
+    other.attrs = {"manifest": {**df.attrs["manifest"], "model": {"name_or_path": "org/other-moe"}}}
+    assert set(subject_columns(TraceStudyConfig(), other)[1]["model_name"]) == {"trace_dir generated"}
+    experts, _, token_ids = _constructed_traces()
+    thin = routing_statistics(trace_counts(experts, 4, "toy", [0], [], token_ids=token_ids), min_occurrences=100)
+    assert "vocabulary" not in set(thin["statistic"])

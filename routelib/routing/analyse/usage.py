@@ -11,7 +11,8 @@ so the same functions compare them like with like.
   coefficient U(later | earlier) (0: independent, 1: determined) and the accuracy of a lookup table
   (the most frequent later expert for each earlier one) against always guessing the most used;
 - :func:`vocabulary_stats`: how much the token decides the expert -- the share of a token id's routings
-  that go to its most frequent expert, weighted by the token's routings (1: every token has its expert).
+  that go to its most frequent expert, weighted by the token's routings, and (times k) the share of its
+  occurrences that get that expert (1: every token has its expert).
 
 Counts in, numbers out: a routing (one token's choice at one layer, any of its k) counts once.
 """
@@ -66,10 +67,18 @@ def transition_stats(joint) -> dict[str, float]:
             "lookup_accuracy": float(j.max(1).sum() / total), "prior_accuracy": float(later.max())}
 
 
-def vocabulary_stats(token_expert: pd.DataFrame, min_count: int = 1) -> dict[str, float]:
+def vocabulary_stats(token_expert: pd.DataFrame, min_count: int = 1, top_k: int = 1) -> dict[str, float]:
     """``token_expert``: columns token_id, expert, count -> the routing-weighted mean over token ids (with
-    at least ``min_count`` routings) of the share going to the token's most frequent expert, and the
-    number of token ids counted."""
+    at least ``min_count`` routings) of the share going to the token's most frequent expert
+    (``top_expert_share``), and the number of token ids counted.
+
+    With top-k routing every occurrence of a token is k routings to k different experts, so that share
+    is at most 1/k. ``top_expert_rate`` = ``top_k`` x share is the share of the token's *occurrences*
+    that its most frequent expert is among the chosen (1: the token always gets its expert; uniform
+    routing: about k/E) -- the OLMoE paper's vocabulary specialization of a token's top expert, and
+    the figure to compare between models of different k."""
+    if top_k < 1:
+        raise ConfigError(f"top_k must be >= 1, got {top_k}")
     if not {"token_id", "expert", "count"} <= set(token_expert.columns):
         raise ConfigError("token_expert: need columns token_id, expert, count")
     per = token_expert.groupby(["token_id", "expert"])["count"].sum()
@@ -78,7 +87,8 @@ def vocabulary_stats(token_expert: pd.DataFrame, min_count: int = 1) -> dict[str
     keep = totals >= min_count
     if not keep.any():
         raise ConfigError(f"no token id has {min_count} routings")
-    return {"top_expert_share": float(top[keep].sum() / totals[keep].sum()), "tokens": int(keep.sum())}
+    share = float(top[keep].sum() / totals[keep].sum())
+    return {"top_expert_share": share, "top_expert_rate": top_k * share, "tokens": int(keep.sum())}
 
 
 # --------------------------------------------------------------------------- counts from traces

@@ -212,3 +212,60 @@ def plot_locality_decay(table: pd.DataFrame, *, measure: str = "top1_same", grou
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     return fig
+
+
+#: The panels of :func:`plot_real_moe_comparison`: statistic -> panel title.
+REAL_MOE_PANELS = {"usage_entropy": "usage entropy / log E", "max_share": "largest expert's share",
+                   "domain_tv": "domain specialization (TV from pooled)",
+                   "vocabulary": "vocabulary: occurrences to the token's top expert",
+                   "transition_u": "first choice: U(later | earlier)",
+                   "repeat_top1": "consecutive tokens: same first choice"}
+
+
+def _depth_panel(ax, rows: pd.DataFrame, colours: Mapping[str, str]):
+    """One statistic against relative depth: a line per model, the range over domains as error bars."""
+    for model, part in rows.groupby("model_name", sort=False):
+        part = part.sort_values("relative_depth")
+        spread = part[["low", "high"]].notna().all(axis=1)
+        ax.plot(part["relative_depth"], part["value"], marker="o", color=colours[model], label=model)
+        if spread.any():
+            err = np.vstack([part["value"] - part["low"], part["high"] - part["value"]])[:, spread.to_numpy()]
+            ax.errorbar(part["relative_depth"][spread], part["value"][spread], yerr=err, fmt="none",
+                        color=colours[model], capsize=2, lw=0.8)
+    ax.set(xlabel="relative depth (layer / last layer)", xlim=(-0.05, 1.05))
+
+
+def _transition_panel(ax, rows: pd.DataFrame, colours: Mapping[str, str], order: list[str]):
+    """The uncertainty coefficient per transition (by depth names), a marker per model."""
+    models = list(dict.fromkeys(rows["model_name"]))
+    for i, (model, part) in enumerate(rows.groupby("model_name", sort=False)):
+        x = np.array([order.index(d) for d in part["depth"]]) + 0.12 * (i - (len(models) - 1) / 2)
+        ax.scatter(x, part["value"], color=colours[model], label=model, zorder=3)
+    ax.set_xticks(range(len(order)), order, rotation=20, fontsize=7)
+
+
+def plot_real_moe_comparison(table: pd.DataFrame, transitions: list[str] | None = None):
+    """Section 9's figure from a :func:`routelib.studies.routing_traces.real_moe_comparison` table: one
+    panel per statistic of :data:`REAL_MOE_PANELS`, a colour per model (the quoted paper figures
+    included where they exist); single-layer statistics against relative depth (bars: the range over
+    domains), transitions by depth, the consecutive-token rate with each model's chance level."""
+    colours = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(table["model_name"]))}
+    order = transitions or list(dict.fromkeys(table.loc[table["statistic"] == "transition_u", "depth"]))
+    fig, axes = plt.subplots(2, 3, figsize=(13.5, 6.6))
+    for ax, (statistic, title) in zip(axes.ravel(), REAL_MOE_PANELS.items()):
+        rows = table[table["statistic"] == statistic]
+        if statistic == "transition_u":
+            _transition_panel(ax, rows, colours, order)
+        else:
+            _depth_panel(ax, rows, colours)
+        if statistic == "repeat_top1":  # each model's chance level (its domains' usage), dashed
+            for model, part in table[table["statistic"] == "repeat_chance"].groupby("model_name", sort=False):
+                part = part.sort_values("relative_depth")
+                ax.plot(part["relative_depth"], part["value"], ls="--", lw=0.9, color=colours[model])
+            title += " (dashed: chance)"
+        ax.set_title(title, fontsize=9)
+        ax.set_ylim(bottom=0)
+    handles = {label: h for ax in axes.ravel() for h, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), fontsize=8)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return fig
