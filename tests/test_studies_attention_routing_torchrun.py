@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pandas as pd
 import pytest
+from torchrun_helper import run_command
 
 # Two runs (static and dynamic, 4 steps each): the sweep, the comparison, the original project's rates and the
 # alpha sweep all name the same two runs, so the whole reference run, measurements and manifest
@@ -38,7 +38,7 @@ def launch(tmp_path, name: str, nproc: int, runs: str | None = None) -> str:
     cmd = [sys.executable, *args] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    proc = run_command(cmd, env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 

@@ -15,6 +15,7 @@ from routelib import plots  # noqa: E402
 from routelib.studies.moe_vs_dense import views  # noqa: E402
 from routelib.data import load_tokenizer  # noqa: E402
 from routelib.errors import ConfigError  # noqa: E402
+from torchrun_helper import run_command
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -180,7 +181,6 @@ def test_reference_runs_under_torchrun_give_the_single_process_answer(tmp_path):
     alone writes."""
     import json
     import os
-    import subprocess
     import sys
 
     def launch(nproc: int, name: str):
@@ -190,7 +190,7 @@ def test_reference_runs_under_torchrun_give_the_single_process_answer(tmp_path):
         cmd = [sys.executable, *args] if nproc == 1 else [
             sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
         env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        proc = run_command(cmd, env, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return out, proc.stdout
 

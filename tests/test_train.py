@@ -6,7 +6,6 @@ import math
 import os
 import shutil
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 from routelib import train as T
 from routelib.errors import ConfigError
 from routelib.train import Callback, TrainConfig, latest_checkpoint, load_checkpoint, lr_at, train
+from torchrun_helper import run_command
 
 _spec = importlib.util.spec_from_file_location("ddp_worker", Path(__file__).with_name("ddp_worker.py"))
 W = sys.modules.setdefault("ddp_worker", importlib.util.module_from_spec(_spec))  # tiny model + data
@@ -289,7 +289,7 @@ def test_two_process_ddp_matches_single_process_on_the_global_batch(tmp_path):
            "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",  # free port
            str(Path(__file__).with_name("ddp_worker.py")), str(out_json), str(out_dir)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    proc = run_command(cmd, env, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ddp = json.loads(out_json.read_text())
     single = train(W.make_model(dropout=0.0), W.make_batch_fn(), W.ddp_config(), eval_data=W.eval_batches())
