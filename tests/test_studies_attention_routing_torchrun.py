@@ -5,13 +5,11 @@ batch; rank 0 alone writes; the checkpoints the 2 processes wrote resume under 1
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import sys
 
 import pandas as pd
 import pytest
-from torchrun_helper import run_command
+from torchrun_helper import run_module
 
 # Two runs (static and dynamic, 4 steps each): the sweep, the comparison, the original project's rates and the
 # alpha sweep all name the same two runs, so the whole reference run, measurements and manifest
@@ -35,12 +33,7 @@ def launch(tmp_path, name: str, nproc: int, runs: str | None = None) -> str:
     """The reference command with ``nproc`` processes (torchrun for more than one); its stdout."""
     args = ["-m", "routelib.studies.attention_routing", "reference", "--out", str(tmp_path / name),
             "--out_dir", str(tmp_path / (runs or f"{name}-runs")), *TINY]
-    cmd = [sys.executable, *args] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = run_command(cmd, env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
+    return run_module(args, nproc)
 
 
 def history(tmp_path, name: str, run: str) -> pd.DataFrame:

@@ -15,7 +15,7 @@ from routelib import plots  # noqa: E402
 from routelib.studies.moe_vs_dense import views  # noqa: E402
 from routelib.data import load_tokenizer  # noqa: E402
 from routelib.errors import ConfigError  # noqa: E402
-from torchrun_helper import run_command
+from torchrun_helper import run_module
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -180,19 +180,12 @@ def test_reference_runs_under_torchrun_give_the_single_process_answer(tmp_path):
     and the held-out perplexities agree (data parallelism changes only the order of float sums); rank 0
     alone writes."""
     import json
-    import os
-    import sys
 
     def launch(nproc: int, name: str):
         out, ckpt = tmp_path / name, tmp_path / f"{name}-runs"
         args = ["-m", "routelib.studies.moe_vs_dense", "reference", "--out", str(out), "--out_dir", str(ckpt),
                 *TINY_REFERENCE]
-        cmd = [sys.executable, *args] if nproc == 1 else [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-        env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
-        proc = run_command(cmd, env, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return out, proc.stdout
+        return out, run_module(args, nproc)
 
     (one, _), (two, printed) = launch(1, "one"), launch(2, "two")
     assert printed.count("moe_seed0: perplexity") == 1  # rank 0 alone reports

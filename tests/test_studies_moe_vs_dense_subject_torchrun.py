@@ -5,11 +5,9 @@ exports a model of the same perplexity; rank 0 alone exports."""
 from __future__ import annotations
 
 import json
-import os
-import sys
 
 import pytest
-from torchrun_helper import run_command
+from torchrun_helper import run_module
 
 TINY = ["--hidden_size", "32", "--num_layers", "1", "--num_heads", "2", "--num_kv_heads", "1", "--intermediate_size",
         "32", "--num_experts", "4", "--top_k", "2", "--seq_len", "32", "--batch_size", "4", "--steps", "4",
@@ -26,12 +24,7 @@ PERPLEXITY = {"rel": 1e-3}
 def train(tmp_path, name: str, nproc: int) -> str:
     args = ["-m", "routelib.studies.moe_vs_dense", "subject", "--out", str(tmp_path / name),
             "--out_dir", str(tmp_path / f"{name}-runs"), *TINY]
-    cmd = [sys.executable, *args] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = run_command(cmd, env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
+    return run_module(args, nproc)
 
 
 def history(tmp_path, name: str) -> list[dict]:

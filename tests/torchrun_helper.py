@@ -19,3 +19,17 @@ def run_command(cmd: list[str], env: dict, timeout: int, retries: int = 1) -> su
         if proc.returncode == 0 or GLOO_TEARDOWN_ABORT not in proc.stdout + proc.stderr or attempt == retries:
             return proc
     return proc
+
+
+def run_module(args: list[str], nproc: int, timeout: int = 300) -> str:
+    """``python <args>`` with one process, or under ``torchrun --standalone --nproc_per_node nproc`` (gloo on
+    the CPU), quiet and on one thread per process; asserts success and returns its stdout."""
+    import os
+    import sys
+
+    cmd = [sys.executable, *args] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = run_command(cmd, env, timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
