@@ -9,7 +9,7 @@ read as it is, as a percentage (x 100) or in thousands, millions or billions (k,
 stale or invented number; it does not prove that a number is paired with the right quantity (the
 headline claims are checked one by one in ``test_published_numbers.py``). Integers are not checked
 (counts, layer indices and sizes are too often exact by construction), nor numbers inside code
-(```` ``` ```` blocks and `inline code`: commands and their options).
+(```` ``` ```` blocks and `inline code`: commands and their options), nor arXiv identifiers.
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ _SCALES = (1.0, 100.0, 1e-3, 1e-6, 1e-9)
 def prose(text: str) -> str:
     """``text`` without fenced code blocks and inline code spans."""
     text = re.sub(r"```.*?```", " ", text, flags=re.S)
+    text = re.sub(r"arXiv:? ?\d{4}\.\d{4,5}", " ", text)  # paper identifiers are not measurements
     return re.sub(r"`[^`\n]*`", " ", text)
 
 

@@ -53,6 +53,23 @@ def basic_bootstrap(value: float, draws: pd.Series) -> dict[str, float]:
                 high=float(2 * value - lo))
 
 
+def verdict_lines(table: pd.DataFrame) -> list[str]:
+    """One sentence per verdict of a :func:`path_verdicts` table, every number read from it."""
+    row = table.set_index("measure")
+    fmt = lambda r: f"{r['estimate']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}]"  # noqa: E731
+    best, path = row.loc["token identity: single expert (best layer)"], row.loc["token identity: path"]
+    diff = row.loc["token identity: path minus best single expert"]
+    control = row.loc["token identity: path, layers independent given the token"]
+    lines = [f"(a) one layer's expert explains {fmt(best)} of a token's identity beyond the null (best layer)",
+             f"(b) the path explains {fmt(path)}: {fmt(diff)} more than the best single expert; with the layers made "
+             f"independent given the token it still explains {fmt(control)}"]
+    roles = table[table["verdict"] == "c"]
+    if len(roles):
+        r = roles.iloc[0]
+        lines.append(f"(c) {r['measure']}: {fmt(r)}")
+    return lines
+
+
 def path_verdicts(df: pd.DataFrame, experts: np.ndarray, tokenizer, draws: int = 30, permutations: int = 5,
                   seed: int = 0, min_count: int = 100) -> pd.DataFrame:
     """The three verdicts on one trace set: ``df`` its rows (``load_traces``: problem_id, token_id,
@@ -89,13 +106,18 @@ def path_verdicts(df: pd.DataFrame, experts: np.ndarray, tokenizer, draws: int =
 def role_table(df: pd.DataFrame, experts: np.ndarray, tokenizer, min_count: int = 100, permutations: int = 5,
                seed: int = 0) -> pd.DataFrame:
     """:func:`routelib.routing.analyse.roles.role_separation` for the multi-role tokens of a trace set,
-    with each token's text (the register from ``dataset``, or from a text window's domain)."""
+    with each token's text (the register from ``dataset``, or from a text window's domain). Token texts
+    come from the trace's ``token_text`` column when ``tokenizer`` is None, else from decoding."""
     ids = df["token_id"].to_numpy()
-    vocab = {int(i): tokenizer.decode([int(i)]) for i in np.unique(ids)}
-    tokens = [vocab[int(i)] for i in ids]
+    if "token_text" in df and tokenizer is None:  # the trace's own token texts (any model)
+        text_of = dict(zip(df["token_id"].astype(int), df["token_text"].astype(str)))
+    else:
+        text_of = {int(i): tokenizer.decode([int(i)]) for i in np.unique(ids)}
+    tokens = [text_of[int(i)] for i in ids]
     seq = (df["problem_id"].astype(str) + "|" + df["dataset"].astype(str)).to_numpy()
     same = np.r_[seq[1:] == seq[:-1], False]  # the next row continues the sequence
-    nxt = [vocab[int(j)] if s else "" for j, s in zip(np.r_[ids[1:], ids[:1]], same)]
+    nxt = [text_of[int(j)] if s else "" for j, s in zip(np.r_[ids[1:], ids[:1]], same)]
+    vocab = text_of
     text_domain = df["problem_id"].astype(str).str.split("/").str[0]
     source = np.where(df["dataset"].astype(str).str.contains("text"), text_domain, df["dataset"].astype(str))
     mask = np.array([is_multi_role(t) for t in tokens])
@@ -108,4 +130,4 @@ def role_table(df: pd.DataFrame, experts: np.ndarray, tokenizer, min_count: int 
     return table
 
 
-__all__ = ["basic_bootstrap", "path_verdicts", "role_table"]
+__all__ = ["basic_bootstrap", "path_verdicts", "role_table", "verdict_lines"]
