@@ -56,9 +56,9 @@ def text_chunks(sample: TextSample = TextSample()) -> dict[str, list[str]]:
     return out
 
 
-def chunk_nll(model, tokenizer, text: str, max_len: int | None = None) -> float:
-    """Negative log-likelihood (nats) of every token of ``text`` under ``model``, the first predicted
-    from the tokenizer's document separator. Texts longer than ``max_len`` tokens raise."""
+def chunk_nll(model, tokenizer, text: str, max_len: int | None = None) -> tuple[float, int]:
+    """(negative log-likelihood in nats, tokens) of every token of ``text`` under ``model``, the first
+    predicted from the tokenizer's document separator. Texts longer than ``max_len`` tokens raise."""
     from routelib.data.tokenizer import separator_id
 
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -67,17 +67,17 @@ def chunk_nll(model, tokenizer, text: str, max_len: int | None = None) -> float:
         raise ConfigError(f"a chunk of {x.shape[1]} tokens exceeds the model's context {max_len}; use shorter chunks")
     with torch.no_grad():
         logits = model(x[:, :-1]).logits  # (1, n, V)
-        return float(torch.nn.functional.cross_entropy(logits[0].float(), x[0, 1:], reduction="sum"))
+        return float(torch.nn.functional.cross_entropy(logits[0].float(), x[0, 1:], reduction="sum")), len(ids)
 
 
 def bits_per_byte(model, tokenizer, chunks: dict[str, list[str]], max_len: int | None = None) -> pd.DataFrame:
     """Per domain and overall: bits per byte, bits per character, tokens, bytes, characters, nats."""
     rows = []
     for domain, texts in chunks.items():
-        nll = sum(chunk_nll(model, tokenizer, t, max_len) for t in texts)
+        scored = [chunk_nll(model, tokenizer, t, max_len) for t in texts]  # each chunk tokenised once
+        nll, tokens = sum(n for n, _ in scored), sum(k for _, k in scored)
         nbytes = sum(len(t.encode("utf-8")) for t in texts)
         chars = sum(len(t) for t in texts)
-        tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
         rows.append(dict(domain=domain, nats=nll, bytes=nbytes, chars=chars, tokens=tokens))
     table = pd.DataFrame(rows)
     total = table[["nats", "bytes", "chars", "tokens"]].sum()

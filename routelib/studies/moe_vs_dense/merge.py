@@ -42,6 +42,7 @@ def train_step(lm_cfg, cfg: MoEStudyConfig, seed: int = 0):
     """A function doing one training step (forward, loss with the router losses, backward, AdamW) of a
     fresh model of ``lm_cfg`` on the first batch of ``cfg``'s training order, as ``routelib.train`` does."""
     from routelib.models import LM
+    from routelib.train import lm_loss
 
     torch.manual_seed(seed)
     model = LM(lm_cfg).train()
@@ -49,10 +50,7 @@ def train_step(lm_cfg, cfg: MoEStudyConfig, seed: int = 0):
     x, y = training_batches(cfg)(0)  # (B, T), (B, T)
 
     def step() -> None:
-        out = model(x)
-        loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), y.flatten())
-        if out.aux_loss is not None:
-            loss = loss + out.aux_loss
+        loss, _ = lm_loss(model, x, y)  # the training loop's loss: next-token + the (already weighted) router losses
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
