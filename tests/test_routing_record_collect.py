@@ -260,6 +260,28 @@ def test_full_distribution(mixtral, tokenizer, tmp_path):
     assert df.attrs["manifest"]["layout"]["router_scores"] == "softmax"
 
 
+def test_half_precision_weights_are_the_float32_weights_rounded_and_a_resume_cannot_mix_them(mixtral, tokenizer,
+                                                                                             tmp_path):
+    prompts = dict(list(PROMPTS.items())[:3])
+    full = run(mixtral, tokenizer, tmp_path / "f32", prompts=prompts)
+    half = run(mixtral, tokenizer, tmp_path / "f16", prompts=prompts, weights_dtype="float16")
+    assert half.attrs["manifest"]["layout"]["weights_dtype"] == "float16"
+    a, b = trace_arrays(full), trace_arrays(half)
+    np.testing.assert_array_equal(a.experts, b.experts)
+    assert b.weights.dtype == np.float32  # read back as float32 for the analyses
+    np.testing.assert_array_equal(b.weights, a.weights.astype(np.float16).astype(np.float32))
+    assert not np.array_equal(a.weights, b.weights)  # really stored in half precision
+    with pytest.raises(ConfigError, match=r"different layout \(weights_dtype: .float16. -> .float32.\)"):  # into float16
+        run(mixtral, tokenizer, tmp_path / "f16", prompts=prompts, dataset="more")
+    with pytest.raises(ConfigError, match="weights_dtype 'bfloat16': choose one of float32, float16"):
+        run(mixtral, tokenizer, tmp_path / "bad", prompts=prompts, weights_dtype="bfloat16")
+    manifest = json.loads((tmp_path / "f16" / "manifest.json").read_text())
+    manifest["layout"]["weights_dtype"] = "float32"
+    (tmp_path / "f16" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(T.TraceError, match=r"column 'weights' has type fixed_size_list<halffloat>\[6\], expected fixed_size_list<float>"):
+        load_traces(tmp_path / "f16")
+
+
 def test_no_moe_layers_is_a_clear_error(tokenizer, tmp_path):
     with pytest.raises(NoMoELayersError, match=r"LlamaForCausalLM \(model_type 'llama'\) has no mixture-of-experts"):
         run(tiny_model("llama"), tokenizer, tmp_path / "llama")

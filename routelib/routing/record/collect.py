@@ -322,7 +322,7 @@ def _compare(kind: str, old: dict, new: dict, out_dir: Path, hint: str = _RESUME
 
 
 _RESUME_MODEL_KEYS = ("architecture", "model_type", "config_sha256", "router_weights_sha256", "dtype")
-_RESUME_LAYOUT_KEYS = ("num_moe_layers", "moe_layers", "top_k", "num_experts", "full_distribution")
+_RESUME_LAYOUT_KEYS = ("num_moe_layers", "moe_layers", "top_k", "num_experts", "full_distribution", "weights_dtype")
 
 
 def _adopt_orphans(out_dir: Path, manifest: dict, dataset: str, ids: list[str]) -> None:
@@ -350,7 +350,7 @@ def _adopt_orphans(out_dir: Path, manifest: dict, dataset: str, ids: list[str]) 
 
 def _batch_table(dataset: str, problem_ids: list[str], indices: list[int], sequences: torch.Tensor, prompt_len: int,
                  keep: np.ndarray, experts: torch.Tensor, weights: torch.Tensor, probs: torch.Tensor | None,
-                 num_experts: int, texts_of: "_TokenTexts"):
+                 num_experts: int, texts_of: "_TokenTexts", weights_dtype: str = T.WEIGHTS_DTYPE):
     """The shard table of one batch: the kept (B, P+G) cells of the routing arrays, row-major, so
     rows run by problem, then position."""
     b_idx, col = np.nonzero(keep)  # (N,), (N,)
@@ -366,7 +366,8 @@ def _batch_table(dataset: str, problem_ids: list[str], indices: list[int], seque
         "token_text": texts_of(token_ids),
     }
     return T.shard_table(columns, experts.numpy()[b_idx, col], weights.numpy()[b_idx, col],  # (N, L, k)
-                         probs.numpy()[b_idx, col] if probs is not None else None, num_experts)  # (N, L, E)
+                         probs.numpy()[b_idx, col] if probs is not None else None, num_experts,  # (N, L, E)
+                         weights_dtype)
 
 
 def _open_manifest(out_dir: Path, dataset: str, resume: bool, minfo: dict, tinfo: dict, dinfo: dict,
@@ -439,13 +440,13 @@ def _done_problems(out_dir: Path, manifest: dict, dataset: str, ids: list[str]) 
 
 
 def _batch_layout(model, routers: Routers, recorder: RoutingRecorder, top_k: int, num_experts: int,
-                  full_distribution: bool) -> dict:
+                  full_distribution: bool, weights_dtype: str = T.WEIGHTS_DTYPE) -> dict:
     """The manifest's ``layout`` as the routers of one recorded batch show it."""
     layout = {"num_moe_layers": len(routers.names), "moe_layers": routers.moe_layers,
               "router_modules": routers.names, "routers_found_by": routers.source,
               "top_k": int(top_k), "num_experts": int(num_experts),
               "full_distribution": full_distribution, "experts_dtype": T.EXPERTS_DTYPE,
-              "weights_dtype": T.WEIGHTS_DTYPE, "probs_dtype": T.PROBS_DTYPE if full_distribution else None,
+              "weights_dtype": weights_dtype, "probs_dtype": T.PROBS_DTYPE if full_distribution else None,
               "weights_source": recorder.weights_source}
     kinds = sorted(set(k for k in recorder.score_kinds if k))
     layout["router_scores"] = kinds[0] if len(kinds) == 1 else recorder.score_kinds
@@ -483,7 +484,7 @@ def collect(model, tokenizer, prompts: Sequence[str] | Mapping[str, str], out_di
             prompt_template: str | None = None, model_name: str | None = None, command: str | None = None,
             progress: bool = True, on_shard: Callable[[dict], None] | None = None,
             generation_kwargs: Mapping[str, Any] | None = None, seed: int | None = None,
-            shard: tuple[int, int] | None = None) -> dict:
+            shard: tuple[int, int] | None = None, weights_dtype: str = T.WEIGHTS_DTYPE) -> dict:
     """Generate from ``prompts`` and write the routing of every token to ``out_dir``; returns the manifest.
 
     model, tokenizer: a transformers causal LM with MoE layers (any device placement, e.g.
@@ -515,7 +516,10 @@ def collect(model, tokenizer, prompts: Sequence[str] | Mapping[str, str], out_di
     shard: (i, n) -- collect only the batches b (problems b * batch_size ... (b + 1) * batch_size - 1) with
         b % n == i - 1, the part of one process of n (:mod:`routelib.routing.record.shards` merges the n
         folders into the one-process result, row for row: the batches, hence padding and seeds, are the same).
+    weights_dtype: how the gate weights are stored, "float32" (as computed) or "float16" (deep models' traces
+        ~2.5x smaller; relative error <= 2**-11); recorded as ``layout["weights_dtype"]``.
     """
+    _check_weights_dtype(weights_dtype)
     if max_new_tokens < 1 or batch_size < 1:
         raise ConfigError(f"need max_new_tokens >= 1 and batch_size >= 1, got {max_new_tokens}, {batch_size}")
     if not re.fullmatch(r"[A-Za-z0-9_.]+", dataset):
@@ -567,9 +571,9 @@ def collect(model, tokenizer, prompts: Sequence[str] | Mapping[str, str], out_di
                 num_experts = probs.shape[-1] if probs is not None else _num_experts(model, routers, recorder)
                 keep = _kept_columns(sequences, attention_mask, eos_ids, stop_at_eos)  # (B, P+G)
                 table = _batch_table(dataset, [ids[i] for i in chunk], chunk, sequences, attention_mask.shape[1], keep,
-                                     experts, weights, probs, num_experts, texts_of)
+                                     experts, weights, probs, num_experts, texts_of, weights_dtype)
                 _set_layout(manifest, _batch_layout(model, routers, recorder, int(experts.shape[-1]), num_experts,
-                                                    full_distribution), out_dir)
+                                                    full_distribution, weights_dtype), out_dir)
                 entry = _append_shard(out_dir, manifest, dataset, chunk, table)
                 generated_total += entry["generated_tokens"]
                 bar.update(len(chunk))
@@ -604,7 +608,8 @@ def forward_with_routing(model, input_ids: torch.Tensor, recorder: RoutingRecord
 
 
 def _window_table(dataset: str, problem_ids: list[str], indices: list[int], tokens: np.ndarray, experts: torch.Tensor,
-                  weights: torch.Tensor, probs: torch.Tensor | None, num_experts: int, texts_of: "_TokenTexts"):
+                  weights: torch.Tensor, probs: torch.Tensor | None, num_experts: int, texts_of: "_TokenTexts",
+                  weights_dtype: str = T.WEIGHTS_DTYPE):
     """The shard table of one batch of windows (B, W): every token, phase "prompt", rows by window then position."""
     batch, width = tokens.shape
     token_ids = tokens.reshape(-1).astype(np.int32)
@@ -618,13 +623,15 @@ def _window_table(dataset: str, problem_ids: list[str], indices: list[int], toke
         "token_text": texts_of(token_ids),
     }
     flat = lambda t: t.numpy().reshape(batch * width, *t.shape[2:])  # noqa: E731  (B, W, L, X) -> (B*W, L, X)
-    return T.shard_table(columns, flat(experts), flat(weights), flat(probs) if probs is not None else None, num_experts)
+    return T.shard_table(columns, flat(experts), flat(weights), flat(probs) if probs is not None else None, num_experts,
+                         weights_dtype)
 
 
 def collect_text(model, tokenizer, windows: TextWindows, out_dir: str | os.PathLike, *,
                  batch_size: int = DEFAULT_BATCH_SIZE, full_distribution: bool = False, resume: bool = True,
                  model_name: str | None = None, command: str | None = None, progress: bool = True,
-                 on_shard: Callable[[dict], None] | None = None, shard: tuple[int, int] | None = None) -> dict:
+                 on_shard: Callable[[dict], None] | None = None, shard: tuple[int, int] | None = None,
+                 weights_dtype: str = T.WEIGHTS_DTYPE) -> dict:
     """Record the routing of every token of ``windows`` (:mod:`routelib.routing.record.text`: corpus
     domains or a file of texts, cut into windows) to ``out_dir``, in the trace format of :func:`collect`;
     returns the manifest.
@@ -634,9 +641,10 @@ def collect_text(model, tokenizer, windows: TextWindows, out_dir: str | os.PathL
     ``prompt`` at positions 0..W-1. The dataset's manifest entry has ``text`` (the source, its sha256
     or splits, window length and counts) instead of generation settings. ``batch_size`` windows run
     in one forward pass and make one shard; ``resume``, ``shard``, ``full_distribution``, ``on_shard``,
-    ``model_name``, ``command`` and ``progress`` work as in :func:`collect` (a killed run continues where
-    it stopped; :mod:`.shards` merges ``--shard`` parts into the one-process result).
+    ``model_name``, ``command``, ``progress`` and ``weights_dtype`` work as in :func:`collect` (a killed run
+    continues where it stopped; :mod:`.shards` merges ``--shard`` parts into the one-process result).
     """
+    _check_weights_dtype(weights_dtype)
     if batch_size < 1:
         raise ConfigError(f"need batch_size >= 1, got {batch_size}")
     dataset, ids = windows.dataset, list(windows.problem_ids)
@@ -681,9 +689,9 @@ def collect_text(model, tokenizer, windows: TextWindows, out_dir: str | os.PathL
                                                                recorder)
                 num_experts = probs.shape[-1] if probs is not None else _num_experts(model, routers, recorder)
                 table = _window_table(dataset, [ids[i] for i in chunk], chunk, tokens[chunk], experts, weights, probs,
-                                      num_experts, texts_of)
+                                      num_experts, texts_of, weights_dtype)
                 _set_layout(manifest, _batch_layout(model, routers, recorder, int(experts.shape[-1]), num_experts,
-                                                    full_distribution), out_dir)
+                                                    full_distribution, weights_dtype), out_dir)
                 entry = _append_shard(out_dir, manifest, dataset, chunk, table)
                 bar.update(len(chunk))
                 if on_shard is not None:
@@ -692,6 +700,11 @@ def collect_text(model, tokenizer, windows: TextWindows, out_dir: str | os.PathL
         bar.close()
         model.train(was_training)
     return manifest
+
+
+def _check_weights_dtype(weights_dtype: str) -> None:
+    if weights_dtype not in T.WEIGHTS_DTYPES:
+        raise ConfigError(f"weights_dtype {weights_dtype!r}: choose one of {', '.join(T.WEIGHTS_DTYPES)}")
 
 
 def _num_experts(model, routers: Routers, recorder: "RoutingRecorder | None" = None) -> int:
@@ -855,6 +868,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no_stop_at_eos", action="store_true", help="generate max_new_tokens tokens even after EOS")
     p.add_argument("--prepend_bos", action="store_true", help="put the tokenizer's BOS before every prompt")
     p.add_argument("--full_distribution", action="store_true", help="also store softmax(router logits)")
+    p.add_argument("--weights_dtype", default=T.WEIGHTS_DTYPE, choices=T.WEIGHTS_DTYPES,
+                   help="storage of the gate weights (float16: deep models' traces ~2.5x smaller)")
     p.add_argument("--no_resume", action="store_true", help="start over instead of resuming")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     p.add_argument("--device_map", default=None, help="e.g. auto (default: auto on CUDA machines, else none)")
@@ -932,7 +947,7 @@ def main(argv: list[str] | None = None) -> int:
                            resume=not args.no_resume, stop_at_eos=not args.no_stop_at_eos,
                            prepend_bos=args.prepend_bos, prompt_source=bench.source, prompt_template=bench.template,
                            model_name=args.model, command=command, generation_kwargs=sampling, seed=seed,
-                           shard=shard)
+                           shard=shard, weights_dtype=args.weights_dtype)
         counts = manifest["datasets"][name]["counts"]
         print(f"{name}: {counts['problems']} problems, {counts['prompt_tokens']:,} prompt + "
               f"{counts['generated_tokens']:,} generated tokens, {counts['bytes'] / 1e6:.2f} MB "
@@ -1024,7 +1039,7 @@ def _main_text(args, command: str) -> int:
         t0 = time.perf_counter()
         manifest = collect_text(model, tokenizer, windows, out, batch_size=args.batch_size,
                                 full_distribution=args.full_distribution, resume=not args.no_resume,
-                                model_name=args.model, command=command, shard=shard)
+                                model_name=args.model, command=command, shard=shard, weights_dtype=args.weights_dtype)
         counts = manifest["datasets"][windows.dataset]["counts"]
         print(f"{windows.dataset}: {counts['problems']} windows of {windows.window} tokens, "
               f"{counts['prompt_tokens']:,} tokens, {counts['bytes'] / 1e6:.2f} MB ({time.perf_counter() - t0:.1f} s "
@@ -1034,7 +1049,7 @@ def _main_text(args, command: str) -> int:
 
 #: Options of the transformers backend that the vLLM backend does not offer (and their defaults).
 _NOT_IN_VLLM = {"full_distribution": False, "no_stop_at_eos": False, "prepend_bos": False, "no_resume": False,
-                "shard": None,
+                "shard": None, "weights_dtype": "float32",
                 "device_map": None, "load_in_4bit": False, "overhead_problems": 0}
 
 

@@ -197,7 +197,8 @@ def _build(trace_dir: Path, manifest: dict, shards: list[dict], target: Path, va
             if table.num_rows != size:
                 raise T.TraceError(f"shard {path.name} has {table.num_rows} rows, the manifest says {size}")
             if validate:
-                T.check_table(table, path.name, entry, (num_layers, top_k, num_experts), full)
+                T.check_table(table, path.name, entry, (num_layers, top_k, num_experts), full,
+                              T.weights_dtype_of(manifest))
             part = {"experts": _fixed_list_numpy(table.column("experts"), num_layers * top_k, np.int16),  # (n, L*k)
                     "weights": _fixed_list_numpy(table.column("weights"), num_layers * top_k, np.float32),  # (n, L*k)
                     "token_id": table.column("token_id").to_numpy(), "position": table.column("position").to_numpy(),

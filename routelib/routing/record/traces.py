@@ -23,8 +23,9 @@ experts        fixed_size_list<int16>[L*k]                 top-k expert ids, row
                                                            expert of MoE layer l, slot j is ``[l*k + j]``;
                                                            slots in the router's order (descending weight)
 weights        fixed_size_list<float32>[L*k]               the gate weight the model multiplied that expert's
-                                                           output by (renormalised over the top-k where the
-                                                           model does so, e.g. Mixtral)
+               (or float16, ``layout["weights_dtype"]``)   output by (renormalised over the top-k where the
+                                                           model does so, e.g. Mixtral); half precision halves
+                                                           a deep model's traces (30 layers: ~2.5x smaller)
 probs          fixed_size_list<float16>[L*E] (optional)    the full router distribution, row-major (layer, expert);
                                                            only with ``full_distribution``: softmax(logits),
                                                            sigmoid(logits) or the router's own probabilities,
@@ -91,6 +92,7 @@ SHARD_SUFFIX = ".parquet"
 PHASES = ("prompt", "generated")
 EXPERTS_DTYPE = "int16"  # expert ids: up to 32767 experts per layer (Mixtral 8, OLMoE 64, Qwen3 128)
 WEIGHTS_DTYPE = "float32"  # gate weights exactly as the model computed them (fp32 softmax in Mixtral)
+WEIGHTS_DTYPES = ("float32", "float16")  # what ``layout["weights_dtype"]`` may say (float16: compact traces)
 PROBS_DTYPE = "float16"  # the optional full distribution: L*E values per token, so half precision
 # Scalar columns, in file order, with their Arrow type names.
 SCALAR_COLUMNS = {
@@ -161,12 +163,16 @@ def shard_name(dataset: str, first_problem: int) -> str:
     return f"{dataset}-{first_problem:05d}{SHARD_SUFFIX}"
 
 
-def arrow_schema(num_layers: int, top_k: int, num_experts: int, full_distribution: bool):
+def arrow_schema(num_layers: int, top_k: int, num_experts: int, full_distribution: bool,
+                 weights_dtype: str = WEIGHTS_DTYPE):
     import pyarrow as pa
+
+    if weights_dtype not in WEIGHTS_DTYPES:
+        raise TraceError(f"weights dtype {weights_dtype!r}: the trace format stores gate weights as one of {WEIGHTS_DTYPES}")
 
     fields = [pa.field(name, getattr(pa, kind)(), nullable=False) for name, kind in SCALAR_COLUMNS.items()]
     fields.append(pa.field("experts", pa.list_(pa.int16(), num_layers * top_k), nullable=False))
-    fields.append(pa.field("weights", pa.list_(pa.float32(), num_layers * top_k), nullable=False))
+    fields.append(pa.field("weights", pa.list_(getattr(pa, weights_dtype)(), num_layers * top_k), nullable=False))
     if full_distribution:
         fields.append(pa.field("probs", pa.list_(pa.float16(), num_layers * num_experts), nullable=False))
     meta = {"routelib.format": FORMAT, "routelib.format_version": str(FORMAT_VERSION),
@@ -183,28 +189,31 @@ def _fixed_list(values: np.ndarray, width: int, arrow_type):
 
 
 def shard_table(columns: dict[str, Any], experts: np.ndarray, weights: np.ndarray, probs: np.ndarray | None,
-                num_experts: int):
+                num_experts: int, weights_dtype: str = WEIGHTS_DTYPE):
     """An Arrow table in the trace schema. ``columns``: the scalar columns (length N);
-    experts/weights: (N, L, k); probs: (N, L, E) or None."""
+    experts/weights: (N, L, k); probs: (N, L, E) or None; weights_dtype: one of :data:`WEIGHTS_DTYPES`."""
     import pyarrow as pa
 
     _, num_layers, top_k = experts.shape
-    schema = arrow_schema(num_layers, top_k, num_experts, probs is not None)
+    schema = arrow_schema(num_layers, top_k, num_experts, probs is not None, weights_dtype)
     arrays = [pa.array(columns[name], type=schema.field(name).type) for name in SCALAR_COLUMNS]
     arrays.append(_fixed_list(experts.astype(np.int16), num_layers * top_k, pa.int16()))
-    arrays.append(_fixed_list(weights.astype(np.float32), num_layers * top_k, pa.float32()))
+    arrays.append(_fixed_list(weights.astype(weights_dtype), num_layers * top_k, getattr(pa, weights_dtype)()))
     if probs is not None:
         arrays.append(_fixed_list(probs.astype(np.float16), num_layers * num_experts, pa.float16()))
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
 def write_shard(path: str | os.PathLike, table) -> dict:
-    """Write ``table`` atomically as a zstd-compressed Parquet file; returns {bytes, sha256}."""
+    """Write ``table`` atomically as a zstd-compressed Parquet file; returns {bytes, sha256}. Float lists
+    (weights, probs) are written byte-stream-split (lossless; it lets zstd see their exponent bytes
+    together: a third smaller)."""
     import pyarrow.parquet as pq
 
     path = Path(path)
+    floats = [name for name in ("weights", "probs") if name in table.column_names]
     with atomic_write(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd", compression_level=9)
+        pq.write_table(table, tmp, compression="zstd", compression_level=9, use_byte_stream_split=floats)
     return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
@@ -248,6 +257,14 @@ class TraceArrays(NamedTuple):
     probs: np.ndarray | None  # (N, L, E) float16: full router distribution, or None when not collected
 
 
+def weights_dtype_of(manifest: dict) -> str:
+    """The manifest's ``layout["weights_dtype"]`` (float32 where it is absent: imports and older sets)."""
+    dtype = (manifest.get("layout") or {}).get("weights_dtype") or WEIGHTS_DTYPE
+    if dtype not in WEIGHTS_DTYPES:
+        raise TraceError(f"manifest.json: layout weights_dtype {dtype!r} is not one of {WEIGHTS_DTYPES}")
+    return dtype
+
+
 def layout_of(manifest: dict) -> tuple[int, int, int]:
     try:
         lay = manifest["layout"]
@@ -281,12 +298,13 @@ def _type_name(t) -> str:
     return str(t)
 
 
-def check_table(table, name: str, entry: dict, layout: tuple[int, int, int], full: bool) -> None:
+def check_table(table, name: str, entry: dict, layout: tuple[int, int, int], full: bool,
+                weights_dtype: str = WEIGHTS_DTYPE) -> None:
     import pyarrow as pa
     import pyarrow.compute as pc
 
     num_layers, top_k, num_experts = layout
-    expected = arrow_schema(num_layers, top_k, num_experts, full)
+    expected = arrow_schema(num_layers, top_k, num_experts, full, weights_dtype)
     have = {f.name: f.type for f in table.schema}
     missing = [f.name for f in expected if f.name not in have]
     if missing:
@@ -352,6 +370,7 @@ def load_traces(trace_dir: str | os.PathLike, validate: bool = True, *, datasets
     manifest = read_manifest(trace_dir)
     layout = layout_of(manifest)
     full = bool(manifest.get("layout", {}).get("full_distribution", False))
+    weights_dtype = weights_dtype_of(manifest)
     shards = manifest.get("shards")
     if not isinstance(shards, list):
         raise TraceError(f"{trace_dir / MANIFEST} has no 'shards' list")
@@ -381,7 +400,7 @@ def load_traces(trace_dir: str | os.PathLike, validate: bool = True, *, datasets
             raise TraceError(f"shard {path.name} is not a readable Parquet file (truncated or corrupt): "
                              f"{err}") from None
         if validate:
-            check_table(table, path.name, entry, layout, full)
+            check_table(table, path.name, entry, layout, full, weights_dtype)
         tables.append(table)
     num_layers, top_k, num_experts = layout
     if tables:
@@ -390,7 +409,7 @@ def load_traces(trace_dir: str | os.PathLike, validate: bool = True, *, datasets
         except pa.ArrowInvalid as err:
             raise TraceError(f"{trace_dir}: shards have different schemas: {err}") from None
     else:
-        table = arrow_schema(num_layers, top_k, num_experts, full).empty_table()
+        table = arrow_schema(num_layers, top_k, num_experts, full, weights_dtype).empty_table()
     if validate:
         _check_order(table.select(["dataset", "problem_id", "position", "phase"]).to_pandas(), str(trace_dir))
     if columns is not None:
