@@ -38,3 +38,16 @@ def test_paths_that_cannot_be_hub_ids(name, tmp_path, monkeypatch):
     monkeypatch.chdir(paths.REPO_ROOT)  # README.md exists there: a file, not a model
     with pytest.raises(ModelNotFoundError, match="does not exist .* not a Hugging Face Hub id"):
         local_model_folder(name)
+
+
+def test_a_delta_folder_names_the_model_it_builds(tmp_path, monkeypatch):
+    from routelib.subject import build as B
+
+    built = tmp_path / "built"
+    monkeypatch.setattr(B, "subject_v3_dir", lambda folder: built if folder == tmp_path / "delta" else None)
+    (tmp_path / "delta").mkdir()
+    (tmp_path / "delta" / "delta.json").write_text("{}")
+    assert local_model_folder(str(tmp_path / "delta")) == built
+    (tmp_path / "delta" / "delta.json").unlink()  # without it the folder is just a folder without config.json
+    with pytest.raises(ModelNotFoundError, match="has no config.json"):
+        local_model_folder(str(tmp_path / "delta"))

@@ -68,7 +68,9 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # a Hub model id: "org/na
 def local_model_folder(name_or_path: str) -> Path | None:
     """The local transformers model folder ``name_or_path`` names, or None when it names none and can be a
     Hub id (``HUB_ID``). A relative path is tried from the working directory, then from the repository
-    root (notebook parameters mean the same from any directory). The one rule every loader follows
+    root (notebook parameters mean the same from any directory). A delta folder (``delta.json``: subject v3,
+    ``data/moe-subject-v3``) names the model it builds: the built folder, built and cached on first use
+    (:func:`routelib.subject.build.subject_v3_dir`). The one rule every loader follows
     (``load_pretrained``, the routing collector, the router-weight study). Raises
     :class:`ModelNotFoundError` for a folder without ``config.json`` and for a path that does not exist
     and cannot be a Hub id (it starts with ".", "/" or "~", or has more than one "/")."""
@@ -78,6 +80,10 @@ def local_model_folder(name_or_path: str) -> Path | None:
     given = Path(text).expanduser()
     for folder in ([given] if given.is_absolute() else [given, REPO_ROOT / given]):
         if folder.is_dir():
+            if (folder / "delta.json").is_file() and not (folder / "config.json").is_file():
+                from routelib.subject.build import subject_v3_dir
+
+                return subject_v3_dir(folder)
             if not (folder / "config.json").is_file():
                 raise ModelNotFoundError(f"{folder} has no config.json: not a transformers model folder "
                                          "(written by save_pretrained)")
