@@ -40,6 +40,7 @@ def test_paths_that_cannot_be_hub_ids(name, tmp_path, monkeypatch):
         local_model_folder(name)
 
 
+
 def test_a_delta_folder_names_the_model_it_builds(tmp_path, monkeypatch):
     from routelib.subject import build as B
 
@@ -47,7 +48,12 @@ def test_a_delta_folder_names_the_model_it_builds(tmp_path, monkeypatch):
     monkeypatch.setattr(B, "subject_v3_dir", lambda folder: built if folder == tmp_path / "delta" else None)
     (tmp_path / "delta").mkdir()
     (tmp_path / "delta" / "delta.json").write_text("{}")
-    assert local_model_folder(str(tmp_path / "delta")) == built
-    (tmp_path / "delta" / "delta.json").unlink()  # without it the folder is just a folder without config.json
-    with pytest.raises(ModelNotFoundError, match="has no config.json"):
+    assert B.model_folder(str(tmp_path / "delta")) == built
+    with pytest.raises(ModelNotFoundError, match="has no config.json"):  # to the generic rule it is no model
         local_model_folder(str(tmp_path / "delta"))
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    assert B.model_folder(str(tmp_path / "m")) == tmp_path / "m"  # any other folder: the generic rule
+    (tmp_path / "delta" / "delta.json").unlink()
+    with pytest.raises(ModelNotFoundError, match="has no config.json"):
+        B.model_folder(str(tmp_path / "delta"))

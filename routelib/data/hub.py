@@ -65,25 +65,27 @@ def require_hub(what: str) -> None:
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # a Hub model id: "org/name" or a legacy "name"
 
 
+def candidate_folders(name_or_path: str) -> list[Path]:
+    """Where a model path may be: as given (absolute, or from the working directory), then from the
+    repository root."""
+    from routelib.paths import REPO_ROOT
+
+    given = Path(str(name_or_path)).expanduser()
+    return [given] if given.is_absolute() else [given, REPO_ROOT / given]
+
+
 def local_model_folder(name_or_path: str) -> Path | None:
     """The local transformers model folder ``name_or_path`` names, or None when it names none and can be a
     Hub id (``HUB_ID``). A relative path is tried from the working directory, then from the repository
-    root (notebook parameters mean the same from any directory). A delta folder (``delta.json``: subject v3,
-    ``data/moe-subject-v3``) names the model it builds: the built folder, built and cached on first use
-    (:func:`routelib.subject.build.subject_v3_dir`). The one rule every loader follows
-    (``load_pretrained``, the routing collector, the router-weight study). Raises
+    root (notebook parameters mean the same from any directory). The one rule every loader follows
+    (``load_pretrained``, the routing collector, the router-weight study; the last two through
+    :func:`routelib.subject.build.model_folder`, which also takes subject v3's delta folder). Raises
     :class:`ModelNotFoundError` for a folder without ``config.json`` and for a path that does not exist
     and cannot be a Hub id (it starts with ".", "/" or "~", or has more than one "/")."""
-    from routelib.paths import REPO_ROOT
-
     text = str(name_or_path)
     given = Path(text).expanduser()
-    for folder in ([given] if given.is_absolute() else [given, REPO_ROOT / given]):
+    for folder in candidate_folders(text):
         if folder.is_dir():
-            if (folder / "delta.json").is_file() and not (folder / "config.json").is_file():
-                from routelib.subject.build import subject_v3_dir
-
-                return subject_v3_dir(folder)
             if not (folder / "config.json").is_file():
                 raise ModelNotFoundError(f"{folder} has no config.json: not a transformers model folder "
                                          "(written by save_pretrained)")

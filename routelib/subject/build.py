@@ -95,4 +95,16 @@ def subject_v3_dir(delta_dir: str | Path = DELTA_DIR) -> Path:
     return build(delta_dir, path)
 
 
-__all__ = ["DELTA_DIR", "build", "cache_path", "read_delta", "subject_v3_dir"]
+def model_folder(name_or_path: str) -> Path | None:
+    """:func:`routelib.data.hub.local_model_folder`, where a delta folder (``delta.json`` and no
+    ``config.json``: ``data/moe-subject-v3``) names the model it builds -- built and cached on first use
+    (:func:`subject_v3_dir`). The collector, the trace study and the router study load models through it."""
+    from routelib.data.hub import candidate_folders, local_model_folder
+
+    for folder in candidate_folders(name_or_path):
+        if folder.is_dir() and (folder / "delta.json").is_file() and not (folder / "config.json").is_file():
+            return subject_v3_dir(folder)
+    return local_model_folder(name_or_path)
+
+
+__all__ = ["DELTA_DIR", "build", "cache_path", "model_folder", "read_delta", "subject_v3_dir"]

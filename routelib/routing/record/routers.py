@@ -457,9 +457,10 @@ def resolve_model(name_or_path: str) -> str:
     """``name_or_path`` checked before transformers sees it: an existing folder must hold a
     ``config.json``; a path that does not exist raises :class:`ModelNotFoundError`; a Hub id must be
     in the local Hugging Face cache or the Hub must be reachable (else one clear error, at once)."""
-    from routelib.data.hub import local_model_folder, require_hub
+    from routelib.data.hub import require_hub
+    from routelib.subject.build import model_folder
 
-    folder = local_model_folder(name_or_path)
+    folder = model_folder(name_or_path)
     if folder is not None:
         return str(folder)
     try:

@@ -47,11 +47,11 @@ class RouterStudyConfig:
 
 
 def _model_source(cfg: RouterStudyConfig) -> str:
-    """``cfg.model`` as a local folder when it names one (:func:`routelib.data.hub.local_model_folder`), else
-    the Hub id."""
-    from routelib.data.hub import local_model_folder
+    """``cfg.model`` as a local folder when it names one (:func:`routelib.subject.build.model_folder`: a model
+    folder, or subject v3's delta folder, built on first use), else the Hub id."""
+    from routelib.subject.build import model_folder
 
-    folder = local_model_folder(cfg.model)
+    folder = model_folder(cfg.model)
     return str(folder) if folder is not None else cfg.model
 
 

@@ -106,8 +106,8 @@ def live_check_problem(cfg: TraceStudyConfig, info: TraceInfo) -> str | None:
     missing and how to supply it), or None when it can: ``cfg.live_model`` is set, names a model here
     that is the one that collected the traces, and the traces record a collection of ``cfg.live_dataset``
     (its generation settings are repeated)."""
-    from routelib.data.hub import local_model_folder
     from routelib.errors import ModelNotFoundError
+    from routelib.subject.build import model_folder
 
     if cfg.live_model is None:
         return "live_model is None (set it to the local model folder that collected trace_dir to run the check)"
@@ -118,7 +118,7 @@ def live_check_problem(cfg: TraceStudyConfig, info: TraceInfo) -> str | None:
         return (f"trace_dir records no collection of {cfg.live_dataset!r} (datasets: {', '.join(info.datasets)}); "
                 f"set live_dataset to one of them")
     try:
-        local_model_folder(cfg.live_model)
+        model_folder(cfg.live_model)
     except ModelNotFoundError as err:
         return f"{err}; set live_model to the model folder that collected trace_dir"
     if info.model and not _same_model(info.model, cfg.live_model):
@@ -129,13 +129,13 @@ def live_check_problem(cfg: TraceStudyConfig, info: TraceInfo) -> str | None:
 
 def _same_model(a: str, b: str) -> bool:
     """Two model names or paths name the same model: equal, or the same local folder."""
-    from routelib.data.hub import local_model_folder
     from routelib.errors import ModelNotFoundError
+    from routelib.subject.build import model_folder
 
     if a == b:
         return True
     try:
-        folders = [local_model_folder(name) for name in (a, b)]
+        folders = [model_folder(name) for name in (a, b)]
     except ModelNotFoundError:
         return False
     return None not in folders and folders[0].resolve() == folders[1].resolve()
