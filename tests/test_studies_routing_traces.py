@@ -332,7 +332,7 @@ def test_path_verdicts_on_planted_paths():
     import pandas as pd
 
     from routelib.data.tokenizer import load_tokenizer
-    from routelib.studies.routing_traces.paths import basic_bootstrap, path_verdicts
+    from routelib.routing.analyse.expert_path_verdicts import basic_bootstrap, path_verdicts
 
     rng = np.random.default_rng(0)
     n, seqs = 3000, 60

@@ -12,6 +12,8 @@
 :mod:`.expert_paths`        paths over layers vs single experts (normalised MI against a size-matched
                             permutation null, independent-layer control), router control/content split,
                             principal angles between layers' router subspaces
+:mod:`.expert_path_verdicts` "paths, not experts" verdicts: single expert vs path vs layers-independent
+                            controls with bootstrap intervals, roles by path vs single layer, by path depth
 :mod:`.control`             control/content parts of router inputs: probes, angles, clusters
 :mod:`.usage`               one set of statistics for every model, from counts: usage entropy, domain
                             and vocabulary specialisation, first-choice transition predictability
