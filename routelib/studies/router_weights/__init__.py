@@ -33,6 +33,8 @@ class RouterStudyConfig:
     seq_len: int = 128  # tokens per held-out window routed for co-activation and load balance
     windows_per_domain: int = 16  # held-out windows per domain (validation split)
     tokenizer: str = "model"  # tokenizer of the held-out windows: "model" = the studied model's own; or any load_tokenizer name
+    control_traces: str | None = "routing_data_collected/moe-subject-text"  # plain-text traces routed by `model`,
+    # for section 6 (routelib.studies.router_weights.control); None skips it
     seed: int = 0  # random baselines
 
     def __post_init__(self):

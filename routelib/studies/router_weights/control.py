@@ -6,10 +6,12 @@ rest (content) carries surface features.
 :func:`load` draws whole sequences of every domain from a plain-text trace folder (the domain is the
 first part of ``problem_id``), recomputes the router inputs of the model that routed them
 (:func:`routelib.routing.predict.dataset.attach_hidden_states`) and reads its routers; :func:`run` measures
-with :mod:`routelib.routing.analyse.control` and returns tidy tables -- ``probes`` (layer, label, part,
-accuracy, chance), ``angles`` (layer pair, mean principal angle, random null), ``clusters`` (layer,
-part, label, NMI excess over the permutation null) -- or, when the model, its routers or the traces
-are not here, one line saying why; :func:`verdicts` turns the tables into sentences.
+with :mod:`routelib.routing.analyse.control` under each definition of the control subspace
+(:data:`DEFINITIONS`: the paper's row space of W, and that of the centred router) and returns tidy
+tables -- ``probes`` (definition, layer, label, part, accuracy, chance), ``angles`` (definition, layer
+pair, mean principal angle, random null), ``clusters`` (definition, layer, part, label, NMI excess over
+the permutation null) -- or, when the model, its routers or the traces are not here, one line saying
+why; :func:`verdicts` turns the tables into sentences.
 """
 
 from __future__ import annotations
@@ -31,19 +33,24 @@ PROBE_LABELS = ("token", "position", "domain", "expert", "next_expert")
 CLUSTER_LABELS = ("token", "domain", "role", "next_expert")
 #: Features clustered: the control part, the content part and the whole router input.
 CLUSTER_PARTS = ("control", "content", "full")
+#: Definitions of the control subspace: name -> (its label in the tables' ``definition`` column, centre
+#: the router first). The whole router input ("full") is the same under both: clustered once, labelled "both".
+DEFINITIONS = {"centred": ("centred router (E-1)", True), "paper": ("router W (paper, E)", False)}
 
 
 @dataclass
 class ControlStudyConfig:
     model: str = "data/moe-subject"  # the MoE that routed the traces (its routers and router inputs)
-    trace_dir: str = "routing_data_collected/moe-subject-text"  # plain-text traces (domain = first part of problem_id)
+    trace_dir: str | None = "routing_data_collected/moe-subject-text"  # plain-text traces (domain = first part of
+    # problem_id); None: nothing to read, :func:`load` says so
     tokens_per_domain: int = 2048  # whole sequences drawn (seeded) per domain until this many tokens
     held_out: float = 0.25  # share of each domain's sequences held out for the probes
     top_tokens: int = 50  # token identity: a K-way probe over the K most frequent train tokens (others left out)
     position_edges: tuple = (64, 128, 192)  # position buckets 0-63, 64-127, 128-191, 192+ (quarters of the
     # traces' 256-token windows: with a 75 % majority bucket a weak probe only ever predicts it)
-    centre: bool = True  # control = the row space of the centred router (the routing decision reads exactly
-    # that: softmax and top-k ignore a shift common to all logits); False: the row space of W itself
+    definitions: tuple = ("centred", "paper")  # control subspaces measured (DEFINITIONS), each from the same
+    # data: "centred" = the row space of the centred router (E - 1; softmax and top-k ignore a shift common
+    # to all logits, so the routing decision reads exactly that), "paper" = the row space of W itself (E)
     clusters: int = 0  # k of k-means; 0: the number of experts
     permutations: int = 20  # label shuffles of the clusters' size-matched null
     probe_steps: int = 30  # L-BFGS iterations per probe (accuracies move by < 0.01 from 30 to 100 on the subject)
@@ -54,11 +61,13 @@ class ControlStudyConfig:
             raise ConfigError(f"tokens_per_domain, top_tokens and permutations must be >= 1 and clusters >= 0, got "
                               f"{self.tokens_per_domain}, {self.top_tokens}, {self.permutations}, {self.clusters}")
         C.position_buckets([0], self.position_edges)  # checks the edges
+        if not self.definitions or set(self.definitions) - set(DEFINITIONS):
+            raise ConfigError(f"definitions must name one or more of {list(DEFINITIONS)}, got {self.definitions}")
 
     @classmethod
     def from_study(cls, cfg, **overrides) -> "ControlStudyConfig":
-        """The notebook's model and seed (a :class:`~routelib.studies.router_weights.RouterStudyConfig`)."""
-        return cls(**{"model": cfg.model, "seed": cfg.seed, **overrides})
+        """The notebook's model, traces and seed (a :class:`~routelib.studies.router_weights.RouterStudyConfig`)."""
+        return cls(**{"model": cfg.model, "trace_dir": cfg.control_traces, "seed": cfg.seed, **overrides})
 
 
 @dataclass
@@ -94,6 +103,8 @@ def load(cfg: ControlStudyConfig, model=None) -> tuple[ControlData | None, str |
     from routelib.routing.predict.dataset import HiddenStatesUnavailable, RoutingData, attach_hidden_states
     from routelib.routing.record.traces import TraceError, load_traces, resolve_trace_dir
 
+    if cfg.trace_dir is None:
+        return None, "no plain-text traces to read (trace_dir, the notebook's control_traces, is None)"
     columns = ["dataset", "problem_id", "position", "phase", "token_id", "token_text", "experts", "weights"]
     try:
         frame = load_traces(resolve_trace_dir(cfg.trace_dir), columns=columns)
@@ -128,24 +139,33 @@ def probe_labels(data: ControlData, layer: int, cfg: ControlStudyConfig) -> dict
 
 
 def run(cfg: ControlStudyConfig, model=None) -> tuple[dict[str, pd.DataFrame] | None, str]:
-    """({"probes", "angles", "clusters"}, a one-line summary of the data), or (None, why not)."""
+    """({"probes", "angles", "clusters"}, a one-line summary of the data), or (None, why not). Every table
+    has a ``definition`` column (:data:`DEFINITIONS`): the router inputs are loaded once and measured
+    under each definition of ``cfg.definitions``."""
     data, why = load(cfg, model)
     if data is None:
         return None, why
     probe_cfg = C.ProbeConfig(steps=cfg.probe_steps)
     k = cfg.clusters or data.routers.shape[1]
-    probes, clusters = [], []
+    chosen = [DEFINITIONS[name] for name in cfg.definitions]
+    probes, angles, clusters = [], [], []
     for layer, router in enumerate(data.routers):
         hidden = data.hidden[:, layer].astype(np.float64)  # (N, H)
         labels = probe_labels(data, layer, cfg)
-        probes.append(_first(C.probe_parts(hidden, router, labels, data.train, probe_cfg, cfg.centre), layer=layer))
-        parts = dict(zip(CLUSTER_PARTS, (*C.split_coordinates(hidden, router, cfg.centre), hidden)))
         targets = {"token": data.token_id, "domain": data.domain, "role": data.role}
         targets.update({"next_expert": labels["next_expert"]} if "next_expert" in labels else {})
-        clusters.append(_first(C.cluster_specificity(parts, targets, k, cfg.seed, cfg.permutations), layer=layer, k=k))
-    tables = {"probes": pd.concat(probes, ignore_index=True),
-              "angles": C.layer_angles(data.routers, cfg.centre, seed=cfg.seed),
-              "clusters": pd.concat(clusters, ignore_index=True)}
+        full = C.cluster_specificity({"full": hidden}, targets, k, cfg.seed, cfg.permutations)
+        clusters.append(_first(full, definition="both", layer=layer, k=k))
+        for definition, centre in chosen:
+            table = C.probe_parts(hidden, router, labels, data.train, probe_cfg, centre)
+            probes.append(_first(table, definition=definition, layer=layer))
+            parts = dict(zip(CLUSTER_PARTS[:2], C.split_coordinates(hidden, router, centre)))
+            table = C.cluster_specificity(parts, targets, k, cfg.seed, cfg.permutations)
+            clusters.append(_first(table, definition=definition, layer=layer, k=k))
+    for definition, centre in chosen:
+        angles.append(_first(C.layer_angles(data.routers, centre, seed=cfg.seed), definition=definition))
+    tables = {name: pd.concat(rows, ignore_index=True)
+              for name, rows in (("probes", probes), ("angles", angles), ("clusters", clusters))}
     held = int((~data.train).sum())
     domains = ", ".join(f"{d} {n:,}" for d, n in zip(*np.unique(data.domain, return_counts=True)))
     summary = (f"{len(data.train):,} tokens ({domains}), {len(data.train) - held:,} train / {held:,} held out by "
@@ -159,37 +179,48 @@ def _first(table: pd.DataFrame, **columns) -> pd.DataFrame:
 
 
 def verdicts(tables: dict[str, pd.DataFrame]) -> list[str]:
-    """One sentence per probe label, one for the angles, one per cluster label and the claim's verdict,
-    all from the tables of :func:`run`."""
+    """From the tables of :func:`run`: per probe label, for the angles and per cluster label one sentence
+    naming every definition's numbers, then the claim's verdict, one line per definition."""
     probes, angles, clusters = tables["probes"], tables["angles"], tables["clusters"]
-    acc = probes.pivot_table(index=["label", "layer"], columns="part", values="accuracy")
-    dims = probes.groupby("part")["dims"].first()
+    definitions = list(dict.fromkeys(probes["definition"]))
+    acc = probes.pivot_table(index=["definition", "label", "layer"], columns="part", values="accuracy")
+    dims = probes.groupby(["definition", "part"])["dims"].first()
     lines = []
-    for label in [name for name in PROBE_LABELS if name in acc.index.get_level_values(0)]:
-        a = acc.loc[label]
+    for label in [name for name in PROBE_LABELS if name in acc.index.get_level_values(1)]:
         chance = probes.loc[probes["label"] == label, "chance"].mean()
-        wins = int((a["control"] > a["content_matched"]).sum())
-        lines.append(f"{label}: mean held-out accuracy over {len(a)} layers: control {a['control'].mean():.3f} "
-                     f"({dims['control']} dims), size-matched content {a['content_matched'].mean():.3f}, all content "
-                     f"{a['content'].mean():.3f} ({dims['content']} dims), chance {chance:.3f}; control above "
-                     f"size-matched content at {wins}/{len(a)} layers")
-    angle = angles["mean_angle"]
-    closer = int((angle < angles["null_mean"]).sum())
-    lines.append(f"consecutive layers' control subspaces (rank {angles['rank'].min()}): mean principal angle "
-                 f"{angle.mean():.1f} deg ({angle.min():.1f}-{angle.max():.1f} over pairs), random subspaces "
-                 f"{angles['null_mean'].mean():.1f} deg; closer than random at {closer}/{len(angles)} pairs")
-    excess = clusters.pivot_table(index="label", columns="part", values="excess")  # mean over layers
+        layers = probes.loc[probes["label"] == label, "layer"].nunique()
+        each = []
+        for definition in definitions:
+            a = acc.loc[(definition, label)]
+            wins = int((a["control"] > a["content_matched"]).sum())
+            each.append(f"{definition}: control {a['control'].mean():.3f} ({dims[definition, 'control']} dims), "
+                        f"size-matched content {a['content_matched'].mean():.3f}, all content "
+                        f"{a['content'].mean():.3f} ({dims[definition, 'content']} dims), control ahead at "
+                        f"{wins}/{len(a)} layers")
+        lines.append(f"{label}: mean held-out accuracy over {layers} layers, chance {chance:.3f}; " + "; ".join(each))
+    each = []
+    for definition, a in angles.groupby("definition", sort=False):
+        angle = a["mean_angle"]
+        closer = int((angle < a["null_mean"]).sum())
+        each.append(f"{definition} (rank {a['rank'].min()}): {angle.mean():.1f} deg ({angle.min():.1f}-"
+                    f"{angle.max():.1f} over pairs), random subspaces {a['null_mean'].mean():.1f} deg, closer at "
+                    f"{closer}/{len(a)} pairs")
+    lines.append("consecutive layers' control subspaces, mean principal angle: " + "; ".join(each))
+    excess = clusters.pivot_table(index=["label", "definition"], columns="part", values="excess")  # mean over layers
     k = int(clusters["k"].iloc[0])
-    for label in [name for name in CLUSTER_LABELS if name in excess.index]:
+    for label in [name for name in CLUSTER_LABELS if name in excess.index.get_level_values(0)]:
         e = excess.loc[label]
-        lines.append(f"k-means (k={k}) by {label}: NMI excess over the permutation null, mean over layers: control "
-                     f"{e['control']:.3f}, content {e['content']:.3f}, full {e['full']:.3f}")
-    token, following = acc.loc["token"], acc.loc["next_expert"]
-    surface = int((token["content_matched"] > token["control"]).sum())
-    function = int((following["control"] > following["content_matched"]).sum())
-    halves = ["yes" if 2 * n > len(t) else "no" for n, t in ((surface, token), (function, following))]
-    holds = ("does not hold", "holds in part", "holds")[halves.count("yes")]
-    lines.append(f"claim (d) {holds} by the probes: token identity is decoded better from size-matched content than "
-                 f"from control at {surface}/{len(token)} layers ({halves[0]}), the next layer's expert better from "
-                 f"control than from size-matched content at {function}/{len(following)} layers ({halves[1]})")
+        each = [f"{d}: control {e.loc[d, 'control']:.3f}, content {e.loc[d, 'content']:.3f}" for d in definitions]
+        lines.append(f"k-means (k={k}) by {label}: NMI excess over the permutation null, mean over layers: "
+                     + "; ".join(each) + f"; full {e.loc['both', 'full']:.3f}")
+    for definition in definitions:
+        token, following = acc.loc[(definition, "token")], acc.loc[(definition, "next_expert")]
+        surface = int((token["content_matched"] > token["control"]).sum())
+        function = int((following["control"] > following["content_matched"]).sum())
+        halves = ["yes" if 2 * n > len(t) else "no" for n, t in ((surface, token), (function, following))]
+        holds = ("does not hold", "holds in part", "holds")[halves.count("yes")]
+        lines.append(f"{definition}: claim (d) {holds} by the probes: token identity is decoded better from "
+                     f"size-matched content than from control at {surface}/{len(token)} layers ({halves[0]}), the "
+                     f"next layer's expert better from control than from size-matched content at "
+                     f"{function}/{len(following)} layers ({halves[1]})")
     return lines
