@@ -26,6 +26,9 @@ control part. This module measures that for any routers and their inputs:
   of control vectors vs full vectors, and how much of a label (token, domain, role) each grouping
   carries as normalised MI *in excess of* the size-matched permutation null
   (:func:`.expert_paths.specificity`), not as raw purity (more or smaller clusters raise purity alone).
+- :func:`measure_layers` (every layer of a model: the probes of :data:`PROBE_LABELS`, the clusters of
+  :data:`CLUSTER_LABELS` and the angles, under each definition of :data:`DEFINITIONS`) and :func:`verdicts`
+  (those tables as sentences): the control-and-content sections of notebooks 06 and 01.
 """
 
 from __future__ import annotations
@@ -44,6 +47,17 @@ from routelib.routing.analyse.expert_paths import principal_angles, random_subsp
 UNLABELLED = -1
 #: The parts :func:`probe_parts` compares.
 PARTS = ("control", "content", "content_matched")
+#: Probe labels of :func:`measure_layers`: surface (token, position), source (domain), function (this layer's
+#: and the next layer's first-choice expert; the first is decoded from control by construction: a check of the split).
+PROBE_LABELS = ("token", "position", "domain", "expert", "next_expert")
+#: Cluster labels: the token id (all tokens), the domain, the role (roles.role_labels: register and the class
+#: of the next token, for every token) and the next layer's first-choice expert.
+CLUSTER_LABELS = ("token", "domain", "role", "next_expert")
+#: Features clustered: the control part, the content part and the whole router input.
+CLUSTER_PARTS = ("control", "content", "full")
+#: Definitions of the control subspace: name -> (its label in the tables' ``definition`` column, centre the
+#: router first). The whole router input ("full") is the same under both: clustered once, labelled "both".
+DEFINITIONS = {"centred": ("centred router (E-1)", True), "paper": ("router W (paper, E)", False)}
 
 
 @dataclass
@@ -289,3 +303,107 @@ def cluster_specificity(features: dict, labels: dict, k: int, seed: int = 0, per
             rows.append({"part": part, "label": name, "nmi": score["nmi"], "null_mean": score["null_mean"],
                          "excess": score["excess"]})
     return pd.DataFrame(rows)
+
+
+def measure_layers(hidden, routers, experts, token_id, domain, position, role, train, *, top_tokens: int = 50,
+                   position_edges=(64, 128, 192), definitions=("centred", "paper"), clusters: int = 0,
+                   permutations: int = 20, probe_steps: int = 30, seed: int = 0) -> dict[str, pd.DataFrame]:
+    """{"probes", "angles", "clusters"}: per layer and definition of control (:data:`DEFINITIONS`), the
+    probes of :data:`PROBE_LABELS` (:func:`routelib.routing.analyse.control.probe_parts`), k-means of the
+    control, content and whole inputs scored against :data:`CLUSTER_LABELS`; the principal angles between
+    consecutive layers' control subspaces. hidden: (N, L, H) router inputs; routers: (L, E, H); experts:
+    (N, L, k), first choice first; token_id, domain, position, role: (N,); train: (N,) bool (whole
+    sequences, :func:`routelib.routing.analyse.control.sequence_split`). Layers are numbered 0..L-1."""
+    hidden, routers, experts = np.asarray(hidden), np.asarray(routers, np.float64), np.asarray(experts)
+    if hidden.ndim != 3 or routers.ndim != 3 or experts.ndim != 3 or len(routers) < 2 or not (
+            hidden.shape[1] == len(routers) == experts.shape[1] and len(hidden) == len(experts)):
+        raise ConfigError(f"measure_layers: expected hidden (N, L, H), routers (L >= 2, E, H), experts (N, L, k); got "
+                          f"{hidden.shape}, {routers.shape}, {experts.shape}")
+    if not definitions or set(definitions) - set(DEFINITIONS):
+        raise ConfigError(f"definitions must name one or more of {list(DEFINITIONS)}, got {definitions}")
+    train = np.asarray(train, bool)
+    probe_cfg = ProbeConfig(steps=probe_steps)
+    k = clusters or routers.shape[1]
+    chosen = [DEFINITIONS[name] for name in definitions]
+    token = frequent_tokens(token_id, train, top_tokens)
+    bucket = position_buckets(position, position_edges)
+    probes, angles, found = [], [], []
+    for layer, router in enumerate(routers):
+        x = hidden[:, layer].astype(np.float64)  # (N, H)
+        labels = probe_labels(token, bucket, domain, experts, layer)
+        targets = {"token": np.asarray(token_id), "domain": np.asarray(domain), "role": np.asarray(role)}
+        targets.update({"next_expert": labels["next_expert"]} if "next_expert" in labels else {})
+        full = cluster_specificity({"full": x}, targets, k, seed, permutations)
+        found.append(_first(full, definition="both", layer=layer, k=k))
+        for definition, centre in chosen:
+            table = probe_parts(x, router, labels, train, probe_cfg, centre)
+            probes.append(_first(table, definition=definition, layer=layer))
+            parts = dict(zip(CLUSTER_PARTS[:2], split_coordinates(x, router, centre)))
+            table = cluster_specificity(parts, targets, k, seed, permutations)
+            found.append(_first(table, definition=definition, layer=layer, k=k))
+    for definition, centre in chosen:
+        angles.append(_first(layer_angles(routers, centre, seed=seed), definition=definition))
+    return {name: pd.concat(rows, ignore_index=True)
+            for name, rows in (("probes", probes), ("angles", angles), ("clusters", found))}
+
+
+def probe_labels(token, bucket, domain, experts, layer: int) -> dict[str, np.ndarray]:
+    """The labels of :data:`PROBE_LABELS` at ``layer``: token (:func:`frequent_tokens`), position bucket, domain
+    and the first choice of ``experts`` (N, L, k) at ``layer`` and, below the last layer, at ``layer + 1``."""
+    labels = {"token": token, "position": bucket, "domain": np.asarray(domain), "expert": experts[:, layer, 0]}
+    if layer + 1 < experts.shape[1]:
+        labels["next_expert"] = experts[:, layer + 1, 0]
+    return labels
+
+
+def _first(table: pd.DataFrame, **columns) -> pd.DataFrame:
+    """``table`` with constant ``columns`` put first."""
+    return table.assign(**columns)[[*columns, *table.columns]]
+
+
+def verdicts(tables: dict[str, pd.DataFrame]) -> list[str]:
+    """From the tables of :func:`measure_layers`: per probe label, for the angles and per cluster label one
+    sentence naming every definition's numbers, then the claim's verdict, one line per definition."""
+    probes, angles, clusters = tables["probes"], tables["angles"], tables["clusters"]
+    definitions = list(dict.fromkeys(probes["definition"]))
+    acc = probes.pivot_table(index=["definition", "label", "layer"], columns="part", values="accuracy")
+    dims = probes.groupby(["definition", "part"])["dims"].first()
+    lines = []
+    for label in [name for name in PROBE_LABELS if name in acc.index.get_level_values(1)]:
+        chance = probes.loc[probes["label"] == label, "chance"].mean()
+        layers = probes.loc[probes["label"] == label, "layer"].nunique()
+        each = []
+        for definition in definitions:
+            a = acc.loc[(definition, label)]
+            wins = int((a["control"] > a["content_matched"]).sum())
+            each.append(f"{definition}: control {a['control'].mean():.3f} ({dims[definition, 'control']} dims), "
+                        f"size-matched content {a['content_matched'].mean():.3f}, all content "
+                        f"{a['content'].mean():.3f} ({dims[definition, 'content']} dims), control ahead at "
+                        f"{wins}/{len(a)} layers")
+        lines.append(f"{label}: mean held-out accuracy over {layers} layers, chance {chance:.3f}; " + "; ".join(each))
+    each = []
+    for definition, a in angles.groupby("definition", sort=False):
+        angle = a["mean_angle"]
+        closer = int((angle < a["null_mean"]).sum())
+        each.append(f"{definition} (rank {a['rank'].min()}): {angle.mean():.1f} deg ({angle.min():.1f}-"
+                    f"{angle.max():.1f} over pairs), random subspaces {a['null_mean'].mean():.1f} deg, closer at "
+                    f"{closer}/{len(a)} pairs")
+    lines.append("consecutive layers' control subspaces, mean principal angle: " + "; ".join(each))
+    excess = clusters.pivot_table(index=["label", "definition"], columns="part", values="excess")  # mean over layers
+    k = int(clusters["k"].iloc[0])
+    for label in [name for name in CLUSTER_LABELS if name in excess.index.get_level_values(0)]:
+        e = excess.loc[label]
+        each = [f"{d}: control {e.loc[d, 'control']:.3f}, content {e.loc[d, 'content']:.3f}" for d in definitions]
+        lines.append(f"k-means (k={k}) by {label}: NMI excess over the permutation null, mean over layers: "
+                     + "; ".join(each) + f"; full {e.loc['both', 'full']:.3f}")
+    for definition in definitions:
+        token, following = acc.loc[(definition, "token")], acc.loc[(definition, "next_expert")]
+        surface = int((token["content_matched"] > token["control"]).sum())
+        function = int((following["control"] > following["content_matched"]).sum())
+        halves = ["yes" if 2 * n > len(t) else "no" for n, t in ((surface, token), (function, following))]
+        holds = ("does not hold", "holds in part", "holds")[halves.count("yes")]
+        lines.append(f"{definition}: claim (d) {holds} by the probes: token identity is decoded better from "
+                     f"size-matched content than from control at {surface}/{len(token)} layers ({halves[0]}), the "
+                     f"next layer's expert better from control than from size-matched content at "
+                     f"{function}/{len(following)} layers ({halves[1]})")
+    return lines

@@ -25,17 +25,10 @@ from routelib.errors import ConfigError
 from routelib.routing.analyse import control as C
 from routelib.routing.analyse.roles import role_labels
 
-#: Probe labels: surface (token, position), source (domain), function (this layer's and the next
-#: layer's first-choice expert; the first is decoded from control by construction: a check of the split).
-PROBE_LABELS = ("token", "position", "domain", "expert", "next_expert")
-#: Cluster labels: the token id (all tokens), the domain, the role (roles.role_labels: register and the
-#: class of the next token, for every token) and the next layer's first-choice expert.
-CLUSTER_LABELS = ("token", "domain", "role", "next_expert")
-#: Features clustered: the control part, the content part and the whole router input.
-CLUSTER_PARTS = ("control", "content", "full")
-#: Definitions of the control subspace: name -> (its label in the tables' ``definition`` column, centre
-#: the router first). The whole router input ("full") is the same under both: clustered once, labelled "both".
-DEFINITIONS = {"centred": ("centred router (E-1)", True), "paper": ("router W (paper, E)", False)}
+#: Probe and cluster labels, parts and definitions of control (:mod:`routelib.routing.analyse.control`).
+PROBE_LABELS, CLUSTER_LABELS, CLUSTER_PARTS, DEFINITIONS = C.PROBE_LABELS, C.CLUSTER_LABELS, C.CLUSTER_PARTS, C.DEFINITIONS
+#: Sentences from the tables of :func:`run`.
+verdicts = C.verdicts
 
 
 @dataclass
@@ -130,12 +123,8 @@ def load(cfg: ControlStudyConfig, model=None) -> tuple[ControlData | None, str |
 
 def probe_labels(data: ControlData, layer: int, cfg: ControlStudyConfig) -> dict[str, np.ndarray]:
     """The labels of :data:`PROBE_LABELS` for layer ``layer`` (no ``next_expert`` at the last layer)."""
-    labels = {"token": C.frequent_tokens(data.token_id, data.train, cfg.top_tokens),
-              "position": C.position_buckets(data.position, cfg.position_edges),
-              "domain": data.domain, "expert": data.experts[:, layer, 0]}
-    if layer + 1 < data.experts.shape[1]:
-        labels["next_expert"] = data.experts[:, layer + 1, 0]
-    return labels
+    return C.probe_labels(C.frequent_tokens(data.token_id, data.train, cfg.top_tokens),
+                          C.position_buckets(data.position, cfg.position_edges), data.domain, data.experts, layer)
 
 
 def run(cfg: ControlStudyConfig, model=None) -> tuple[dict[str, pd.DataFrame] | None, str]:
@@ -145,82 +134,12 @@ def run(cfg: ControlStudyConfig, model=None) -> tuple[dict[str, pd.DataFrame] | 
     data, why = load(cfg, model)
     if data is None:
         return None, why
-    probe_cfg = C.ProbeConfig(steps=cfg.probe_steps)
-    k = cfg.clusters or data.routers.shape[1]
-    chosen = [DEFINITIONS[name] for name in cfg.definitions]
-    probes, angles, clusters = [], [], []
-    for layer, router in enumerate(data.routers):
-        hidden = data.hidden[:, layer].astype(np.float64)  # (N, H)
-        labels = probe_labels(data, layer, cfg)
-        targets = {"token": data.token_id, "domain": data.domain, "role": data.role}
-        targets.update({"next_expert": labels["next_expert"]} if "next_expert" in labels else {})
-        full = C.cluster_specificity({"full": hidden}, targets, k, cfg.seed, cfg.permutations)
-        clusters.append(_first(full, definition="both", layer=layer, k=k))
-        for definition, centre in chosen:
-            table = C.probe_parts(hidden, router, labels, data.train, probe_cfg, centre)
-            probes.append(_first(table, definition=definition, layer=layer))
-            parts = dict(zip(CLUSTER_PARTS[:2], C.split_coordinates(hidden, router, centre)))
-            table = C.cluster_specificity(parts, targets, k, cfg.seed, cfg.permutations)
-            clusters.append(_first(table, definition=definition, layer=layer, k=k))
-    for definition, centre in chosen:
-        angles.append(_first(C.layer_angles(data.routers, centre, seed=cfg.seed), definition=definition))
-    tables = {name: pd.concat(rows, ignore_index=True)
-              for name, rows in (("probes", probes), ("angles", angles), ("clusters", clusters))}
+    tables = C.measure_layers(data.hidden, data.routers, data.experts, data.token_id, data.domain, data.position,
+                              data.role, data.train, top_tokens=cfg.top_tokens, position_edges=cfg.position_edges,
+                              definitions=cfg.definitions, clusters=cfg.clusters, permutations=cfg.permutations,
+                              probe_steps=cfg.probe_steps, seed=cfg.seed)
     held = int((~data.train).sum())
     domains = ", ".join(f"{d} {n:,}" for d, n in zip(*np.unique(data.domain, return_counts=True)))
     summary = (f"{len(data.train):,} tokens ({domains}), {len(data.train) - held:,} train / {held:,} held out by "
                f"sequence; recomputed routing agrees with the traces on {data.agreement:.1%} of (token, layer)")
     return tables, summary
-
-
-def _first(table: pd.DataFrame, **columns) -> pd.DataFrame:
-    """``table`` with constant ``columns`` put first."""
-    return table.assign(**columns)[[*columns, *table.columns]]
-
-
-def verdicts(tables: dict[str, pd.DataFrame]) -> list[str]:
-    """From the tables of :func:`run`: per probe label, for the angles and per cluster label one sentence
-    naming every definition's numbers, then the claim's verdict, one line per definition."""
-    probes, angles, clusters = tables["probes"], tables["angles"], tables["clusters"]
-    definitions = list(dict.fromkeys(probes["definition"]))
-    acc = probes.pivot_table(index=["definition", "label", "layer"], columns="part", values="accuracy")
-    dims = probes.groupby(["definition", "part"])["dims"].first()
-    lines = []
-    for label in [name for name in PROBE_LABELS if name in acc.index.get_level_values(1)]:
-        chance = probes.loc[probes["label"] == label, "chance"].mean()
-        layers = probes.loc[probes["label"] == label, "layer"].nunique()
-        each = []
-        for definition in definitions:
-            a = acc.loc[(definition, label)]
-            wins = int((a["control"] > a["content_matched"]).sum())
-            each.append(f"{definition}: control {a['control'].mean():.3f} ({dims[definition, 'control']} dims), "
-                        f"size-matched content {a['content_matched'].mean():.3f}, all content "
-                        f"{a['content'].mean():.3f} ({dims[definition, 'content']} dims), control ahead at "
-                        f"{wins}/{len(a)} layers")
-        lines.append(f"{label}: mean held-out accuracy over {layers} layers, chance {chance:.3f}; " + "; ".join(each))
-    each = []
-    for definition, a in angles.groupby("definition", sort=False):
-        angle = a["mean_angle"]
-        closer = int((angle < a["null_mean"]).sum())
-        each.append(f"{definition} (rank {a['rank'].min()}): {angle.mean():.1f} deg ({angle.min():.1f}-"
-                    f"{angle.max():.1f} over pairs), random subspaces {a['null_mean'].mean():.1f} deg, closer at "
-                    f"{closer}/{len(a)} pairs")
-    lines.append("consecutive layers' control subspaces, mean principal angle: " + "; ".join(each))
-    excess = clusters.pivot_table(index=["label", "definition"], columns="part", values="excess")  # mean over layers
-    k = int(clusters["k"].iloc[0])
-    for label in [name for name in CLUSTER_LABELS if name in excess.index.get_level_values(0)]:
-        e = excess.loc[label]
-        each = [f"{d}: control {e.loc[d, 'control']:.3f}, content {e.loc[d, 'content']:.3f}" for d in definitions]
-        lines.append(f"k-means (k={k}) by {label}: NMI excess over the permutation null, mean over layers: "
-                     + "; ".join(each) + f"; full {e.loc['both', 'full']:.3f}")
-    for definition in definitions:
-        token, following = acc.loc[(definition, "token")], acc.loc[(definition, "next_expert")]
-        surface = int((token["content_matched"] > token["control"]).sum())
-        function = int((following["control"] > following["content_matched"]).sum())
-        halves = ["yes" if 2 * n > len(t) else "no" for n, t in ((surface, token), (function, following))]
-        holds = ("does not hold", "holds in part", "holds")[halves.count("yes")]
-        lines.append(f"{definition}: claim (d) {holds} by the probes: token identity is decoded better from "
-                     f"size-matched content than from control at {surface}/{len(token)} layers ({halves[0]}), the "
-                     f"next layer's expert better from control than from size-matched content at "
-                     f"{function}/{len(following)} layers ({halves[1]})")
-    return lines
