@@ -114,6 +114,7 @@ class PathwayStudyConfig:
     eval_batch_size: int = 8  # windows per evaluation forward pass
     probe_windows: int = 5  # held-out windows (domains in turn) for the per-layer sensitivity and
     # pathway-subset error analyses; 0 skips both
+    paper_claims: bool = True  # sections 8-9 (paths, control and content: tables, no dashboard); False skips them
     min_load: float = 0.01  # a pathway counts as used when it gets >= this share of a layer's selections
     top_tokens: int = 10  # tokens listed per pathway
     bench_tokens: int = 4096  # tokens through one pathway MLP in the sparse vs dense benchmark
