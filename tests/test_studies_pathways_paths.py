@@ -6,7 +6,6 @@ import pytest
 
 from routelib.errors import ConfigError
 from routelib.routing.analyse.expert_paths import path_ids
-from routelib.routing.analyse.expert_path_verdicts import first_choice_paths
 from routelib.studies.pathways.pathway_paths import (depth_sweep, path_verdicts, pathway_path_verdicts, role_table,
                                                      sample_frame, verdict_lines)
 
@@ -117,13 +116,18 @@ def test_depth_sweep_counts_paths_and_sees_saturation():
     assert saturated["paths_share"] == 1.0 and abs(saturated["excess_mean"]) < 1e-9
 
 
-def test_first_choice_paths_are_path_ids():
+def test_path_ids_fast_code_equals_a_row_wise_unique():
+    def reference(experts, layers, top1=True):
+        chosen = experts[:, layers, :1] if top1 else np.sort(experts[:, layers], axis=2)
+        return np.unique(chosen.reshape(len(experts), -1), axis=0, return_inverse=True)[1].ravel()
+
     rng = np.random.default_rng(1)
     experts = rng.integers(0, 16, (500, 5, 2))
-    for layers in ([0], [1, 2], [4, 0, 3], range(5)):
-        assert np.array_equal(first_choice_paths(experts, layers), path_ids(experts, list(layers)))
-    wide = rng.integers(0, 4, (300, 40, 1))  # 4 ** 40 overflows the mixed-radix code: path_ids itself
-    assert np.array_equal(first_choice_paths(wide, range(40)), path_ids(wide))
+    for layers in ([0], [1, 2], [4, 0, 3], list(range(5))):
+        assert np.array_equal(path_ids(experts, layers), reference(experts, layers))
+        assert np.array_equal(path_ids(experts, layers, top1=False), reference(experts, layers, top1=False))
+    wide = rng.integers(0, 4, (300, 40, 1))  # 4 ** 40 overflows the mixed-radix code: the row-wise unique
+    assert np.array_equal(path_ids(wide), reference(wide, list(range(40))))
     with pytest.raises(ConfigError, match="depth"):
         path_verdicts(*sample_frame(planted_sample())[:2], Decoder(), draws=1, depth=4)
 

@@ -52,18 +52,6 @@ def depth_blocks(n_layers: int, depth: int | None) -> list[list[int]]:
     return [list(range(j, j + depth)) for j in range(0, n_layers - depth + 1, depth)]
 
 
-def first_choice_paths(experts: np.ndarray, layers) -> np.ndarray:
-    """:func:`routelib.routing.analyse.expert_paths.path_ids` of the first choices over ``layers``, the
-    same ids (ascending in the lexicographic order of the paths), from one 1-D ``unique`` of a mixed-radix
-    code instead of a row-wise one: many times faster, which the bootstrap needs."""
-    first = np.asarray(experts)[:, list(layers), 0].astype(np.int64)  # (N, d)
-    base = int(first.max()) + 1 if first.size else 1
-    if first.size == 0 or first.min() < 0 or base ** first.shape[1] >= 2 ** 62:
-        return path_ids(experts, layers)
-    code = first @ (base ** np.arange(first.shape[1] - 1, -1, -1, dtype=np.int64))
-    return np.unique(code, return_inverse=True)[1].ravel()
-
-
 def _measures(experts: np.ndarray, ids: np.ndarray, permutations: int, seed: int,
               depths=(None,)) -> dict[int | None, dict[str, float]]:
     """(a) and (b) on one sample of tokens, for each path depth: excess NMI of the token id with each
@@ -73,7 +61,7 @@ def _measures(experts: np.ndarray, ids: np.ndarray, permutations: int, seed: int
     # the controls' shuffles get their own random streams: drawn with ``seed`` itself they would repeat the
     # null's label permutations and line the null up with the control
     shuffled, given = independent_layers(experts, [seed, 1]), independent_layers(experts, [seed, 2], within=ids)
-    excess = lambda e, w: specificity(ids, first_choice_paths(e, w), permutations, seed)["excess"]  # noqa: E731
+    excess = lambda e, w: specificity(ids, path_ids(e, w), permutations, seed)["excess"]  # noqa: E731
     out = {}
     for depth in depths:
         windows = depth_blocks(experts.shape[1], depth)
@@ -188,5 +176,5 @@ def role_table(df: pd.DataFrame, experts: np.ndarray, tokenizer, min_count: int 
     return table
 
 
-__all__ = ["basic_bootstrap", "depth_blocks", "first_choice_paths", "path_verdicts", "role_table", "verdict_lines",
+__all__ = ["basic_bootstrap", "depth_blocks", "path_verdicts", "role_table", "verdict_lines",
            "verdicts_by_depth"]

@@ -37,8 +37,19 @@ def path_ids(experts: np.ndarray, layers=None, top1: bool = True) -> np.ndarray:
     if not layers or min(layers) < 0 or max(layers) >= experts.shape[1]:
         raise ConfigError(f"layers {layers}: choose among 0..{experts.shape[1] - 1}")
     chosen = experts[:, layers, :1] if top1 else np.sort(experts[:, layers], axis=2)
-    _, ids = np.unique(chosen.reshape(len(experts), -1), axis=0, return_inverse=True)
-    return ids.ravel()
+    return row_ids(chosen.reshape(len(experts), -1))
+
+
+def row_ids(rows: np.ndarray) -> np.ndarray:
+    """(N,) ids of the distinct rows of ``rows`` (N, m), ascending in their lexicographic order: one 1-D
+    ``unique`` of a mixed-radix code of each row where it fits in int64 (many times faster than a row-wise
+    ``unique``, which bootstraps need), else the row-wise ``unique`` itself."""
+    rows = np.asarray(rows).astype(np.int64)
+    base = int(rows.max()) + 1 if rows.size else 1
+    if rows.size and rows.min() >= 0 and base ** rows.shape[1] < 2 ** 62:
+        code = rows @ (base ** np.arange(rows.shape[1] - 1, -1, -1, dtype=np.int64))  # (N,)
+        return np.unique(code, return_inverse=True)[1].ravel()
+    return np.unique(rows, axis=0, return_inverse=True)[1].ravel()
 
 
 def _entropy_of(ids: np.ndarray) -> float:

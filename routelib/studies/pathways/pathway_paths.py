@@ -51,9 +51,9 @@ import pandas as pd
 
 from routelib import metrics
 from routelib.errors import ConfigError
-from routelib.routing.analyse.expert_path_verdicts import (depth_blocks, first_choice_paths, path_verdicts, role_table,
+from routelib.routing.analyse.expert_path_verdicts import (depth_blocks, path_verdicts, role_table,
                                                            verdict_lines, verdicts_by_depth)
-from routelib.routing.analyse.expert_paths import specificity
+from routelib.routing.analyse.expert_paths import path_ids, specificity
 
 SAMPLE_KEYS = ("tokens", "domains", "seq_ids", "layers", "trained", "untrained")
 
@@ -129,7 +129,7 @@ def depth_sweep(df: pd.DataFrame, routers: Mapping[str, np.ndarray], depths=None
         if len(experts) != len(ids):
             raise ConfigError(f"depth_sweep: {len(ids)} rows, {len(experts)} rows of {name} experts")
         for d in depths or range(1, experts.shape[1] + 1):
-            found = [specificity(ids, first_choice_paths(experts, w), permutations, seed)
+            found = [specificity(ids, path_ids(experts, w), permutations, seed)
                      for w in depth_blocks(experts.shape[1], d)]
             paths = float(np.mean([f["groups"] for f in found]))
             rows.append(dict(router=name, depth=d, blocks=len(found), paths=paths, paths_share=paths / len(ids),
