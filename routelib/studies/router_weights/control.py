@@ -121,12 +121,6 @@ def load(cfg: ControlStudyConfig, model=None) -> tuple[ControlData | None, str |
                        hidden.agreement), None
 
 
-def probe_labels(data: ControlData, layer: int, cfg: ControlStudyConfig) -> dict[str, np.ndarray]:
-    """The labels of :data:`PROBE_LABELS` for layer ``layer`` (no ``next_expert`` at the last layer)."""
-    return C.probe_labels(C.frequent_tokens(data.token_id, data.train, cfg.top_tokens),
-                          C.position_buckets(data.position, cfg.position_edges), data.domain, data.experts, layer)
-
-
 def run(cfg: ControlStudyConfig, model=None) -> tuple[dict[str, pd.DataFrame] | None, str]:
     """({"probes", "angles", "clusters"}, a one-line summary of the data), or (None, why not). Every table
     has a ``definition`` column (:data:`DEFINITIONS`): the router inputs are loaded once and measured
