@@ -273,13 +273,35 @@ def test_half_precision_weights_are_the_float32_weights_rounded_and_a_resume_can
     assert not np.array_equal(a.weights, b.weights)  # really stored in half precision
     with pytest.raises(ConfigError, match=r"different layout \(weights_dtype: .float16. -> .float32.\)"):  # into float16
         run(mixtral, tokenizer, tmp_path / "f16", prompts=prompts, dataset="more")
-    with pytest.raises(ConfigError, match="weights_dtype 'bfloat16': choose one of float32, float16"):
+    with pytest.raises(ConfigError, match="weights_dtype 'bfloat16': choose one of float32, float16, uint8"):
         run(mixtral, tokenizer, tmp_path / "bad", prompts=prompts, weights_dtype="bfloat16")
     manifest = json.loads((tmp_path / "f16" / "manifest.json").read_text())
     manifest["layout"]["weights_dtype"] = "float32"
     (tmp_path / "f16" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(T.TraceError, match=r"column 'weights' has type fixed_size_list<halffloat>\[6\], expected fixed_size_list<float>"):
         load_traces(tmp_path / "f16")
+
+
+def test_uint8_weights_are_the_float32_weights_quantised_in_frames_and_columns(mixtral, tokenizer, tmp_path):
+    from routelib.routing.record.columns import open_columns
+
+    prompts = dict(list(PROMPTS.items())[:3])
+    a = trace_arrays(run(mixtral, tokenizer, tmp_path / "f32", prompts=prompts))
+    frame = run(mixtral, tokenizer, tmp_path / "u8", prompts=prompts, weights_dtype="uint8")
+    assert frame.attrs["manifest"]["layout"]["weights_dtype"] == "uint8"
+    b = trace_arrays(frame)
+    np.testing.assert_array_equal(a.experts, b.experts)
+    assert b.weights.dtype == np.float32 and frame["weights"].iloc[0].dtype == np.float32  # read back, not 0..255
+    np.testing.assert_array_equal(b.weights, np.rint(a.weights.astype(np.float64) * 255).astype(np.float32) / 255)
+    assert 0 < np.abs(a.weights - b.weights).max() <= 1 / 510 + 1e-7
+    cols = open_columns(tmp_path / "u8", cache_dir=tmp_path / "cache")
+    np.testing.assert_array_equal(np.asarray(cols.weights), b.weights)
+
+
+def test_uint8_weights_refuse_values_outside_0_1():
+    with pytest.raises(T.TraceError, match=r"uint8 gate weights hold values in \[0, 1\]; these range over \[0, 2.5\]"):
+        T.encode_weights(np.array([[0.0, 2.5]]), "uint8")
+    np.testing.assert_array_equal(T.encode_weights(np.array([0.0, 0.5, 1.0]), "uint8"), [0, 128, 255])
 
 
 def test_no_moe_layers_is_a_clear_error(tokenizer, tmp_path):

@@ -516,8 +516,9 @@ def collect(model, tokenizer, prompts: Sequence[str] | Mapping[str, str], out_di
     shard: (i, n) -- collect only the batches b (problems b * batch_size ... (b + 1) * batch_size - 1) with
         b % n == i - 1, the part of one process of n (:mod:`routelib.routing.record.shards` merges the n
         folders into the one-process result, row for row: the batches, hence padding and seeds, are the same).
-    weights_dtype: how the gate weights are stored, "float32" (as computed) or "float16" (deep models' traces
-        ~2.5x smaller; relative error <= 2**-11); recorded as ``layout["weights_dtype"]``.
+    weights_dtype: how the gate weights are stored, "float32" (as computed), "float16" (deep models' traces
+        ~2.5x smaller; relative error <= 2**-11) or "uint8" (round(255 w), absolute error <= 1/510, weights in
+        [0, 1] only: long text traces); recorded as ``layout["weights_dtype"]``.
     """
     _check_weights_dtype(weights_dtype)
     if max_new_tokens < 1 or batch_size < 1:
@@ -869,7 +870,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prepend_bos", action="store_true", help="put the tokenizer's BOS before every prompt")
     p.add_argument("--full_distribution", action="store_true", help="also store softmax(router logits)")
     p.add_argument("--weights_dtype", default=T.WEIGHTS_DTYPE, choices=T.WEIGHTS_DTYPES,
-                   help="storage of the gate weights (float16: deep models' traces ~2.5x smaller)")
+                   help="storage of the gate weights (float16: deep models' traces ~2.5x smaller; uint8: "
+                        "round(255 w) for weights in [0, 1], long text traces)")
     p.add_argument("--no_resume", action="store_true", help="start over instead of resuming")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     p.add_argument("--device_map", default=None, help="e.g. auto (default: auto on CUDA machines, else none)")

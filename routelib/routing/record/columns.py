@@ -176,6 +176,7 @@ def _build(trace_dir: Path, manifest: dict, shards: list[dict], target: Path, va
 
     info = T.trace_info(manifest)
     num_layers, top_k, num_experts, full = info.num_layers, info.top_k, info.num_experts, info.full_distribution
+    weights_dtype = T.weights_dtype_of(manifest)
     sizes = [_shard_rows(trace_dir / str(s.get("file")), s) for s in shards]
     total = sum(sizes)
     with atomic_write(target, sync=False) as tmp:  # a cache, rebuilt when missing; no half-built one stays
@@ -197,10 +198,10 @@ def _build(trace_dir: Path, manifest: dict, shards: list[dict], target: Path, va
             if table.num_rows != size:
                 raise T.TraceError(f"shard {path.name} has {table.num_rows} rows, the manifest says {size}")
             if validate:
-                T.check_table(table, path.name, entry, (num_layers, top_k, num_experts), full,
-                              T.weights_dtype_of(manifest))
+                T.check_table(table, path.name, entry, (num_layers, top_k, num_experts), full, weights_dtype)
             part = {"experts": _fixed_list_numpy(table.column("experts"), num_layers * top_k, np.int16),  # (n, L*k)
-                    "weights": _fixed_list_numpy(table.column("weights"), num_layers * top_k, np.float32),  # (n, L*k)
+                    "weights": T.decode_weights(_fixed_list_numpy(table.column("weights"), num_layers * top_k,
+                                                                  np.float32), weights_dtype),  # (n, L*k)
                     "token_id": table.column("token_id").to_numpy(), "position": table.column("position").to_numpy(),
                     "generated": table.column("phase").to_numpy(zero_copy_only=False) == "generated",
                     "problem": _problem_codes(table, index, problems)}

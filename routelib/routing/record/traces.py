@@ -23,9 +23,12 @@ experts        fixed_size_list<int16>[L*k]                 top-k expert ids, row
                                                            expert of MoE layer l, slot j is ``[l*k + j]``;
                                                            slots in the router's order (descending weight)
 weights        fixed_size_list<float32>[L*k]               the gate weight the model multiplied that expert's
-               (or float16, ``layout["weights_dtype"]``)   output by (renormalised over the top-k where the
-                                                           model does so, e.g. Mixtral); half precision halves
-                                                           a deep model's traces (30 layers: ~2.5x smaller)
+               (or float16 / uint8,                        output by (renormalised over the top-k where the
+               ``layout["weights_dtype"]``)                model does so, e.g. Mixtral); half precision halves
+                                                           a deep model's traces (30 layers: ~2.5x smaller);
+                                                           uint8 stores round(255 w) for weights in [0, 1]
+                                                           (error <= 1/510; long text traces) and is read
+                                                           back as q / 255
 probs          fixed_size_list<float16>[L*E] (optional)    the full router distribution, row-major (layer, expert);
                                                            only with ``full_distribution``: softmax(logits),
                                                            sigmoid(logits) or the router's own probabilities,
@@ -92,7 +95,8 @@ SHARD_SUFFIX = ".parquet"
 PHASES = ("prompt", "generated")
 EXPERTS_DTYPE = "int16"  # expert ids: up to 32767 experts per layer (Mixtral 8, OLMoE 64, Qwen3 128)
 WEIGHTS_DTYPE = "float32"  # gate weights exactly as the model computed them (fp32 softmax in Mixtral)
-WEIGHTS_DTYPES = ("float32", "float16")  # what ``layout["weights_dtype"]`` may say (float16: compact traces)
+WEIGHTS_DTYPES = ("float32", "float16", "uint8")  # what ``layout["weights_dtype"]`` may say (float16, uint8: compact)
+UINT8_SCALE = 255  # uint8 weights: stored round(UINT8_SCALE * w), w in [0, 1]; read back as q / UINT8_SCALE
 PROBS_DTYPE = "float16"  # the optional full distribution: L*E values per token, so half precision
 # Scalar columns, in file order, with their Arrow type names.
 SCALAR_COLUMNS = {
@@ -198,10 +202,27 @@ def shard_table(columns: dict[str, Any], experts: np.ndarray, weights: np.ndarra
     schema = arrow_schema(num_layers, top_k, num_experts, probs is not None, weights_dtype)
     arrays = [pa.array(columns[name], type=schema.field(name).type) for name in SCALAR_COLUMNS]
     arrays.append(_fixed_list(experts.astype(np.int16), num_layers * top_k, pa.int16()))
-    arrays.append(_fixed_list(weights.astype(weights_dtype), num_layers * top_k, getattr(pa, weights_dtype)()))
+    arrays.append(_fixed_list(encode_weights(weights, weights_dtype), num_layers * top_k, getattr(pa, weights_dtype)()))
     if probs is not None:
         arrays.append(_fixed_list(probs.astype(np.float16), num_layers * num_experts, pa.float16()))
     return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def encode_weights(weights: np.ndarray, weights_dtype: str) -> np.ndarray:
+    """Gate weights (any shape, float) as stored under ``weights_dtype``; uint8 refuses weights outside [0, 1]
+    (sigmoid routers with a scaling factor, e.g. DeepSeek-V3, exceed 1: store those as float16)."""
+    if weights_dtype != "uint8":
+        return weights.astype(weights_dtype)
+    if weights.size and not (np.isfinite(weights).all() and weights.min() >= 0 and weights.max() <= 1):
+        raise TraceError(f"uint8 gate weights hold values in [0, 1]; these range over [{np.nanmin(weights):.4g}, "
+                         f"{np.nanmax(weights):.4g}]: store them as float16 or float32")
+    return np.rint(weights.astype(np.float64) * UINT8_SCALE).astype(np.uint8)
+
+
+def decode_weights(values: np.ndarray, weights_dtype: str) -> np.ndarray:
+    """Stored gate weights -> float32 (uint8: q / 255)."""
+    out = values.astype(np.float32)
+    return out / UINT8_SCALE if weights_dtype == "uint8" else out
 
 
 def write_shard(path: str | os.PathLike, table) -> dict:
@@ -414,9 +435,21 @@ def load_traces(trace_dir: str | os.PathLike, validate: bool = True, *, datasets
         _check_order(table.select(["dataset", "problem_id", "position", "phase"]).to_pandas(), str(trace_dir))
     if columns is not None:
         table = table.select(list(columns))
+    if weights_dtype == "uint8" and "weights" in table.column_names:
+        table = _decoded_weights(table, num_layers * top_k)
     df = table.to_pandas()
     df.attrs["manifest"] = manifest
     return df
+
+
+def _decoded_weights(table, width: int):
+    """``table`` with its uint8 weights column read back as float32 (q / 255), so frames always hold the weights."""
+    import pyarrow as pa
+
+    column = table.column("weights").combine_chunks()
+    values = decode_weights(column.flatten().to_numpy(zero_copy_only=False), "uint8")
+    decoded = pa.FixedSizeListArray.from_arrays(pa.array(values, type=pa.float32()), width)
+    return table.set_column(table.column_names.index("weights"), "weights", decoded)
 
 
 def trace_arrays(df, manifest: dict | None = None) -> TraceArrays:
