@@ -6,6 +6,7 @@ the whole pipeline on the real corpus windows with a tiny model."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -140,34 +141,65 @@ def test_planted_claim_holds_under_both_definitions(holds):
 def test_the_verdict_changes_when_the_token_sits_in_control():
     lines = cc.verdicts(measure(planted(True), permutations=1))
     for line in lines[-2:]:
-        assert "claim (d) holds in part" in line and "at 0/3 layers (no)" in line and "(yes)" in line
+        assert "claim (d) holds in part" in line and "ahead at 0/3 (below 0)" in line and "(above 0)" in line
+
+
+def claim_tables(gaps: dict) -> dict:
+    """Tables of :func:`C.measure_layers`' shape in which, per definition, ``gaps[definition] = (token gaps,
+    next-expert gaps)`` give each layer's size-matched content minus control accuracy on the token and control
+    minus size-matched content on the next layer's expert (one layer fewer); every other label ties at 0.5."""
+    rows = []
+    for d, (token, following) in gaps.items():
+        for layer in range(len(token)):
+            for label in cc.PROBE_LABELS:
+                if label == "next_expert" and layer >= len(following):
+                    continue
+                gap = token[layer] if label == "token" else -following[layer] if label == "next_expert" else 0.0
+                for part, dims, acc in (("control", 4, 0.5), ("content", 28, 0.9), ("content_matched", 4, 0.5 + gap)):
+                    rows.append({"definition": d, "layer": layer, "label": label, "part": part, "dims": dims,
+                                 "accuracy": acc, "chance": 0.1})
+    angles = pd.DataFrame({"definition": list(gaps), "layers": "0-1", "rank": 4, "min_angle": 10.0, "null_mean": 80.0,
+                           "mean_angle": [60.0 + 10 * i for i in range(len(gaps))]})
+    clusters = pd.DataFrame([{"definition": d, "layer": 0, "k": 4, "part": part, "label": label, "excess": 0.1}
+                             for d, parts in (("both", ("full",)), *((d, ("control", "content")) for d in gaps))
+                             for part in parts for label in cc.CLUSTER_LABELS])
+    return {"probes": pd.DataFrame(rows), "angles": angles, "clusters": clusters}
 
 
 def test_verdicts_compare_control_with_the_size_matched_content_only():
     """All content (hundreds of dims) beats control on every label; the verdict must not count that."""
-    import pandas as pd
-
-    rows = [{"definition": d, "layer": layer, "label": label, "part": part, "dims": dims, "accuracy": acc,
-             "chance": 0.1}
-            for d in ("A", "B") for layer in range(3) for label in cc.PROBE_LABELS
-            for part, dims, acc in (("control", 4, 0.6), ("content", 28, 0.9),
-                                    ("content_matched", 4, 0.5 if d == "A" else 0.7))
-            if not (label == "next_expert" and layer == 2)]
-    angles = pd.DataFrame({"definition": ["A", "B"], "layers": ["0-1"] * 2, "rank": [4, 4], "mean_angle": [60.0, 70.0],
-                           "min_angle": [10.0, 20.0], "null_mean": [80.0, 80.0]})
-    clusters = pd.DataFrame([{"definition": d, "layer": 0, "k": 4, "part": part, "label": label, "excess": 0.1}
-                             for d, parts in (("both", ("full",)), ("A", ("control", "content")),
-                                              ("B", ("control", "content")))
-                             for part in parts for label in cc.CLUSTER_LABELS])
-    lines = cc.verdicts({"probes": pd.DataFrame(rows), "angles": angles, "clusters": clusters})
-    assert lines[-2] == ("A: claim (d) holds in part by the probes: token identity is decoded better from size-matched "
-                         "content than from control at 0/3 layers (no), the next layer's expert better from control "
-                         "than from size-matched content at 2/2 layers (yes)")
-    assert lines[-1].startswith("B: claim (d) holds in part") and "at 3/3 layers (yes)" in lines[-1]
-    assert "at 0/2 layers (no)" in lines[-1]
+    lines = cc.verdicts(claim_tables({"A": ([-0.1] * 3, [0.1] * 2), "B": ([0.2] * 3, [-0.2] * 2)}))
+    assert lines[-2] == ("A: claim (d) holds in part by the probes (mean gap in held-out accuracy over layers, 95 % "
+                         "t-interval): token identity, size-matched content minus control, -0.100 [-0.100, -0.100] over "
+                         "3 layers, ahead at 0/3 (below 0); the next layer's expert, control minus size-matched content, "
+                         "+0.100 [+0.100, +0.100] over 2 layers, ahead at 2/2 (above 0)")
+    assert lines[-1].startswith("B: claim (d) holds in part") and "ahead at 3/3 (above 0)" in lines[-1]
+    assert "ahead at 0/2 (below 0)" in lines[-1]
     assert lines[5] == ("consecutive layers' control subspaces, mean principal angle: A (rank 4): 60.0 deg (60.0-60.0 "
                         "over pairs), random subspaces 80.0 deg, closer at 1/1 pairs; B (rank 4): 70.0 deg (70.0-70.0 "
                         "over pairs), random subspaces 80.0 deg, closer at 1/1 pairs")
+
+
+def test_the_interval_over_layers_decides_not_the_count_of_layers():
+    """Control behind at most layers, or ahead at most, is not enough: the mean gap's 95 % t-interval over
+    layers must lie above 0 for a half to hold, below 0 for its opposite."""
+    consistent, lopsided = [0.10, 0.12, 0.08, 0.11], [0.30, 0.02, 0.01, -0.25]  # ahead at 4/4; at 3/4 but mean ~0
+    lines = cc.verdicts(claim_tables({
+        "holds": (consistent, [0.05, 0.04, 0.06]),
+        "token undecided": (lopsided, [0.05, 0.04, 0.06]),
+        "expert undecided": (consistent, [-0.30, 0.02, 0.01]),
+        "neither": (lopsided, [-0.30, 0.02, 0.01]),
+        "against": ([-x for x in consistent], [-0.30, 0.02, 0.01]),
+        "one pair": (consistent, [-0.05])}))[-6:]
+    verdict = {line.split(":")[0]: line.split("claim (d) ")[1].split(" by the probes")[0] for line in lines}
+    assert verdict == {"holds": "holds", "token undecided": "holds in part", "expert undecided": "holds in part",
+                       "neither": "is not resolved", "against": "does not hold", "one pair": "holds in part"}
+    assert "+0.020 [-0.337, +0.377] over 4 layers, ahead at 3/4 (includes 0)" in lines[1]
+    assert "ahead at 2/3 (includes 0)" in lines[2] and "+0.050 [+0.025, +0.075] over 3 layers" in lines[0]
+    assert "-0.102 [-0.130, -0.075] over 4 layers, ahead at 0/4 (below 0)" in lines[4]
+    assert lines[5].endswith("-0.050 at one layer, ahead at 0/1 (no interval)")
+    with pytest.raises(ConfigError, match="half_of_claim"):
+        C.half_of_claim([])
 
 
 def test_angles_and_clusters_see_the_planted_subspaces(holds):
@@ -188,6 +220,18 @@ def test_measure_layers_checks_its_inputs():
         measure(p | {"routers": p["routers"][:1]})
     with pytest.raises(ConfigError, match="definitions"):
         measure(p, definitions=("rotated",))
+    with pytest.raises(ConfigError, match=r"layers must name one or more of 0..2, got \[0, 4\]"):
+        measure(p, layers=[0, 4])
+
+
+def test_chosen_layers_are_the_same_rows_as_in_the_full_measurement(holds):
+    p = planted(False)
+    some = measure(p, layers=[2, 0])
+    for name in ("probes", "clusters"):
+        assert sorted(set(some[name]["layer"])) == [0, 2]
+        full = holds[name][holds[name]["layer"].isin([0, 2])].reset_index(drop=True)
+        pd.testing.assert_frame_equal(some[name].reset_index(drop=True), full)
+    pd.testing.assert_frame_equal(some["angles"], holds["angles"])  # every consecutive pair, whatever is probed
 
 
 def test_variance_shares_is_the_variance_in_each_subspace():

@@ -1,14 +1,15 @@
 """Notebook 01's reference run (routelib.studies.pathways.reference) on a tiny Llama: the plan, the
 stop rule, training until it stops with one checkpoint kept and an interrupted run resumed to the same
 weights, the bootstrap purity intervals, a run made by two parts side by side and a measuring invocation
-(every file hashed, load_reference, the explorer's sample, the first steps reproduced bit for bit), and
-the command line's one-line errors."""
+(every file hashed, load_reference, the explorer's sample, the first steps reproduced bit for bit), claim
+(d) measured on the first main run trained again (control_reference), and the command line's one-line errors."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -18,6 +19,8 @@ from routelib import cli, metrics
 from routelib.errors import ConfigError
 from routelib.reference import ReferenceError
 from routelib.studies import pathways as ps
+from routelib.studies.pathways import control_content as cc
+from routelib.studies.pathways import control_reference as cr
 from routelib.studies.pathways import reference as pr
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -211,14 +214,14 @@ def made(tiny_llama_dir, tmp_path_factory):
     measuring invocation. Counts how often each run is trained."""
     tmp = tmp_path_factory.mktemp("ref01")
     cfg, s, out = tiny_cfg(tiny_llama_dir, tmp), settings(), tmp / "reference"
-    trained, record = [], pr._train_and_record
+    trained, record = [], pr.train_and_record
 
     def counting(spec, *args):
         trained.append(spec.name)
         return record(spec, *args)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pr, "_train_and_record", counting)
+        mp.setattr(pr, "train_and_record", counting)
         for part in [(1, 2), (2, 2)]:
             assert pr.reference_run(cfg, s, out, part=part, command=f"test part {part}") is None
         manifest = pr.reference_run(cfg, s, out, command="test final")
@@ -402,7 +405,7 @@ def test_first_steps_reproduce(made, tmp_path):
 
 def test_a_finished_run_is_not_retrained(made, monkeypatch):
     cfg, s, out, _, _ = made
-    monkeypatch.setattr(pr, "_train_and_record", lambda *a: pytest.fail("retrained a finished run"))
+    monkeypatch.setattr(pr, "train_and_record", lambda *a: pytest.fail("retrained a finished run"))
     assert pr.reference_run(cfg, s, out, part=(1, 2), command="again") is None
 
 
@@ -410,6 +413,51 @@ def test_not_made_yet(tmp_path):
     assert pr.load_reference_if_made(tmp_path) is None
     with pytest.raises(ReferenceError, match="no manifest"):
         pr.load_reference(tmp_path)
+
+
+# ------------------------------------------------------------------- claim (d) on the reference model
+def test_control_reference_retrains_the_first_main_run_bit_for_bit_and_measures_it(made, tmp_path):
+    cfg, s, made_out, _, _ = made
+    out = tmp_path / "reference"  # a copy, its manifest written again: other tests add invocations to the original
+    shutil.copytree(made_out, out)
+    pr.reference_run(cfg, s, out, command="test copy")
+    assert cr.load_control_reference_if_made(tmp_path / "cc") is None
+    assert cr.control_reference_header(None) == ("claim (d) on the reference model not yet measured: python -m "
+                                                 "routelib.studies.pathways control-reference --threads 1")
+    small = cc.ControlContentConfig(tokens_per_domain=64, top_tokens=5, permutations=1, probe_steps=5)
+    manifest = cr.control_reference(tmp_path / "cc", tmp_path / "work", command="test control", reference_dir=out,
+                                    control_cfg=small)
+    assert set(manifest["files"]) == {f"{name}.csv" for name in cr.TABLES} | {"summary.json", "invocations.json"}
+    cref = cr.load_control_reference(tmp_path / "cc")  # every file checked against the manifest
+    summary = cref["summary"]
+    assert summary["run"] == "glbl-coactivation-s0" and summary["record_equal"], summary["record_differences"]
+    assert manifest["params"]["control_config"]["tokens_per_domain"] == 64 and manifest["command"] == "test control"
+    lines = cc.verdicts(cref)  # the tables read back are what the notebook's sentences take
+    assert lines[-1].startswith("router W (paper, E): claim (d) ") and "(no interval)" in lines[-1]  # 2 routed layers
+    assert len(cc.random_control_lines(cref)) == 2 and set(cref["variance_shares"]["layer"]) == {1, 3}
+    header = cr.control_reference_header(cref).splitlines()
+    assert header[0] == "command: test control" and "equals the committed one in every field but train_tokens_per_s" in header[2]
+    assert header[3] == summary["data"] and "routed layers 1, 3" in header[3]
+    (tmp_path / "cc" / "probes.csv").write_text("changed")
+    with pytest.raises(ReferenceError, match="sha256"):
+        cr.load_control_reference(tmp_path / "cc")
+
+
+def test_compare_records_names_every_differing_field_but_the_speed():
+    committed = {"run": "a", "stop_step": 10, "ppl": {"x": 1.5}, "change": math.nan, "train_tokens_per_s": 100.0}
+    assert cr.compare_records({**committed, "train_tokens_per_s": 90.0}, committed) == {}  # NaN equals NaN
+    got = {**committed, "ppl": {"x": 1.5000000000000002}, "extra": 1}
+    assert cr.compare_records(got, committed) == {"ppl": {"got": {"x": 1.5000000000000002}, "committed": {"x": 1.5}},
+                                                  "extra": {"got": 1, "committed": None}}
+
+
+def test_control_reference_command_line(capsys, tmp_path):
+    from routelib.studies.pathways.__main__ import main
+
+    assert cli.run(main, ["control-reference", "--threads", "-1", "--out", str(tmp_path / "cc")]) == 2
+    assert capsys.readouterr().err.strip() == "error: --threads -1: need >= 0" and not (tmp_path / "cc").exists()
+    assert cli.run(main, ["control-reference", "--nope"]) == 2
+    assert "unrecognized arguments: --nope" in capsys.readouterr().err
 
 
 # -------------------------------------------------------------------------------- command line

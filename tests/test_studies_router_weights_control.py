@@ -12,6 +12,9 @@ from routelib.studies.router_weights import RouterStudyConfig
 from routelib.studies.router_weights import control as S
 
 
+V2 = {"model": "data/moe-subject", "trace_dir": "routing_data_collected/moe-subject-text"}  # the small subject: fast
+
+
 def test_config_takes_the_notebooks_model_traces_and_seed_and_refuses_bad_values():
     cfg = S.ControlStudyConfig.from_study(RouterStudyConfig(model="elsewhere", seed=3, control_traces="t"),
                                           tokens_per_domain=10)
@@ -19,6 +22,10 @@ def test_config_takes_the_notebooks_model_traces_and_seed_and_refuses_bad_values
     assert S.ControlStudyConfig().definitions == ("centred", "paper")  # both, by default
     with pytest.raises(ConfigError, match="tokens_per_domain"):
         S.ControlStudyConfig(tokens_per_domain=0)
+    with pytest.raises(ConfigError, match="max_layers"):
+        S.ControlStudyConfig(max_layers=0)
+    assert S.spread_layers(30, 10) == [0, 3, 6, 10, 13, 16, 19, 23, 26, 29]
+    assert S.spread_layers(6, 10) == [0, 1, 2, 3, 4, 5] and S.spread_layers(5, 2) == [0, 4]
     with pytest.raises(ConfigError, match="increasing"):
         S.ControlStudyConfig(position_edges=(64, 16))
     for bad in ((), ("centred", "uncentred")):
@@ -41,7 +48,8 @@ def test_missing_traces_or_model_give_one_line_reasons(tmp_path):
     assert S.run(cfg) == (None, "no plain-text traces to read (trace_dir, the notebook's control_traces, is None)")
     data, why = S.load(S.ControlStudyConfig(trace_dir=str(tmp_path)))
     assert data is None and "manifest.json" in why and "\n" not in why
-    data, why = S.load(S.ControlStudyConfig(model=str(tmp_path / "no-model"), tokens_per_domain=1))
+    data, why = S.load(S.ControlStudyConfig(model=str(tmp_path / "no-model"), tokens_per_domain=1,
+                                            trace_dir=V2["trace_dir"]))
     assert data is None and "cannot be loaded" in why and "\n" not in why
 
 
@@ -86,15 +94,16 @@ def test_verdicts_follow_the_tables_one_claim_line_per_definition():
                              "full 0.500")
     centred, paper = lines[-2:]
     assert centred.startswith(f"{CENTRED}: claim (d) holds in part")
-    assert "at 0/3 layers (no)" in centred and "2/2 layers (yes)" in centred
-    assert paper.startswith(f"{PAPER}: claim (d) holds by") and "at 3/3 layers (yes)" in paper
+    assert "-0.200 [-0.200, -0.200] over 3 layers, ahead at 0/3 (below 0)" in centred
+    assert "+0.200 [+0.200, +0.200] over 2 layers, ahead at 2/2 (above 0)" in centred
+    assert paper.startswith(f"{PAPER}: claim (d) holds by") and "ahead at 3/3 (above 0)" in paper
     flipped = S.verdicts(tables(centred=(0.6, 0.6, None), paper=(0.4, 0.6, None)))[-2:]
-    assert flipped[0].startswith(f"{CENTRED}: claim (d) does not hold")  # ties count for neither
-    assert flipped[1].startswith(f"{PAPER}: claim (d) holds in part")
+    assert flipped[0].startswith(f"{CENTRED}: claim (d) is not resolved")  # ties: both intervals are [0, 0]
+    assert flipped[1].startswith(f"{PAPER}: claim (d) holds in part") and "(below 0)" in flipped[1]
 
 
 def test_on_the_subject_the_routers_own_choice_lives_in_the_control_part_under_both_definitions():
-    cfg = S.ControlStudyConfig(tokens_per_domain=512, top_tokens=10, permutations=2)
+    cfg = S.ControlStudyConfig(tokens_per_domain=512, top_tokens=10, permutations=2, **V2)
     out, summary = S.run(cfg)
     assert out is not None, summary
     assert "recomputed routing agrees with the traces on 100.0%" in summary

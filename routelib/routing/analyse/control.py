@@ -28,7 +28,8 @@ control part. This module measures that for any routers and their inputs:
   (:func:`.expert_paths.specificity`), not as raw purity (more or smaller clusters raise purity alone).
 - :func:`measure_layers` (every layer of a model: the probes of :data:`PROBE_LABELS`, the clusters of
   :data:`CLUSTER_LABELS` and the angles, under each definition of :data:`DEFINITIONS`) and :func:`verdicts`
-  (those tables as sentences): the control-and-content sections of notebooks 06 and 01.
+  (those tables as sentences; the claim's verdict from 95 % t-intervals over layers, :func:`half_of_claim`):
+  the control-and-content sections of notebooks 06 and 01.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import pandas as pd
 import torch
 
 from routelib.errors import ConfigError
+from routelib.reference import t_interval
 from routelib.routing.analyse.expert_paths import principal_angles, random_subspace_angles, row_space, specificity
 
 #: Label value meaning "not labelled": the row is left out of that probe or cluster score.
@@ -307,13 +309,16 @@ def cluster_specificity(features: dict, labels: dict, k: int, seed: int = 0, per
 
 def measure_layers(hidden, routers, experts, token_id, domain, position, role, train, *, top_tokens: int = 50,
                    position_edges=(64, 128, 192), definitions=("centred", "paper"), clusters: int = 0,
-                   permutations: int = 20, probe_steps: int = 30, seed: int = 0) -> dict[str, pd.DataFrame]:
+                   permutations: int = 20, probe_steps: int = 30, seed: int = 0,
+                   layers=None) -> dict[str, pd.DataFrame]:
     """{"probes", "angles", "clusters"}: per layer and definition of control (:data:`DEFINITIONS`), the
     probes of :data:`PROBE_LABELS` (:func:`routelib.routing.analyse.control.probe_parts`), k-means of the
     control, content and whole inputs scored against :data:`CLUSTER_LABELS`; the principal angles between
     consecutive layers' control subspaces. hidden: (N, L, H) router inputs; routers: (L, E, H); experts:
     (N, L, k), first choice first; token_id, domain, position, role: (N,); train: (N,) bool (whole
-    sequences, :func:`routelib.routing.analyse.control.sequence_split`). Layers are numbered 0..L-1."""
+    sequences, :func:`routelib.routing.analyse.control.sequence_split`). Layers are numbered 0..L-1; ``layers``:
+    the ones probed and clustered (None: all; a deep model's 30 layers cost minutes each), the angles always
+    over every consecutive pair."""
     hidden, routers, experts = np.asarray(hidden), np.asarray(routers, np.float64), np.asarray(experts)
     if hidden.ndim != 3 or routers.ndim != 3 or experts.ndim != 3 or len(routers) < 2 or not (
             hidden.shape[1] == len(routers) == experts.shape[1] and len(hidden) == len(experts)):
@@ -321,6 +326,9 @@ def measure_layers(hidden, routers, experts, token_id, domain, position, role, t
                           f"{hidden.shape}, {routers.shape}, {experts.shape}")
     if not definitions or set(definitions) - set(DEFINITIONS):
         raise ConfigError(f"definitions must name one or more of {list(DEFINITIONS)}, got {definitions}")
+    chosen_layers = range(len(routers)) if layers is None else sorted({int(layer) for layer in layers})
+    if not len(chosen_layers) or not all(0 <= layer < len(routers) for layer in chosen_layers):
+        raise ConfigError(f"layers must name one or more of 0..{len(routers) - 1}, got {layers}")
     train = np.asarray(train, bool)
     probe_cfg = ProbeConfig(steps=probe_steps)
     k = clusters or routers.shape[1]
@@ -328,7 +336,8 @@ def measure_layers(hidden, routers, experts, token_id, domain, position, role, t
     token = frequent_tokens(token_id, train, top_tokens)
     bucket = position_buckets(position, position_edges)
     probes, angles, found = [], [], []
-    for layer, router in enumerate(routers):
+    for layer in chosen_layers:
+        router = routers[layer]
         x = hidden[:, layer].astype(np.float64)  # (N, H)
         labels = probe_labels(token, bucket, domain, experts, layer)
         targets = {"token": np.asarray(token_id), "domain": np.asarray(domain), "role": np.asarray(role)}
@@ -363,7 +372,16 @@ def _first(table: pd.DataFrame, **columns) -> pd.DataFrame:
 
 def verdicts(tables: dict[str, pd.DataFrame]) -> list[str]:
     """From the tables of :func:`measure_layers`: per probe label, for the angles and per cluster label one
-    sentence naming every definition's numbers, then the claim's verdict, one line per definition."""
+    sentence naming every definition's numbers, then the claim's verdict, one line per definition.
+
+    The verdict rests on two gaps in held-out accuracy, one value per layer: token identity, size-matched
+    content minus control (the surface half), and the next layer's expert, control minus size-matched
+    content (the function half); each half is read from the mean gap's 95 % t-interval over layers
+    (:func:`half_of_claim`): "above 0" (the half holds), "below 0" (its opposite holds), "includes 0"
+    (undecided) or, with one layer, "no interval" (undecided). The claim **holds** when both halves'
+    intervals lie above 0, **holds in part** when one does, **does not hold** when neither does and one lies
+    below 0, and **is not resolved** otherwise (both undecided). The layers each half is ahead at are named
+    beside."""
     probes, angles, clusters = tables["probes"], tables["angles"], tables["clusters"]
     definitions = list(dict.fromkeys(probes["definition"]))
     acc = probes.pivot_table(index=["definition", "label", "layer"], columns="part", values="accuracy")
@@ -398,12 +416,29 @@ def verdicts(tables: dict[str, pd.DataFrame]) -> list[str]:
                      + "; ".join(each) + f"; full {e.loc['both', 'full']:.3f}")
     for definition in definitions:
         token, following = acc.loc[(definition, "token")], acc.loc[(definition, "next_expert")]
-        surface = int((token["content_matched"] > token["control"]).sum())
-        function = int((following["control"] > following["content_matched"]).sum())
-        halves = ["yes" if 2 * n > len(t) else "no" for n, t in ((surface, token), (function, following))]
-        holds = ("does not hold", "holds in part", "holds")[halves.count("yes")]
-        lines.append(f"{definition}: claim (d) {holds} by the probes: token identity is decoded better from "
-                     f"size-matched content than from control at {surface}/{len(token)} layers ({halves[0]}), the "
-                     f"next layer's expert better from control than from size-matched content at "
-                     f"{function}/{len(following)} layers ({halves[1]})")
+        surface = half_of_claim(token["content_matched"] - token["control"])
+        function = half_of_claim(following["control"] - following["content_matched"])
+        sides = [surface["side"], function["side"]]
+        holds = ("holds" if sides.count("above 0") == 2 else "holds in part" if "above 0" in sides
+                 else "does not hold" if "below 0" in sides else "is not resolved")
+        lines.append(f"{definition}: claim (d) {holds} by the probes (mean gap in held-out accuracy over layers, "
+                     f"95 % t-interval): token identity, size-matched content minus control, {surface['text']}; the "
+                     f"next layer's expert, control minus size-matched content, {function['text']}")
     return lines
+
+
+def half_of_claim(gaps) -> dict:
+    """One half of claim (d) from its per-layer accuracy ``gaps`` (the part the claim favours minus the
+    other): {"side": "above 0" / "below 0" / "includes 0" for the mean gap's 95 % t-interval over layers,
+    "no interval" for one layer; "text": the mean, interval, layers ahead and side, as
+    ``+0.186 [+0.160, +0.212] over 4 layers, ahead at 4/4 (above 0)``}."""
+    gaps = np.asarray(gaps, dtype=float)
+    if gaps.ndim != 1 or len(gaps) == 0 or not np.isfinite(gaps).all():
+        raise ConfigError(f"half_of_claim: expected finite gaps, one per layer, got {gaps!r}")
+    t = t_interval(gaps)
+    ahead = f"ahead at {int((gaps > 0).sum())}/{len(gaps)}"
+    if len(gaps) == 1:
+        return {"side": "no interval", "text": f"{t['mean']:+.3f} at one layer, {ahead} (no interval)"}
+    side = "above 0" if t["low"] > 0 else "below 0" if t["high"] < 0 else "includes 0"
+    return {"side": side, "text": f"{t['mean']:+.3f} [{t['low']:+.3f}, {t['high']:+.3f}] over {len(gaps)} layers, "
+                                  f"{ahead} ({side})"}

@@ -30,7 +30,9 @@ router is a :class:`routelib.models.pathways.PathwayRouter`, whose ``proj.weight
 are the measurement and sentences notebook 06 uses too.
 
 Only a model in memory can be measured: the reference run of section 7 keeps its held-out routing samples
-(token ids and chosen pathways), not its router weights or router inputs.
+(token ids and chosen pathways), not its model; :mod:`routelib.studies.pathways.control_reference` trains
+its first main run again and commits these tables for it. :func:`probe_table`, :func:`cluster_table` and
+:func:`share_table` lay the tables out as notebook 01 shows them.
 """
 
 from __future__ import annotations
@@ -284,6 +286,28 @@ def random_control_lines(tables: dict[str, pd.DataFrame]) -> list[str]:
     return lines
 
 
+def probe_table(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Held-out probe accuracy (rows: label, layer; columns: definition, part) with each row's chance, labels
+    in :data:`PROBE_LABELS` order: the probes of :func:`run` as notebook 01 shows them."""
+    probes = tables["probes"]
+    chance = probes.groupby(["label", "layer"])["chance"].first().rename(("", "chance"))
+    return (probes.pivot_table(index=["label", "layer"], columns=["definition", "part"], values="accuracy")
+            .join(chance).reindex(list(PROBE_LABELS), level=0))
+
+
+def cluster_table(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """k-means NMI excess over the permutation null (rows: label, layer; columns: definition, part), labels
+    in :data:`CLUSTER_LABELS` order."""
+    return (tables["clusters"].pivot_table(index=["label", "layer"], columns=["definition", "part"], values="excess")
+            .reindex(list(CLUSTER_LABELS), level=0))
+
+
+def share_table(shares: pd.DataFrame) -> pd.DataFrame:
+    """:func:`variance_shares` with a row per layer and columns (share, definition)."""
+    return shares.pivot_table(index="layer", columns="definition", values=["control", "content_top_r", "random"],
+                              sort=False)
+
+
 def plot_probes(tables: dict[str, pd.DataFrame], title: str = ""):
     """One panel per probe label: held-out accuracy against the routed layer, a line per (part, definition)
     (colour: the part, grey: a random router's control when the tables have it; solid: the first
@@ -319,6 +343,6 @@ def plot_probes(tables: dict[str, pd.DataFrame], title: str = ""):
     return fig
 
 
-__all__ = ["capture", "CLUSTER_LABELS", "CLUSTER_PARTS", "ControlContentConfig", "DEFINITIONS", "held_out_windows",
-           "plot_probes", "PROBE_LABELS", "quarters", "random_control",
-           "random_control_lines", "run", "RouterInputs", "variance_shares", "verdicts"]
+__all__ = ["capture", "cluster_table", "CLUSTER_LABELS", "CLUSTER_PARTS", "ControlContentConfig", "DEFINITIONS",
+           "held_out_windows", "plot_probes", "probe_table", "PROBE_LABELS", "quarters", "random_control",
+           "random_control_lines", "run", "RouterInputs", "share_table", "variance_shares", "verdicts"]

@@ -280,13 +280,13 @@ def load_sample(path: str | Path, router: str = "trained") -> RoutingSample:
                              {int(l): sel[:, j] for j, l in enumerate(z["layers"])})  # noqa: E741
 
 
-def _train_and_record(spec: RunSpec, cfg: PathwayStudyConfig, settings: ReferenceSettings, out: Path,
-                      curve: dict[str, list], eval_data: dict[str, list], base: dict) -> dict:
+def train_and_record(spec: RunSpec, cfg: PathwayStudyConfig, settings: ReferenceSettings, out: Path,
+                      curve: dict[str, list], eval_data: dict[str, list], base: dict) -> tuple[dict, RoutedLLM]:
     """Train (or resume) one run until it stops, then write its grouping (``groupings/``, at the start),
     the k-of-N selection error before and after training on ``probe_windows`` held-out windows
     (``selection_error/``), its history, held-out routing sample and record: stop reason, step and tokens;
     held-out perplexity per domain of the base model, the untrained and the trained routing (full
-    evaluation set) and the recovery; training tokens/s."""
+    evaluation set) and the recovery; training tokens/s. Returns the record and the trained model."""
     rcfg = run_config(cfg, spec)
     model, tok = load_base(rcfg)
     stored = out / "groupings" / f"{spec.name}.npz"  # a resumed run keeps the grouping it started with
@@ -322,7 +322,7 @@ def _train_and_record(spec: RunSpec, cfg: PathwayStudyConfig, settings: Referenc
           f"{untrained.perplexity['overall']:.2f} -> {trained.perplexity['overall']:.2f} (base "
           f"{base['full']['overall']:.2f}; recovery of the gap {record['recovery_log']:.2f} in loss, "
           f"{record['recovery_linear']:.2f} in perplexity)", flush=True)
-    return record
+    return record, routed
 
 
 # ------------------------------------------------------------------------------- measurement
@@ -434,7 +434,7 @@ def pathway_table(sample: RoutingSample, num_pathways: int, vocab_size: int, dec
 
 
 # ------------------------------------------------------------------------------------ the run
-def _base_perplexity(cfg: PathwayStudyConfig, curve: dict[str, list], eval_data: dict[str, list]) -> dict:
+def base_perplexity(cfg: PathwayStudyConfig, curve: dict[str, list], eval_data: dict[str, list]) -> dict:
     """The un-routed model's held-out perplexity: {"curve": overall on the curve set, "full": per domain}."""
     model, _ = load_base(cfg)
     return {"curve": evaluate(model, curve).perplexity["overall"], "full": evaluate(model, eval_data).perplexity}
@@ -467,9 +467,9 @@ def reference_run(cfg: PathwayStudyConfig, settings: ReferenceSettings, out_dir:
     mine = split_parts(specs, part, cost=lambda s: 1.0) if part else [s for s in specs if s.name in only_runs] \
         if only_runs else specs
     todo = [s for s in mine if s.name not in load_records(out)]
-    base = _base_perplexity(cfg, curve, eval_data) if todo else None
+    base = base_perplexity(cfg, curve, eval_data) if todo else None
     for spec in todo:
-        _train_and_record(spec, cfg, settings, out, curve, eval_data, base)
+        train_and_record(spec, cfg, settings, out, curve, eval_data, base)
     if part or only_runs:
         log.finish()
         return None

@@ -33,10 +33,12 @@ verdicts = C.verdicts
 
 @dataclass
 class ControlStudyConfig:
-    model: str = "data/moe-subject"  # the MoE that routed the traces (its routers and router inputs)
-    trace_dir: str | None = "routing_data_collected/moe-subject-text"  # plain-text traces (domain = first part of
+    model: str = "data/moe-subject-v3"  # the MoE that routed the traces (its routers and router inputs)
+    trace_dir: str | None = "routing_data_collected/moe-subject-v3-text"  # plain-text traces (domain = first part of
     # problem_id); None: nothing to read, :func:`load` says so
-    tokens_per_domain: int = 2048  # whole sequences drawn (seeded) per domain until this many tokens
+    tokens_per_domain: int = 1024  # whole sequences drawn (seeded) per domain until this many tokens
+    max_layers: int = 10  # probes and clusters at this many layers, evenly spread from the first to the last
+    # (all of a model with fewer): subject v3's 30 layers would cost minutes each; angles use every layer
     held_out: float = 0.25  # share of each domain's sequences held out for the probes
     top_tokens: int = 50  # token identity: a K-way probe over the K most frequent train tokens (others left out)
     position_edges: tuple = (64, 128, 192)  # position buckets 0-63, 64-127, 128-191, 192+ (quarters of the
@@ -50,9 +52,10 @@ class ControlStudyConfig:
     seed: int = 0  # sequence draw, split, k-means and nulls
 
     def __post_init__(self):
-        if self.tokens_per_domain < 1 or self.top_tokens < 1 or self.clusters < 0 or self.permutations < 1:
-            raise ConfigError(f"tokens_per_domain, top_tokens and permutations must be >= 1 and clusters >= 0, got "
-                              f"{self.tokens_per_domain}, {self.top_tokens}, {self.permutations}, {self.clusters}")
+        if min(self.tokens_per_domain, self.top_tokens, self.permutations, self.max_layers) < 1 or self.clusters < 0:
+            raise ConfigError(f"tokens_per_domain, top_tokens, permutations and max_layers must be >= 1 and clusters "
+                              f">= 0, got {self.tokens_per_domain}, {self.top_tokens}, {self.permutations}, "
+                              f"{self.max_layers}, {self.clusters}")
         C.position_buckets([0], self.position_edges)  # checks the edges
         if not self.definitions or set(self.definitions) - set(DEFINITIONS):
             raise ConfigError(f"definitions must name one or more of {list(DEFINITIONS)}, got {self.definitions}")
@@ -61,6 +64,14 @@ class ControlStudyConfig:
     def from_study(cls, cfg, **overrides) -> "ControlStudyConfig":
         """The notebook's model, traces and seed (a :class:`~routelib.studies.router_weights.RouterStudyConfig`)."""
         return cls(**{"model": cfg.model, "trace_dir": cfg.control_traces, "seed": cfg.seed, **overrides})
+
+
+def spread_layers(num_layers: int, count: int) -> list[int]:
+    """``count`` layers evenly spread over 0..num_layers-1, the first and the last among them (all when
+    ``count >= num_layers``)."""
+    if count >= num_layers:
+        return list(range(num_layers))
+    return sorted({int(round(x)) for x in np.linspace(0, num_layers - 1, count)})
 
 
 @dataclass
@@ -131,7 +142,8 @@ def run(cfg: ControlStudyConfig, model=None) -> tuple[dict[str, pd.DataFrame] | 
     tables = C.measure_layers(data.hidden, data.routers, data.experts, data.token_id, data.domain, data.position,
                               data.role, data.train, top_tokens=cfg.top_tokens, position_edges=cfg.position_edges,
                               definitions=cfg.definitions, clusters=cfg.clusters, permutations=cfg.permutations,
-                              probe_steps=cfg.probe_steps, seed=cfg.seed)
+                              probe_steps=cfg.probe_steps, seed=cfg.seed,
+                              layers=spread_layers(len(data.routers), cfg.max_layers))
     held = int((~data.train).sum())
     domains = ", ".join(f"{d} {n:,}" for d, n in zip(*np.unique(data.domain, return_counts=True)))
     summary = (f"{len(data.train):,} tokens ({domains}), {len(data.train) - held:,} train / {held:,} held out by "
