@@ -27,7 +27,6 @@ from routelib.routing.record.traces import load_traces, trace_arrays, trace_info
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SUBJECT = paths.in_repo("data/moe-subject")
-TEXT_SET = paths.in_repo("routing_data_collected/moe-subject-text")
 DOCS = ["The cat sat on the mat. It was warm, and the afternoon was long.",
         "def add(a, b):\n    return a + b\nprint(add(2, 3))",
         "Question: Tom has 3 apples and buys 4 more. How many apples does he have?\nAnswer: 7",
@@ -286,15 +285,24 @@ def test_cli_refuses_options_that_do_not_fit(tmp_path, extra, message):
 # the shipped text set
 
 
-def test_shipped_text_set_validates_and_covers_every_domain():
+TEXT_SETS = {  # set -> (the model that routed it, its tokenizer, its greedy trace set: the same routers)
+    "moe-subject-text": ("data/moe-subject", "bpe8k", "moe-subject"),
+    "moe-subject-v3-text": ("data/moe-subject-v3", "smollm2", "moe-subject-v3"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TEXT_SETS))
+def test_shipped_text_set_validates_and_covers_every_domain(name):
     """Every corpus domain, windows of 256 tokens of the subject's own stream, >= 50,000 tokens each
     except news, whose whole corpus (all three splits) holds fewer: every full window of it is there.
     Within the trace format's 25 MB per shipped set, made by the recorded command with the subject."""
-    df = load_traces(TEXT_SET, columns=["dataset", "problem_id", "position", "phase"])
+    model, tokenizer, generated = TEXT_SETS[name]
+    folder = paths.TRACES_DIR / name
+    df = load_traces(folder, columns=["dataset", "problem_id", "position", "phase"])
     info = trace_info(df.attrs["manifest"])
     assert set(info.datasets) == set(DOMAINS) and (df["phase"] == "prompt").all() and df["position"].max() == 255
     tokens = df.groupby("dataset").size()
-    tok = load_tokenizer("bpe8k")
+    tok = load_tokenizer(tokenizer)
     for domain in DOMAINS:
         text = info.text_of(domain)
         assert text["window"] == 256 and text["tokens"] == tokens[domain]
@@ -304,8 +312,8 @@ def test_shipped_text_set_validates_and_covers_every_domain():
             assert tokens[domain] == whole < 50_000
         else:
             assert tokens[domain] >= 50_000
-    assert info.model == "data/moe-subject" and info.command.startswith(
-        "python -m routelib.routing.record.collect --model data/moe-subject --text all")
-    subject = T.read_manifest(paths.in_repo("routing_data_collected/moe-subject"))
+    assert info.model == model and info.command.startswith(
+        f"python -m routelib.routing.record.collect --model {model} --text all")
+    subject = T.read_manifest(paths.TRACES_DIR / generated)
     assert df.attrs["manifest"]["model"]["router_weights_sha256"] == subject["model"]["router_weights_sha256"]
-    assert sum(p.stat().st_size for p in TEXT_SET.iterdir()) <= 25e6
+    assert sum(p.stat().st_size for p in folder.iterdir()) <= 25e6

@@ -199,6 +199,41 @@ def test_shipped_trace_sets_fit_25_mb_and_decode_the_same_prompts():
     assert size <= 25e6
 
 
+V3_SETS = {"greedy": TRACES_DIR / "moe-subject-v3", "sampled": TRACES_DIR / "moe-subject-v3-sampled"}
+
+
+@pytest.mark.parametrize("decoding", sorted(V3_SETS))
+def test_subject_v3_traces_validate(decoding):
+    """Subject v3's trace sets (30 MoE layers, gate weights in half precision): every shard valid,
+    HumanEval complete and >= 300 GSM8K problems, up to 192 new tokens each (a GSM8K answer mostly
+    ends earlier, at its end-of-sequence token), the decoding the folder's name says, each set within
+    the trace format's 25 MB; the greedy set records the collection's overhead against plain generate."""
+    trace_dir = V3_SETS[decoding]
+    df = load_traces(trace_dir, columns=["dataset", "problem_id", "phase"])
+    m = df.attrs["manifest"]
+    assert m["model"]["name_or_path"] == "data/moe-subject-v3" and m["model"]["architecture"] == "Qwen2MoeForCausalLM"
+    assert m["command"].startswith("python -m routelib.routing.record.collect --model data/moe-subject-v3")
+    assert m["layout"]["num_moe_layers"] == 30 and m["layout"]["weights_dtype"] == "float16"
+    problems = df.groupby("dataset")["problem_id"].nunique()
+    assert problems["humaneval"] == 164 and problems["gsm8k"] >= 300
+    generated = df[df["phase"] == "generated"].groupby(["dataset", "problem_id"]).size()
+    assert generated.max() == 192 and (generated.loc["humaneval"] == 192).mean() > 0.5
+    for dataset in ("humaneval", "gsm8k"):
+        gen = m["datasets"][dataset]["generation"]
+        assert gen["greedy"] is (decoding == "greedy") and gen["max_new_tokens"] == 192
+        if decoding == "sampled":
+            assert gen["seed"] is not None and gen["temperature"] and gen["top_p"]
+    assert ("overhead" in m) is (decoding == "greedy")
+    assert sum(p.stat().st_size for p in trace_dir.iterdir()) <= 25e6
+
+
+def test_subject_v3_sets_decode_the_same_prompts_with_the_same_model():
+    a, b = (T.read_manifest(d) for d in V3_SETS.values())
+    assert a["model"] == b["model"]
+    assert {d: v["prompts_sha256"] for d, v in a["datasets"].items()} == \
+        {d: v["prompts_sha256"] for d, v in b["datasets"].items()}
+
+
 def test_old_layouts_read_as_softmax_without_zero_computation_experts():
     from routelib import paths
 
