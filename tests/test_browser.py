@@ -49,11 +49,13 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 COPIES = paths.RUNS_DIR / "browser"
 SCREENSHOTS = paths.RUNS_DIR / "screenshots"
-# Parameters that differ from the committed ones in the browser, to save time: only analysis that no
-# dashboard shows and no later cell needs (01's layer-sensitivity probe: ~40 s on the CPU). Training
+# Parameters that differ from the committed ones in the browser, to save time: analysis that no
+# dashboard shows and no later cell needs (01's layer-sensitivity probe: ~40 s on the CPU), and notebook
+# 06 on the small 6-layer subject v2 (the same cells and widgets, a tenth of the model). Training
 # parameters stay as committed, so nbval's runs in runs/ are reused.
+SUBJECT_V2 = {"model": "data/moe-subject", "snapshots": "data/moe-subject/training_snapshots.npz"}
 BROWSER_PARAMS = {"01_train_pathway_llm": {"probe_windows": 0, "paper_claims": False},  # sections 8-9: tables
-                  "06_router_weight_study": {"control_traces": None}}  # section 6: probes, no dashboard
+                  "06_router_weight_study": {**SUBJECT_V2, "control_traces": None}}  # section 6: probes, no dashboard
 RUN_ALL_TIMEOUT_S = 600  # one notebook, all cells
 VIEW_TIMEOUT_S = 60  # a control change reaching the view (one kernel round trip plus the callback)
 # JupyterLab user settings for the test: every cell stays in the DOM (no windowing), cell timings are

@@ -54,13 +54,11 @@ def _train_minutes_02() -> float:
 DERIVED: dict[int, dict[str, object]] = {
     1: {"72.5": lambda: _wall_minutes(1, 0), "39.7": lambda: _wall_minutes(1, 2)},
     2: {"153.6": _train_minutes_02},
-    6: {"1.5": lambda: (ROOT / "data/moe-subject/training_snapshots.npz").stat().st_size / 1e6},
 }
 #: Extra result files a study's text quotes besides its notebook and data/reference/<notebook>/.
 EXTRA_SOURCES: dict[int, tuple[str, ...]] = {
     4: ("data/moe-subject/README.md", "data/moe-subject/config.json"),
     5: ("data/moe-subject/README.md",),
-    6: ("data/moe-subject/README.md",),
 }
 
 _DECIMAL = re.compile(r"(?<![\w.])[-+−]?\d+\.\d+(?![\w.])")

@@ -2,9 +2,9 @@
 what its file gives (a stale README, or a file changed without the text) fails here.
 
 Notebooks 01-03 are read from their reference runs' per-run files (``data/reference/<notebook>/``:
-each run's own record, not a summary); notebook 05's from the table its committed notebook printed.
-The numbers of notebooks 04 and 06 in README's table are not checked yet (their pages quote the
-notebooks' outputs)."""
+each run's own record, not a summary); notebooks 05 and 06 from what their committed notebooks printed
+(06: the headline metrics, the saturation comparison of section 5 and the claim-(d) verdict of section 6).
+The numbers of notebook 04 in README's table are not checked yet (its page quotes the notebook's outputs)."""
 
 from __future__ import annotations
 
@@ -124,8 +124,37 @@ def claims_05() -> list[str]:
             "RTX 4090, LRU: " + ", ".join(f"{speed[n]:.0f}" for n in order[:-1]) + f" and {speed['mlp']:.0f} tokens/s"]
 
 
+def _printed_text(notebook: str) -> str:
+    """Everything the committed ``notebook``'s cells printed (streams and plain-text displays)."""
+    cells = json.loads((paths.NOTEBOOKS_DIR / f"{notebook}.ipynb").read_text())["cells"]
+    return "\n".join("".join(out.get("text", [])) + "".join(out.get("data", {}).get("text/plain", []))
+                     for cell in cells for out in cell.get("outputs", []))
+
+
+def claims_06() -> list[str]:
+    """Subject v3 (the notebook's model): the centred routers' weight CKA against random routers (the
+    headline metrics), the saturation at step 0 of v3 and of v2 (section 5's comparison table), and
+    claim (d)'s verdict with its two intervals under the centred router (section 6's verdict line)."""
+    text = _printed_text("06_router_weight_study")
+    metric = {m.group(1): float(m.group(2)) for m in re.finditer(r"^(\w+): ([-+\d.e]+)$", text, re.M)}
+    start = {m.group(1): float(m.group(2))
+             for m in re.finditer(r"^\d+\s+(\S+)\s+0\s+0\.000\s+(\d\.\d+)\s", text, re.M)}
+    verdict = re.search(r"^centred router \(E-1\): claim \(d\) (.+?) by the probes .*?size-matched content minus "
+                        r"control, (\S+ \[\S+, \S+\]) over .*?control minus size-matched content, "
+                        r"(\S+ \[\S+, \S+\]) over", text, re.M)
+    assert verdict, "06: no claim-(d) verdict line for the centred router"
+    minus = lambda t: re.sub(r"-(?=\d)", "−", t)  # noqa: E731  the README writes the minus sign
+    holds, token, following = verdict.groups()
+    return [f"centred weight CKA {metric['centred_cka_mean']:.3f}, random routers {metric['centred_cka_null']:.3f}",
+            f"make {100 * start['data/moe-subject-v3']:.0f} % of the final top-2 choices before any training step "
+            f"(subject v2, trained from scratch: {start['data/moe-subject']:.3f})",
+            f"Claim (d) of Ye, Yuan & Sharkey **{holds}**",
+            f"than from the router's control subspace ({minus(token)})",
+            f"decoded *worse* from control ({minus(following)};"]
+
+
 CLAIMS = {"01_train_pathway_llm": claims_01, "02_dynamic_attention_routing": claims_02, "03_moe_speedup": claims_03,
-          "05_next_expert_mlp": claims_05}
+          "05_next_expert_mlp": claims_05, "06_router_weight_study": claims_06}
 
 
 def missing(row: str, claims: list[str]) -> list[str]:

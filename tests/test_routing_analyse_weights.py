@@ -160,14 +160,15 @@ def test_domain_routing_reads_windows_with_the_models_own_tokenizer(tmp_path):
     from routelib.errors import ConfigError
     from routelib.studies.router_weights import RouterStudyConfig, domain_routing, load_subject, window_tokenizer
 
-    cfg = RouterStudyConfig(seq_len=16, windows_per_domain=1)
+    cfg = RouterStudyConfig(model="data/moe-subject", seq_len=16, windows_per_domain=1)  # v2: the 8k BPE
     text = "def add(a, b):\n    return a + b"
     assert window_tokenizer(cfg)(text)["input_ids"] == load_tokenizer("bpe8k")(text)["input_ids"]
     model = load_subject(cfg)
     experts, logprobs, domains = domain_routing(model, cfg)
     assert experts.shape[1:] == (6, 2) and len(experts) == len(domains) == len(logprobs)
     with pytest.raises(ConfigError, match="embeddings"):
-        domain_routing(model, RouterStudyConfig(seq_len=16, windows_per_domain=1, tokenizer="smollm2"))
+        domain_routing(model, RouterStudyConfig(model="data/moe-subject", seq_len=16, windows_per_domain=1,
+                                                tokenizer="smollm2"))
     with pytest.raises(ConfigError, match="no tokenizer"):
         window_tokenizer(RouterStudyConfig(model=str(tmp_path)))
 
@@ -202,5 +203,23 @@ def test_router_study_reads_the_subjects_own_snapshots():
     from routelib.studies.router_weights import RouterStudyConfig, training_snapshots
 
     subject = moe_weights(AutoModelForCausalLM.from_pretrained(str(paths.in_repo("data/moe-subject"))).eval())
-    snaps, missing = training_snapshots(RouterStudyConfig(), subject)
+    snaps, missing = training_snapshots(RouterStudyConfig(snapshots="data/moe-subject/training_snapshots.npz"), subject)
     assert missing is None and snaps.routers.shape[1:] == (6, 8, 192)
+
+
+def test_saturation_of_two_runs_on_one_axis_of_training_fraction(tmp_path):
+    import pandas as pd
+
+    from routelib.studies.router_weights import RouterStudyConfig, compare_saturation, saturation_by_fraction
+
+    v2, missing = compare_saturation(RouterStudyConfig(compare_snapshots="data/moe-subject/training_snapshots.npz"))
+    assert missing is None and v2["layer"].nunique() == 6
+    toy = pd.DataFrame({"step": [0, 0, 10, 10], "layer": [0, 1, 0, 1], "saturation": [0.2, 0.4, 1.0, 1.0]})
+    table = saturation_by_fraction({"v2": v2, "toy": toy})
+    toy_rows = table[table["model"] == "toy"]
+    assert toy_rows["fraction"].tolist() == [0.0, 1.0] and toy_rows["mean"].tolist() == pytest.approx([0.3, 1.0])
+    assert toy_rows["min"].tolist() == [0.2, 1.0] and toy_rows["max"].tolist() == [0.4, 1.0]
+    assert table.loc[table["model"] == "v2", "fraction"].max() == 1.0
+    assert compare_saturation(RouterStudyConfig(compare_snapshots=None)) == (None, "compare_snapshots is None")
+    none, why = compare_saturation(RouterStudyConfig(compare_snapshots=str(tmp_path / "none.npz")))
+    assert none is None and "no training snapshots at" in why

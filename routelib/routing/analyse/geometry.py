@@ -130,7 +130,10 @@ def expert_input_subspaces(expert_input: torch.Tensor, rank: int) -> torch.Tenso
     (E, 2I, H) -- the directions of the residual stream the expert reads most."""
     if not 1 <= rank <= min(expert_input.shape[1:]):
         raise GeometryError(f"rank must be in 1..{min(expert_input.shape[1:])}, got {rank}")
-    _, _, vh = torch.linalg.svd(expert_input.detach().double().cpu(), full_matrices=False)  # vh: (E, min, H)
+    from routelib.reference import torch_threads
+
+    with torch_threads(1):  # a batch of small SVDs: threads beyond the free cores slow LAPACK ~200x (measured)
+        _, _, vh = torch.linalg.svd(expert_input.detach().double().cpu(), full_matrices=False)  # vh: (E, min, H)
     return vh[:, :rank].transpose(1, 2)  # (E, H, r)
 
 

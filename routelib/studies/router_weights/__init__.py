@@ -26,16 +26,18 @@ from routelib.routing.analyse.weights import UnsupportedMoEError
 
 @dataclass
 class RouterStudyConfig:
-    model: str = "data/moe-subject"  # transformers MoE to study (a local folder or a hub name)
-    snapshots: str | None = "data/moe-subject/training_snapshots.npz"  # its training snapshots
+    model: str = "data/moe-subject-v3"  # transformers MoE to study (a local folder or a hub name)
+    snapshots: str | None = "data/moe-subject-v3/training_snapshots.npz"  # its training snapshots
     # (routelib.routing.analyse.snapshots); None, a missing file or another model's: section 5 is skipped
     subspace_rank: int = 16  # r: dimensions of each expert's input subspace in the alignment test
     seq_len: int = 128  # tokens per held-out window routed for co-activation and load balance
-    windows_per_domain: int = 16  # held-out windows per domain (validation split)
+    windows_per_domain: int = 8  # held-out windows per domain (validation split)
     tokenizer: str = "model"  # tokenizer of the held-out windows: "model" = the studied model's own; or any load_tokenizer name
-    control_traces: str | None = "routing_data_collected/moe-subject-text"  # plain-text traces routed by `model`,
+    control_traces: str | None = "routing_data_collected/moe-subject-v3-text"  # plain-text traces routed by `model`,
     # for section 6 (routelib.studies.router_weights.control); None skips it
     seed: int = 0  # random baselines
+    compare_snapshots: str | None = "data/moe-subject/training_snapshots.npz"  # another model's training snapshots
+    # whose saturation section 5 draws beside (subject v2: 6 layers trained from scratch); None leaves it out
 
     def __post_init__(self):
         for name in ("subspace_rank", "seq_len", "windows_per_domain"):
@@ -126,15 +128,10 @@ def training_snapshots(cfg: RouterStudyConfig, weights):
     make them)."""
     make = ("make them from the model's checkpoints with routelib.routing.analyse.snapshots.collect_snapshots "
             "and pass snapshots=<file>")
-    if cfg.snapshots is None:
-        return None, f"snapshots is None ({make})"
+    snaps, missing = _read_snapshots("snapshots", cfg.snapshots, f" ({make})")
+    if snaps is None:
+        return None, missing
     path = paths.in_repo(cfg.snapshots)
-    if not path.is_file():
-        return None, f"no training snapshots at {path} ({make})"
-    try:
-        snaps = load_training_snapshots(cfg)
-    except SnapshotError as err:
-        return None, str(err)
     have = tuple(snaps.routers.shape[1:])
     want = (len(weights.layers), weights.num_experts, weights.hidden_size)
     if have != want:
@@ -153,6 +150,42 @@ def evolution(snaps) -> dict[str, pd.DataFrame]:
     balance = [G.load_balance(ex, snaps.num_experts).assign(step=step) for step, ex in experts.items()]
     return {"saturation": G.saturation(experts), "drift": G.router_drift(snaps.routers_by_step()),
             "specialisation": pd.concat(special, ignore_index=True), "balance": pd.concat(balance, ignore_index=True)}
+
+
+def saturation_by_fraction(saturation: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Per model (``saturation``: name -> :func:`evolution`'s saturation table) and snapshot: the share of
+    training done (step / last step) and the saturation's mean, min and max over layers -- runs of
+    different lengths and depths on one axis."""
+    rows = []
+    for name, table in saturation.items():
+        by_step = table.groupby("step")["saturation"]
+        last = table["step"].max()
+        rows.append(pd.DataFrame({"model": name, "step": by_step.mean().index, "fraction": by_step.mean().index / last,
+                                  "mean": by_step.mean().values, "min": by_step.min().values,
+                                  "max": by_step.max().values}))
+    return pd.concat(rows, ignore_index=True)
+
+
+def compare_saturation(cfg: RouterStudyConfig) -> tuple[pd.DataFrame | None, str | None]:
+    """(the saturation of ``cfg.compare_snapshots``, None), or (None, why not in one line)."""
+    snaps, missing = _read_snapshots("compare_snapshots", cfg.compare_snapshots)
+    return (None, missing) if snaps is None else (G.saturation(snaps.experts_by_step()), None)
+
+
+def _read_snapshots(name: str, value: str | None, hint: str = ""):
+    """(the training snapshots at ``value``, None), or (None, why not in one line; ``hint`` appended):
+    ``name`` is the parameter that gave ``value``."""
+    from routelib.routing.analyse.snapshots import load_snapshots
+
+    if value is None:
+        return None, f"{name} is None{hint}"
+    path = paths.in_repo(value)
+    if not path.is_file():
+        return None, f"no training snapshots at {path}{hint}"
+    try:
+        return load_snapshots(path), None
+    except SnapshotError as err:
+        return None, str(err)
 
 
 def save_tables(tables: dict[str, pd.DataFrame], out_dir: str | Path) -> list[Path]:
