@@ -34,7 +34,6 @@ control part. This module measures that for any routers and their inputs:
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,7 +41,7 @@ import pandas as pd
 import torch
 
 from routelib.errors import ConfigError
-from routelib.reference import t_interval
+from routelib.reference import t_interval, torch_threads
 from routelib.routing.analyse.expert_paths import principal_angles, random_subspace_angles, row_space, specificity
 
 #: Label value meaning "not labelled": the row is left out of that probe or cluster score.
@@ -73,16 +72,11 @@ class ProbeConfig:
             raise ConfigError(f"ProbeConfig: steps must be >= 1 and l2 >= 0, got steps={self.steps}, l2={self.l2}")
 
 
-@contextmanager
 def one_thread():
-    """torch on one thread inside the block: the probes' and k-means' problems are small, and threads
-    beyond the free cores slow them down many times (measured on 2 cores with one busy)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    """torch on one thread inside the block (:func:`routelib.reference.torch_threads`): the probes' and
+    k-means' problems are small, and threads beyond the free cores slow them down many times (measured on
+    2 cores with one busy)."""
+    return torch_threads(1)
 
 
 def _matrix(x, name: str) -> np.ndarray:

@@ -158,11 +158,10 @@ def saturation_by_fraction(saturation: dict[str, pd.DataFrame]) -> pd.DataFrame:
     different lengths and depths on one axis."""
     rows = []
     for name, table in saturation.items():
-        by_step = table.groupby("step")["saturation"]
-        last = table["step"].max()
-        rows.append(pd.DataFrame({"model": name, "step": by_step.mean().index, "fraction": by_step.mean().index / last,
-                                  "mean": by_step.mean().values, "min": by_step.min().values,
-                                  "max": by_step.max().values}))
+        stats = table.groupby("step")["saturation"].agg(["mean", "min", "max"]).reset_index()
+        stats.insert(0, "model", name)
+        stats.insert(2, "fraction", stats["step"] / stats["step"].max())
+        rows.append(stats)
     return pd.concat(rows, ignore_index=True)
 
 
